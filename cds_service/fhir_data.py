@@ -1,0 +1,154 @@
+"""Prefetch resolution: turn a hook call's prefetch (plus FHIR fetches for what is missing) into a Chart.
+
+CDS Hooks 2.0 prefetch states, per key: absent, or an OperationOutcome (the EHR hit an error)
+→ fetch it from fhirServer; `null` → the EHR found nothing, never fetched again; a Bundle, whose
+`link[next]` pages are followed when the EHR sent only the first page.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .catalog import Service, fill_template
+from .chart import Chart, build_chart, bundle_resources
+from .errors import BadRequest, DataUnavailable
+from .fhir_client import FetchReport, check_fhir_server, fetch_queries, follow_next_links
+from .fhirutil import raw_codings
+from .protocol import HookRequest
+from .settings import Settings
+from .terminology import terminology
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChartSource:
+    """How the chart was obtained: for the audit trail and `evaluate --fhir-server`."""
+
+    prefetched: tuple[str, ...] = ()
+    fetched: tuple[str, ...] = ()
+    report: FetchReport | None = None
+
+    @property
+    def fhir_mode(self) -> str:
+        if not self.fetched:
+            return "prefetch"
+        return "fhir" if not self.prefetched else "partial-prefetch"
+
+
+def _next_link(bundle: dict[str, Any]) -> bool:
+    links = bundle.get("link") or []
+    return isinstance(links, list) and any(
+        isinstance(lk, dict) and lk.get("relation") == "next" for lk in links
+    )
+
+
+def _check_shape(key: str, value: dict[str, Any], is_search: bool) -> None:
+    rtype = value["resourceType"]
+    if is_search and rtype != "Bundle":
+        raise BadRequest(f"prefetch {key!r} must be a searchset Bundle, not {rtype}")
+    if not is_search and rtype not in ("Patient", "Bundle"):
+        raise BadRequest(f"prefetch {key!r} must be a Patient, not {rtype}")
+    if rtype == "Bundle":
+        bundle_resources(value, key)  # raises BadRequest when the entries are not FHIR
+
+
+def _out_of_scope_by_conditions(bundle: dict[str, Any] | None) -> bool:
+    """True when the conditions alone show no colorectal cancer with lung or liver metastases.
+
+    Lets an out-of-scope call answer at once, without fetching anything else.
+    """
+    if bundle is None:
+        return True
+    term = terminology()
+    crc = met = False
+    for resource in bundle_resources(bundle, "conditions"):
+        if resource.get("resourceType") != "Condition":
+            continue
+        found = raw_codings(resource.get("code"))
+        crc = crc or term.primary_crc.any(found)
+        site = term.site_of(found)
+        met = (
+            met
+            or (site is not None and site.organ in ("lung", "liver"))
+            or term.site_unspecified.any(found)
+            or term.lymphangitic.any(found)
+        )
+    return not (crc and met)
+
+
+def resolve_chart(request: HookRequest, service: Service, settings: Settings) -> tuple[Chart, ChartSource]:
+    patient_id = request.context.patientId
+    context = {"context.patientId": patient_id, "context.userId": request.context.userId}
+    given = request.prefetch or {}
+    resolved: dict[str, dict[str, Any] | None] = {}
+    missing: dict[str, str] = {}
+    paged: list[str] = []
+    for key, template in service.prefetch.items():
+        value = given.get(key, ...)
+        if value is not ... and value is not None and value["resourceType"] == "OperationOutcome":
+            value = ...  # the EHR could not prefetch it: fetch it ourselves
+        if value is ...:
+            query = fill_template(template, context)
+            if query is None:
+                raise BadRequest(
+                    f"prefetch {key!r} cannot be fetched: its template needs a missing context value"
+                )
+            missing[key] = query
+            continue
+        if value is not None:
+            _check_shape(key, value, key in service.search_keys)
+            if value["resourceType"] == "Bundle" and _next_link(value):
+                paged.append(key)
+        resolved[key] = value
+
+    source = ChartSource(prefetched=tuple(sorted(resolved)))
+    if (
+        "conditions" in resolved
+        and "conditions" not in paged
+        and _out_of_scope_by_conditions(resolved["conditions"])
+    ):
+        return build_chart(patient_id, None, []), source
+
+    if missing or paged:
+        if not request.fhirServer:
+            needed = ", ".join(sorted([*missing, *paged]))
+            raise DataUnavailable(
+                f"prefetch {needed} not provided and the request has no fhirServer to read it from"
+            )
+        base = check_fhir_server(request.fhirServer, settings)
+        token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
+        report = None
+        if missing:
+            fetched, report = fetch_queries(base, token, missing, settings)
+            resolved.update(fetched)
+        for key in paged:
+            resolved[key] = follow_next_links(resolved[key], base, token, settings, key=key)
+        source = ChartSource(
+            prefetched=tuple(sorted(set(resolved) - set(missing))),
+            fetched=tuple(sorted(missing)),
+            report=report,
+        )
+
+    return _chart_from(patient_id, resolved, service), source
+
+
+def _chart_from(patient_id: str, resolved: dict[str, dict[str, Any] | None], service: Service) -> Chart:
+    patient: dict[str, Any] | None = None
+    resources: list[dict[str, Any]] = []
+    for key, value in resolved.items():
+        if value is None:
+            continue
+        if value.get("resourceType") == "Bundle":
+            items = bundle_resources(value, key)
+            if key in service.search_keys:
+                resources.extend(items)
+            else:
+                patient = next((r for r in items if r.get("resourceType") == "Patient"), patient)
+        elif value.get("resourceType") == "Patient":
+            patient = value
+        else:
+            raise DataUnavailable(f"the FHIR server answered {key!r} with a {value.get('resourceType')}")
+    return build_chart(patient_id, patient, resources)

@@ -1,0 +1,92 @@
+"""Small readers for FHIR data types, shared by the fact derivations."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+from .terminology import Coding
+
+_PARTIAL = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?")
+
+
+def as_date(value: Any) -> dt.date | None:
+    """A FHIR date/dateTime (model value or raw string) as a calendar date.
+
+    Partial dates (`2021`, `2021-03`) are read as the first day they allow: documented in
+    docs/clinical-decisions.md. A dateTime keeps the calendar date of its own time zone.
+    """
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    match = _PARTIAL.match(str(value))
+    if not match:
+        return None
+    year, month, day = match.group(1), match.group(2) or "01", match.group(3) or "01"
+    try:
+        return dt.date(int(year), int(month), int(day))
+    except ValueError:
+        return None
+
+
+def codings(concept: Any) -> list[Coding]:
+    """(system, code) pairs of a CodeableConcept model (or None)."""
+    if concept is None:
+        return []
+    return [(c.system or "", c.code or "") for c in (concept.coding or []) if c.code]
+
+
+def codings_of_list(concepts: Any) -> list[Coding]:
+    out: list[Coding] = []
+    for concept in concepts or []:
+        out.extend(codings(concept))
+    return out
+
+
+def raw_codings(concept: Any) -> list[Coding]:
+    """(system, code) pairs of a raw JSON CodeableConcept, tolerant of malformed data."""
+    if not isinstance(concept, dict):
+        return []
+    out = []
+    for c in concept.get("coding") or []:
+        if isinstance(c, dict) and isinstance(c.get("code"), str):
+            out.append((c.get("system") if isinstance(c.get("system"), str) else "", c["code"]))
+    return out
+
+
+def display_of(concept: Any) -> str | None:
+    if concept is None:
+        return None
+    if concept.text:
+        return concept.text
+    for c in concept.coding or []:
+        if c.display:
+            return c.display
+    for c in concept.coding or []:
+        if c.code:
+            return c.code
+    return None
+
+
+def ref_of(resource: Any) -> str | None:
+    """`Type/id` of a model or raw resource; None without an id (it cannot be cited)."""
+    if isinstance(resource, dict):
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+    else:
+        rtype, rid = resource.get_resource_type(), resource.id
+    return f"{rtype}/{rid}" if rid else None
+
+
+def reference_targets(references: Any) -> list[str]:
+    """The `Type/id` tails of a list of Reference models."""
+    out = []
+    for ref in references or []:
+        if ref is not None and ref.reference:
+            parts = ref.reference.split("/_history/")[0].rstrip("/").split("/")
+            if len(parts) >= 2:
+                out.append(f"{parts[-2]}/{parts[-1]}")
+    return out
