@@ -1,0 +1,66 @@
+"""Shared fixtures: the app under real HTTP semantics (Flask test client), demo charts, shared/."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cds_service.app import create_app
+from cds_service.cli import request_from_bundle
+from cds_service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures" / "fhir"
+SHARED = ROOT.parent / "shared"
+SERVICE_URL = "/cds-services/crc-metastases"
+# Demo charts are dated 2017-2023; a fixed "today" keeps staleness wording reproducible.
+TODAY = dt.date(2024, 1, 15)
+
+
+def demo_files() -> list[Path]:
+    return sorted(p for p in FIXTURES.glob("*.json") if p.name != "expected.json")
+
+
+def expected() -> dict[str, Any]:
+    return json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
+
+
+def load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(auth_required=False, database_url=f"sqlite:///{tmp_path / 'cds.db'}", fhir_timeout_s=3)
+
+
+@pytest.fixture
+def app(settings: Settings):
+    app = create_app(settings, today=lambda: TODAY)
+    app.config["TESTING"] = False  # errors must go through the real handlers
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def hook_body(bundle: dict[str, Any], hook_instance: str | None = None) -> dict[str, Any]:
+    """A full-prefetch patient-view request for a chart, as an EHR would send it."""
+    body = request_from_bundle(copy.deepcopy(bundle))
+    body["hookInstance"] = hook_instance or str(uuid.uuid4())
+    body["context"]["userId"] = "Practitioner/test"
+    return body
+
+
+def lung_card(cards: list[dict[str, Any]]) -> dict[str, Any]:
+    found = [c for c in cards if c["extension"]["crc-cds-assessment"]["model"] == "cai-2025-lung"]
+    assert len(found) == 1, f"expected one lung card, got {len(found)}"
+    return found[0]

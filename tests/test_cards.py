@@ -1,0 +1,114 @@
+"""Card content rules (clinical-logic §7): summaries, evidence links, FHIR suggestions, safety."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fhir.resources.R4B.servicerequest import ServiceRequest
+
+from cds_service.render import md
+
+from .conftest import FIXTURES, SERVICE_URL, demo_files, hook_body, load, lung_card
+
+CAI_DOI = "https://doi.org/10.1007/s00384-025-04986-8"
+
+
+def _cards(client, path):
+    resp = client.post(SERVICE_URL, json=hook_body(load(path), hook_instance="fixed-instance"))
+    assert resp.status_code == 200
+    return resp.get_json()["cards"]
+
+
+@pytest.mark.parametrize("path", demo_files(), ids=lambda p: p.stem)
+def test_every_card_follows_the_card_rules(client, path):
+    for card in _cards(client, path):
+        assert len(card["summary"]) < 140
+        assert "MDT" in card["detail"] or "multidisciplinary" in card["detail"]
+        assert any(link["url"] == CAI_DOI for link in card["links"])
+        assert card["source"]["url"] == CAI_DOI
+        for suggestion in card["suggestions"]:
+            for action in suggestion["actions"]:
+                assert action["type"] == "create"
+                ServiceRequest.model_validate(action["resource"])
+        # Same chart, same call: same cards, same order, same words.
+        assert _cards(client, path) == _cards(client, path)
+
+
+def test_factor_table_shows_value_date_and_source(client):
+    card = lung_card(_cards(client, FIXTURES / "02-lung-moderate-cea-only.json"))
+    cea = next(f for f in card["extension"]["crc-cds-assessment"]["factors"] if f["id"] == "cea_gt_5")
+    assert cea["value"] == "12.4 ng/mL" and cea["date"] and cea["sources"]
+    row = next(line for line in card["detail"].splitlines() if line.startswith("| Serum CEA"))
+    assert "12.4 ng/mL" in row and cea["date"] in row and md(cea["sources"][0]) in row
+
+
+def test_missing_cea_suggests_ordering_one(client):
+    card = lung_card(_cards(client, FIXTURES / "04-lung-cea-missing.json"))
+    labels = [s["label"] for s in card["suggestions"]]
+    assert "Order serum CEA" in labels
+    cea_request = next(s for s in card["suggestions"] if s["label"] == "Order serum CEA")["actions"][0]["resource"]
+    assert cea_request["code"]["coding"][0] == {"system": "http://loinc.org", "code": "2039-6",
+                                                "display": "Carcinoembryonic Ag [Mass/volume] in Serum or Plasma"}
+    unknown = next(f for f in card["extension"]["crc-cds-assessment"]["factors"] if f["id"] == "cea_gt_5")
+    assert unknown["status"] == "unknown" and unknown["reason"]
+
+
+def test_known_cea_does_not_suggest_a_new_one_when_recent(client):
+    card = lung_card(_cards(client, FIXTURES / "01-lung-high-risk-all-four.json"))
+    labels = [s["label"] for s in card["suggestions"]]
+    assert "Order serum CEA" not in labels or "days old" in card["detail"]
+
+
+def test_stale_cea_is_flagged(app, settings):
+    from cds_service.app import create_app
+
+    later = create_app(settings, today=lambda: __import__("datetime").date(2030, 1, 1)).test_client()
+    card = lung_card(later.post(SERVICE_URL, json=hook_body(load(FIXTURES / "02-lung-moderate-cea-only.json")))
+                     .get_json()["cards"])
+    assert "days old" in card["detail"]
+    assert "Order serum CEA" in [s["label"] for s in card["suggestions"]]
+
+
+def test_consider_nat_card_states_the_conflict_and_limits(client):
+    card = lung_card(_cards(client, FIXTURES / "01-lung-high-risk-all-four.json"))
+    assert card["indicator"] == "warning"
+    assert "2019 expert consensus" in card["detail"]
+    assert "single-centre" in card["detail"]
+    assert "≤ 5 lung lesions" in card["detail"]
+    assert "RECIST 1.1" in card["detail"]
+
+
+def test_hostile_chart_text_cannot_inject_html_or_links(client):
+    card = lung_card(_cards(client, FIXTURES / "21-lung-hostile-text.json"))
+    text = card["detail"] + card["summary"]
+    assert "<script" not in text and "<img" not in text
+    assert not re.search(r"(?<!\\)\[[^\]]*\]\(", text), "an unescaped Markdown link reached the card"
+    assert "http://evil" not in text
+
+
+@pytest.mark.parametrize("raw,safe", [
+    ("<script>alert(1)</script>", r"\<script\>alert(1)\</script\>"),
+    ("[click](http://evil.example)", r"\[click\](http\://evil.example)"),
+    ("a | b\nc", r"a \| b c"),
+    ("www.evil.example", r"www\.evil.example"),
+])
+def test_md_escapes_chart_text(raw, safe):
+    assert md(raw) == safe
+
+
+def test_hostile_text_that_reaches_the_card_is_escaped(client):
+    """Chart text the card does show (a unit it cannot read) arrives inert."""
+    bundle = load(FIXTURES / "21-lung-hostile-text.json")
+    patient_ref = next(e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    bundle["entry"].append({"resource": {
+        "resourceType": "Observation", "id": "hostile-unit", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2039-6"}]},
+        "subject": {"reference": f"Patient/{patient_ref}"}, "effectiveDateTime": "2023-01-02",
+        "valueQuantity": {"value": 9, "unit": "<img src=x onerror=alert(1)>[x](http://evil.example)"}}})
+    resp = client.post(SERVICE_URL, json=hook_body(bundle))
+    card = lung_card(resp.get_json()["cards"])
+    assert "Not used: CEA" in card["detail"]
+    assert not re.search(r"(?<!\\)<img", card["detail"]), "raw HTML reached the card"
+    assert not re.search(r"(?<!\\)\[[^\]]*(?<!\\)\]\(", card["detail"]), "a live Markdown link reached the card"
+    assert r"\<img src=x onerror=alert(1)\>" in card["detail"]
