@@ -21,10 +21,16 @@ _PATIENT_FIELDS = ("subject", "patient")
 
 @dataclass
 class Chart:
+    """Resources by type. Whether a resource may be used is decided only for the ones the clinical
+    core picks (`claim`), so a large chart of unrelated data costs one pass of grouping."""
+
     patient_id: str
     patient: dict[str, Any] | None = None
     resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     foreign_dropped: int = 0
+    patient_full_url: str | None = None
+    _verdicts: dict[int, bool] = field(default_factory=dict, repr=False)
+    _seen: set[tuple[str, str]] = field(default_factory=set, repr=False)
 
     def of_type(self, resource_type: str) -> list[dict[str, Any]]:
         return self.resources.get(resource_type, [])
@@ -33,23 +39,47 @@ class Chart:
     def size(self) -> int:
         return sum(len(v) for v in self.resources.values())
 
+    def claim(self, resource: dict[str, Any]) -> bool:
+        """True when the resource is this patient's and not a duplicate of one already claimed."""
+        verdict = self._verdicts.get(id(resource))
+        if verdict is None:
+            verdict = self._decide(resource)
+            self._verdicts[id(resource)] = verdict
+        return verdict
+
+    def _decide(self, resource: dict[str, Any]) -> bool:
+        if not belongs_to(
+            resource, patient_references(self.patient_id, self.patient_full_url), self.patient_id
+        ):
+            self.foreign_dropped += 1
+            # An EHR data error worth knowing about; never the data itself (no PHI in logs).
+            log.warning("ignored a %s that belongs to another patient", resource.get("resourceType"))
+            return False
+        rid = resource.get("id")
+        if isinstance(rid, str):
+            key = (resource["resourceType"], rid)
+            if key in self._seen:
+                return False  # the same resource from two searches
+            self._seen.add(key)
+        return True
+
 
 def bundle_resources(bundle: dict[str, Any], key: str = "bundle") -> list[dict[str, Any]]:
     """The resources of a Bundle's entries; BadRequest when the Bundle is not FHIR."""
     entries = bundle.get("entry") or []
-    if not isinstance(entries, list):
+    if type(entries) is not list:
         raise BadRequest(f"prefetch {key!r}: Bundle.entry is not a list")
     out = []
     for entry in entries:
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             raise BadRequest(f"prefetch {key!r}: a Bundle entry is not an object")
         resource = entry.get("resource")
         if resource is None:
             continue
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        if type(resource) is not dict or type(resource.get("resourceType")) is not str:
             raise BadRequest(f"prefetch {key!r}: a Bundle entry holds something that is not a FHIR resource")
         search = entry.get("search")
-        if isinstance(search, dict) and search.get("mode") == "outcome":
+        if search and type(search) is dict and search.get("mode") == "outcome":
             continue  # OperationOutcome warnings a server adds to a searchset
         out.append(resource)
     return out
@@ -78,28 +108,18 @@ def build_chart(
     resources: Iterable[dict[str, Any]],
     patient_full_url: str | None = None,
 ) -> Chart:
-    refs = patient_references(patient_id, patient_full_url)
-    chart = Chart(patient_id=patient_id)
+    chart = Chart(patient_id=patient_id, patient_full_url=patient_full_url)
     if patient is not None and patient.get("resourceType") == "Patient":
         if patient.get("id") in (None, patient_id):
             chart.patient = patient
         else:
             chart.foreign_dropped += 1
-    seen: set[tuple[str, str]] = set()
+            log.warning("ignored a Patient resource that is not the context patient")
+    by_type = chart.resources
     for resource in resources:
         rtype = resource["resourceType"]
-        if rtype in ("Patient", "OperationOutcome", "Bundle"):
-            continue
-        if not belongs_to(resource, refs, patient_id):
-            chart.foreign_dropped += 1
-            continue
-        rid = resource.get("id")
-        if isinstance(rid, str):
-            if (rtype, rid) in seen:
-                continue  # the same resource from two searches
-            seen.add((rtype, rid))
-        chart.resources.setdefault(rtype, []).append(resource)
-    if chart.foreign_dropped:
-        # An EHR data error worth knowing about; the count only, never the data (no PHI in logs).
-        log.warning("ignored %d resource(s) belonging to another patient", chart.foreign_dropped)
+        bucket = by_type.get(rtype)
+        if bucket is None:
+            bucket = by_type[rtype] = []
+        bucket.append(resource)
     return chart

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fhir.resources.R4B.condition import Condition
@@ -57,6 +57,7 @@ class CeaResult:
     comparator: str | None
     shown: str  # as reported, for the card
     unreadable: str | None = None  # why it cannot be used
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class PatientFacts:
     cea: list[CeaResult] = field(default_factory=list)
     nodal: list[NodalEvidence] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # picked resources that were not valid FHIR
+    other_conditions: set[str] = field(default_factory=set)  # Conditions that are not the CRC primary
 
     @property
     def has_crc(self) -> bool:
@@ -153,35 +155,38 @@ def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> No
     primary_dates: list[dt.date] = []
     for raw in chart.of_type("Condition"):
         found = raw_codings(raw.get("code"))
-        is_primary = term.primary_crc.any(found)
-        site = term.site_of(found)
-        unspecified = term.site_unspecified.any(found)
-        lymphangitic = term.lymphangitic.any(found)
-        effusion = term.malignant_pleural_effusion.any(found)
-        if not (is_primary or site or unspecified or lymphangitic or effusion):
+        concept = term.condition_concept(found)
+        if found and (concept is None or concept.kind != "primary"):
+            ref = ref_of(raw)
+            if ref:
+                facts.other_conditions.add(ref)  # staging focused on these is another disease's
+        if concept is None:
+            continue
+        if not chart.claim(raw):
             continue
         condition = _validated(Condition, raw, facts)
         if condition is None or _verification(condition) & _EXCLUDED_VERIFICATION:
             continue
         source = ref_of(condition)
         when = _condition_date(condition)
-        if is_primary:
+        if concept.kind == "primary":
             if source:
                 facts.primaries.append(source)
             if when:
                 primary_dates.append(when)
             continue
         body_organ = term.organ_of_body_site(codings_of_list(condition.bodySite))
-        if site is None and body_organ:
+        site = concept.site
+        if site is None and body_organ and concept.kind == "unspecified":
             site = term.sites[body_organ]
-        if lymphangitic:
+        if concept.kind == "lymphangitic":
             # Counted as pulmonary unless the body site names another organ (spec choice).
             if body_organ in (None, "lung"):
                 facts.metastases.append(
                     Metastasis(source, "lung", "lymphangitic carcinomatosis", "lung", when, "lymphangitic")
                 )
             continue
-        if effusion:
+        if concept.kind == "effusion":
             facts.metastases.append(
                 Metastasis(
                     source, "pleura", "malignant pleural effusion", "thoracic", when, "pleural-effusion"
@@ -203,13 +208,17 @@ def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> No
 def _read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
     lung_sources = {m.source for m in facts.sites("lung") if m.source}
     for raw in chart.of_type("Procedure"):
-        found = raw_codings(raw.get("code"))
-        resection = term.primary_resection.any(found)
-        excision = term.local_excision.any(found)
-        therapy = [("lung", k) for k in term.lung_local_therapy if k.codes.any(found)] + [
-            ("liver", k) for k in term.liver_local_therapy if k.codes.any(found)
-        ]
-        if not (resection or excision or therapy):
+        tags = term.procedure_tags(raw_codings(raw.get("code")))
+        if not tags:
+            continue
+        resection, excision = "resection" in tags, "excision" in tags
+        kinds = {
+            f"{organ}:{k.kind}": (organ, k)
+            for organ, group in (("lung", term.lung_local_therapy), ("liver", term.liver_local_therapy))
+            for k in group
+        }
+        therapy = [kinds[t] for t in tags if t in kinds]
+        if not chart.claim(raw):
             continue
         procedure = _validated(Procedure, raw, facts)
         if procedure is None or procedure.status in _EXCLUDED_PROCEDURE:
@@ -251,33 +260,49 @@ def _fmt(number: float) -> str:
     return f"{number:.6g}"
 
 
-def _cea(observation: Observation, term: Terminology, unconvertible: bool) -> CeaResult:
-    source, when = ref_of(observation), _observation_date(observation)
-    quantity = observation.valueQuantity
-    if quantity is None or quantity.value is None:
-        shown = observation.valueString or display_of(observation.valueCodeableConcept) or "no value"
-        return CeaResult(source, when, None, None, shown, "not a numeric result")
-    comparator = quantity.comparator
-    unit = (quantity.code if quantity.system in term.ucum_systems else None) or quantity.unit or quantity.code
-    shown = f"{comparator or ''}{_fmt(float(quantity.value))} {unit or '(no unit)'}"
+_COMPARATORS = {"<", "<=", ">", ">="}
+
+
+def _cea_from_raw(raw: dict[str, Any], term: Terminology, unconvertible: bool) -> CeaResult:
+    source = ref_of(raw)
+    period = raw.get("effectivePeriod") if isinstance(raw.get("effectivePeriod"), dict) else {}
+    when = as_date(
+        raw.get("effectiveDateTime")
+        or period.get("start")
+        or raw.get("effectiveInstant")
+        or raw.get("issued")
+    )
+    quantity = raw.get("valueQuantity")
+    value = quantity.get("value") if isinstance(quantity, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        text = raw.get("valueString")
+        shown = text if isinstance(text, str) else "no value"
+        return CeaResult(source, when, None, None, shown, "not a numeric result", raw)
+    comparator = quantity.get("comparator")
+    comparator = comparator if comparator in _COMPARATORS else None
+    unit = None
+    for candidate in (
+        quantity.get("code") if quantity.get("system") in term.ucum_systems else None,
+        quantity.get("unit"),
+        quantity.get("code"),
+    ):
+        if isinstance(candidate, str) and candidate.strip():
+            unit = candidate.strip()
+            break
+    shown = f"{comparator or ''}{_fmt(float(value))} {unit or '(no unit)'}"
     if unconvertible:
-        return CeaResult(
-            source,
-            when,
-            None,
-            comparator,
-            shown,
-            f"reported in {unit or 'molar or arbitrary units'}: converting it to ng/mL "
-            "needs a molar mass or assay calibrator",
+        why = (
+            f"reported in {unit or 'molar or arbitrary units'}: converting it to ng/mL needs a molar "
+            "mass or assay calibrator"
         )
-    canonical = term.cea_unit_aliases.get(unit or "", unit or "")
-    factor = term.cea_units.get(canonical)
+        return CeaResult(source, when, None, comparator, shown, why, raw)
+    factor = term.cea_units.get(term.cea_unit_aliases.get(unit or "", unit or ""))
     if factor is None:
         why = f"unit {unit!r} cannot be converted to ng/mL" if unit else "no unit given"
-        return CeaResult(source, when, None, comparator, shown, why)
+        return CeaResult(source, when, None, comparator, shown, why, raw)
     if when is None:
-        return CeaResult(source, None, None, comparator, shown, "no date")
-    return CeaResult(source, when, float(quantity.value) * factor, comparator, shown)
+        return CeaResult(source, None, None, comparator, shown, "no date", raw)
+    return CeaResult(source, when, float(value) * factor, comparator, shown, None, raw)
 
 
 def _n_value(observation: Observation, term: Terminology) -> tuple[str | None, str | None, str]:
@@ -323,43 +348,64 @@ def _kind_of(found: list, sets: dict) -> str | None:
 
 def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non_crc: set[str]) -> None:
     for raw in chart.of_type("Observation"):
-        found = raw_codings(raw.get("code"))
-        mass, unconvertible = term.cea_mass.any(found), term.cea_unconvertible.any(found)
-        n_kind = _kind_of(found, term.n_category)
-        stage_kind = _kind_of(found, term.stage_group)
-        if not (mass or unconvertible or n_kind or stage_kind):
+        concept = term.observation_concept_raw(raw.get("code"))
+        if concept is None:
+            continue
+        what, kind = concept
+        if not chart.claim(raw):
+            continue
+        if what == "cea":
+            # Read from the raw JSON: a long CEA history is validated lazily (_validate_used_cea).
+            if raw.get("status") in term.cea_statuses:
+                facts.cea.append(_cea_from_raw(raw, term, unconvertible=kind == "unconvertible"))
             continue
         observation = _validated(Observation, raw, facts)
-        if observation is None:
-            continue
-        if mass or unconvertible:
-            if observation.status in term.cea_statuses:
-                facts.cea.append(_cea(observation, term, unconvertible and not mass))
-            continue
-        if observation.status not in term.tnm_statuses:
+        if observation is None or observation.status not in term.tnm_statuses:
             continue
         if non_crc & set(reference_targets(observation.focus)):
             continue  # staging of another cancer
         source, when = ref_of(observation), _observation_date(observation)
-        if n_kind:
+        if what == "n":
             value_kind, value, shown = _n_value(observation, term)
             if value is not None:
-                kind = value_kind or n_kind
-                facts.nodal.append(NodalEvidence(source, when, kind, "N", value, shown))
+                facts.nodal.append(NodalEvidence(source, when, value_kind or kind, "N", value, shown))
         else:
             value_kind, group, shown = _stage_value(observation.valueCodeableConcept, term)
             if group is not None:
-                facts.nodal.append(
-                    NodalEvidence(source, when, value_kind or stage_kind, "stage", group, shown)
-                )
+                facts.nodal.append(NodalEvidence(source, when, value_kind or kind, "stage", group, shown))
     facts.cea.sort(key=lambda c: (c.date or dt.date.min, c.source or ""))
+
+
+def _validate_used_cea(facts: PatientFacts, cutoffs: set[dt.date | None]) -> None:
+    """Validate, with fhir.resources, each CEA a CEA rule could pick (the latest before each cutoff).
+
+    A picked result that is not valid FHIR becomes unreadable and the next one is tried, so the
+    clinical core only ever uses validated CEA Observations.
+    """
+    checked: set[int] = set()
+    for cutoff in cutoffs:
+        while True:
+            candidates = [
+                r for r in facts.cea if r.ng_ml is not None and r.date and (cutoff is None or r.date < cutoff)
+            ]
+            if not candidates:
+                break
+            pick = max(candidates, key=lambda r: (r.date, r.ng_ml, r.source or ""))
+            if id(pick) in checked:
+                break
+            checked.add(id(pick))
+            if _validated(Observation, pick.raw, facts) is not None:
+                break
+            index = facts.cea.index(pick)
+            facts.cea[index] = replace(pick, ng_ml=None, unreadable="not valid FHIR R4")
+            checked.add(id(facts.cea[index]))
 
 
 def _read_condition_stages(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
     """Condition.stage.summary of the colorectal primary (plain US Core data)."""
     primaries = set(facts.primaries)
     for raw in chart.of_type("Condition"):
-        if ref_of(raw) not in primaries or not raw.get("stage"):
+        if ref_of(raw) not in primaries or not raw.get("stage") or not chart.claim(raw):
             continue
         condition = Condition.model_validate(raw)  # already validated once when picked
         for stage in condition.stage or []:
@@ -371,18 +417,6 @@ def _read_condition_stages(chart: Chart, term: Terminology, facts: PatientFacts)
             facts.nodal.append(
                 NodalEvidence(ref_of(condition), _condition_date(condition), kind, "stage", group, shown)
             )
-
-
-def _non_crc_conditions(chart: Chart, term: Terminology) -> set[str]:
-    """Conditions that are some other cancer or disease: staging focused on them is not ours."""
-    out = set()
-    for raw in chart.of_type("Condition"):
-        found = raw_codings(raw.get("code"))
-        if found and not term.primary_crc.any(found):
-            ref = ref_of(raw)
-            if ref:
-                out.add(ref)
-    return out
 
 
 def _deceased(patient: dict[str, Any] | None) -> bool:
@@ -398,7 +432,12 @@ def derive_facts(chart: Chart, term: Terminology | None = None) -> PatientFacts:
     if not facts.in_scope:
         return facts  # quiet and fast: nothing more to read
     _read_procedures(chart, term, facts)
-    _read_observations(chart, term, facts, _non_crc_conditions(chart, term))
+    _read_observations(chart, term, facts, facts.other_conditions)
+    first_local = {
+        min((t.date for t in facts.therapies(o, done=True) if t.date), default=None)
+        for o in ("lung", "liver")
+    }
+    _validate_used_cea(facts, {None} | first_local)
     _read_condition_stages(chart, term, facts)
     facts.nodal.sort(key=lambda n: (n.date or dt.date.min, n.source or ""))
     return facts

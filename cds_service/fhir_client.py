@@ -230,14 +230,17 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 def _transport_failure(exc: requests.RequestException, budget_s: float) -> _Fail:
     causes = list(_causes(exc))
-    if isinstance(exc, requests.Timeout) or any(
-        isinstance(c, TimeoutError | urllib3.exceptions.TimeoutError) for c in causes
-    ):
-        return _Fail(f"the FHIR server did not answer within the {budget_s:g} s time budget", "timeout")
+    # Refusal and DNS first: urllib3's NewConnectionError subclasses its ConnectTimeoutError.
     if any(isinstance(c, ConnectionRefusedError) for c in causes):
         return _Fail("connection refused (is the FHIR server running at fhirServer?)", "exception")
     if any(isinstance(c, urllib3.exceptions.NameResolutionError) for c in causes):
         return _Fail("the FHIR server's host name cannot be resolved", "exception")
+    if isinstance(exc, requests.Timeout) or any(
+        isinstance(c, TimeoutError | urllib3.exceptions.TimeoutError)
+        and not isinstance(c, urllib3.exceptions.NewConnectionError)
+        for c in causes
+    ):
+        return _Fail(f"the FHIR server did not answer within the {budget_s:g} s time budget", "timeout")
     if isinstance(exc, requests.exceptions.SSLError):
         return _Fail("TLS error talking to the FHIR server (certificate not trusted?)", "exception")
     if isinstance(exc, requests.ConnectionError):

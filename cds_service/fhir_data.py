@@ -45,36 +45,35 @@ def _next_link(bundle: dict[str, Any]) -> bool:
     )
 
 
-def _check_shape(key: str, value: dict[str, Any], is_search: bool) -> None:
+def _check_shape(key: str, value: dict[str, Any], is_search: bool) -> list[dict[str, Any]] | None:
+    """The Bundle's resources (None for a plain resource); BadRequest when it is not FHIR."""
     rtype = value["resourceType"]
     if is_search and rtype != "Bundle":
         raise BadRequest(f"prefetch {key!r} must be a searchset Bundle, not {rtype}")
     if not is_search and rtype not in ("Patient", "Bundle"):
         raise BadRequest(f"prefetch {key!r} must be a Patient, not {rtype}")
-    if rtype == "Bundle":
-        bundle_resources(value, key)  # raises BadRequest when the entries are not FHIR
+    return bundle_resources(value, key) if rtype == "Bundle" else None
 
 
-def _out_of_scope_by_conditions(bundle: dict[str, Any] | None) -> bool:
+def _out_of_scope_by_conditions(conditions: list[dict[str, Any]]) -> bool:
     """True when the conditions alone show no colorectal cancer with lung or liver metastases.
 
     Lets an out-of-scope call answer at once, without fetching anything else.
     """
-    if bundle is None:
-        return True
     term = terminology()
     crc = met = False
-    for resource in bundle_resources(bundle, "conditions"):
+    for resource in conditions:
         if resource.get("resourceType") != "Condition":
             continue
-        found = raw_codings(resource.get("code"))
-        crc = crc or term.primary_crc.any(found)
-        site = term.site_of(found)
+        concept = term.condition_concept(raw_codings(resource.get("code")))
+        if concept is None:
+            continue
+        crc = crc or concept.kind == "primary"
+        # Site-less metastasis codes may name the lung or liver in bodySite: let facts.py decide.
         met = (
             met
-            or (site is not None and site.organ in ("lung", "liver"))
-            or term.site_unspecified.any(found)
-            or term.lymphangitic.any(found)
+            or concept.kind in ("unspecified", "lymphangitic")
+            or (concept.site is not None and concept.site.organ in ("lung", "liver"))
         )
     return not (crc and met)
 
@@ -86,6 +85,7 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
     resolved: dict[str, dict[str, Any] | None] = {}
     missing: dict[str, str] = {}
     paged: list[str] = []
+    entries: dict[str, list[dict[str, Any]]] = {}  # each Bundle's resources, extracted once
     for key, template in service.prefetch.items():
         value = given.get(key, ...)
         if value is not ... and value is not None and value["resourceType"] == "OperationOutcome":
@@ -99,16 +99,18 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
             missing[key] = query
             continue
         if value is not None:
-            _check_shape(key, value, key in service.search_keys)
-            if value["resourceType"] == "Bundle" and _next_link(value):
-                paged.append(key)
+            items = _check_shape(key, value, key in service.search_keys)
+            if items is not None:
+                entries[key] = items
+                if _next_link(value):
+                    paged.append(key)
         resolved[key] = value
 
     source = ChartSource(prefetched=tuple(sorted(resolved)))
     if (
         "conditions" in resolved
         and "conditions" not in paged
-        and _out_of_scope_by_conditions(resolved["conditions"])
+        and _out_of_scope_by_conditions(entries.get("conditions", []))
     ):
         return build_chart(patient_id, None, []), source
 
@@ -126,23 +128,30 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
             resolved.update(fetched)
         for key in paged:
             resolved[key] = follow_next_links(resolved[key], base, token, settings, key=key)
+        for key in [*missing, *paged]:
+            entries.pop(key, None)
         source = ChartSource(
             prefetched=tuple(sorted(set(resolved) - set(missing))),
             fetched=tuple(sorted(missing)),
             report=report,
         )
 
-    return _chart_from(patient_id, resolved, service), source
+    return _chart_from(patient_id, resolved, entries, service), source
 
 
-def _chart_from(patient_id: str, resolved: dict[str, dict[str, Any] | None], service: Service) -> Chart:
+def _chart_from(
+    patient_id: str,
+    resolved: dict[str, dict[str, Any] | None],
+    entries: dict[str, list[dict[str, Any]]],
+    service: Service,
+) -> Chart:
     patient: dict[str, Any] | None = None
     resources: list[dict[str, Any]] = []
     for key, value in resolved.items():
         if value is None:
             continue
         if value.get("resourceType") == "Bundle":
-            items = bundle_resources(value, key)
+            items = entries[key] if key in entries else bundle_resources(value, key)
             if key in service.search_keys:
                 resources.extend(items)
             else:

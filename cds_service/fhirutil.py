@@ -48,13 +48,22 @@ def codings_of_list(concepts: Any) -> list[Coding]:
 
 
 def raw_codings(concept: Any) -> list[Coding]:
-    """(system, code) pairs of a raw JSON CodeableConcept, tolerant of malformed data."""
-    if not isinstance(concept, dict):
+    """(system, code) pairs of a raw JSON CodeableConcept, tolerant of malformed data.
+
+    On the hot path (every resource of a chart passes here once): kept to plain dict access.
+    """
+    if type(concept) is not dict:
+        return []
+    codings = concept.get("coding")
+    if type(codings) is not list:
         return []
     out = []
-    for c in concept.get("coding") or []:
-        if isinstance(c, dict) and isinstance(c.get("code"), str):
-            out.append((c.get("system") if isinstance(c.get("system"), str) else "", c["code"]))
+    for c in codings:
+        if type(c) is dict:
+            code = c.get("code")
+            if type(code) is str:
+                system = c.get("system")
+                out.append((system if type(system) is str else "", code))
     return out
 
 

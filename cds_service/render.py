@@ -56,6 +56,12 @@ def _catalogue() -> tuple[dict[str, Any], dict[str, Any], jinja2.Environment]:
     return evidence, lung, env
 
 
+@cache
+def _summary_template(recommendation: str) -> jinja2.Template:
+    _, spec, env = _catalogue()
+    return env.from_string(spec["recommendations"][recommendation]["summary"])
+
+
 @dataclass(frozen=True)
 class FactorView:
     id: str
@@ -183,7 +189,7 @@ def lung_card(
     labels = spec["factor_labels"]
     view = _lung_view(a, facts, labels, today, cea_max_age_days, spec["mdt_line"])
     rec = spec["recommendations"][a.recommendation]
-    summary = env.from_string(rec["summary"]).render(a=view)
+    summary = _summary_template(a.recommendation).render(a=view)
     detail = _tidy(env.get_template("lung_detail.md.j2").render(a=view, ev=evidence))
 
     reasons = list(a.lung_sources)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     trusted_issuers: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     public_base_url: str | None = None
     database_url: str = "sqlite:///cds-service.db"
+    # Key of the HMAC that replaces patient ids in the audit store (issue 8). Unset: a random key per
+    # start, so hashes cannot be linked across restarts or instances (store.py warns about it).
+    audit_key: SecretStr | None = Field(default=None, min_length=32)
     fhir_timeout_s: float = Field(default=5.0, gt=0, le=120)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     cea_max_age_days: int = Field(default=90, gt=0)
@@ -35,6 +38,18 @@ class Settings(BaseSettings):
                 value = json.loads(value or "{}")
             except json.JSONDecodeError as exc:
                 raise ValueError(f"CDS_TRUSTED_ISSUERS is not a JSON object: {exc.msg}") from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError("CDS_DATABASE_URL is not a database URL (e.g. sqlite:///cds.db)") from None
         return value
 
     @field_validator("fhir_server_allowlist", mode="before")

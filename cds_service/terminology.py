@@ -56,6 +56,17 @@ class Site:
 
 
 @dataclass(frozen=True)
+class ConditionConcept:
+    """What a Condition's code says, for this service."""
+
+    kind: str  # primary | site | unspecified | lymphangitic | effusion
+    site: Site | None = None
+
+
+_CONDITION_PRIORITY = ("primary", "site", "lymphangitic", "effusion", "unspecified")
+
+
+@dataclass(frozen=True)
 class LocalTherapyKind:
     kind: str
     display: str
@@ -84,11 +95,37 @@ class Terminology:
         self.lymphangitic = self.code_set(cond["lymphangitic"])
         self.malignant_pleural_effusion = self.code_set(cond["malignant_pleural_effusion"])
 
+        self._condition_exact: dict[Coding, ConditionConcept] = {}
+        self._condition_icd: dict[str, ConditionConcept] = {}
+        for concept, code_set in (
+            *((ConditionConcept("site", s), s.codes) for s in self.sites.values()),
+            (ConditionConcept("unspecified"), self.site_unspecified),
+            (ConditionConcept("lymphangitic"), self.lymphangitic),
+            (ConditionConcept("effusion"), self.malignant_pleural_effusion),
+            (ConditionConcept("primary"), self.primary_crc),  # last: C78.5 is the primary, not a site
+        ):
+            self._condition_exact.update(dict.fromkeys(code_set.exact, concept))
+            self._condition_icd.update(dict.fromkeys(code_set.icd10_prefixes, concept))
+        self._icd10_systems = frozenset(self._systems["icd10"])
+
         self.primary_resection = self.code_set(proc["primary_resection"])
         self.local_excision = self.code_set(proc["local_excision"])
         self.lung_local_therapy = self._therapy_kinds(proc["lung_local_therapy"])
         self.liver_local_therapy = self._therapy_kinds(proc["liver_local_therapy"])
         self.lung_body_sites = self.code_set(proc["lung_body_sites"])
+        # Procedure codes → tags, so that unrelated procedures cost one dict lookup per coding.
+        tagged: list[tuple[str, CodeSet]] = [
+            ("resection", self.primary_resection),
+            ("excision", self.local_excision),
+        ]
+        tagged += [(f"lung:{k.kind}", k.codes) for k in self.lung_local_therapy]
+        tagged += [(f"liver:{k.kind}", k.codes) for k in self.liver_local_therapy]
+        self._procedure_exact: dict[Coding, list[str]] = {}
+        for tag, code_set in tagged:
+            for coding in code_set.exact:
+                self._procedure_exact.setdefault(coding, []).append(tag)
+        self._procedure_patterns = [(tag, s) for tag, s in tagged if s.pcs_pattern is not None]
+        self._pcs_systems = frozenset(self._systems["icd10pcs"])
 
         cea = obs["cea"]
         self.cea_mass = self.code_set(cea["mass_codes"])
@@ -113,6 +150,14 @@ class Terminology:
             for s in self._systems["snomed"]
         }
         self.tnm_statuses = frozenset(obs["tnm_statuses"])
+        # One dict lookup per coding classifies an Observation: charts hold thousands of them.
+        index: dict[Coding, tuple[str, str]] = {}
+        for concept, spec_by_kind in (("n", obs["n_category"]), ("stage", obs["stage_group"])):
+            for kind, spec in spec_by_kind.items():
+                index.update(dict.fromkeys(self.code_set(spec).exact, (concept, kind)))
+        index.update(dict.fromkeys(self.cea_unconvertible.exact, ("cea", "unconvertible")))
+        index.update(dict.fromkeys(self.cea_mass.exact, ("cea", "mass")))
+        self.observation_index = index
         # Every Observation code the service reads: the prefetch and FHIR searches ask for these only.
         self.observation_codes: tuple[Coding, ...] = tuple(
             (self._systems[alias][0], str(code))
@@ -162,6 +207,53 @@ class Terminology:
             organ = self.body_site_organs.get(coding)
             if organ:
                 return organ
+        return None
+
+    def condition_concept(self, codings: Iterable[Coding]) -> ConditionConcept | None:
+        """The concept of a Condition code: one dict lookup per coding (longest ICD-10 prefix wins)."""
+        hits = []
+        for system, code in codings:
+            hit = self._condition_exact.get((system, code))
+            if hit is None and system in self._icd10_systems:
+                normalised = normalise_icd10(code)
+                for length in range(len(normalised), 2, -1):
+                    hit = self._condition_icd.get(normalised[:length])
+                    if hit is not None:
+                        break
+            if hit is not None:
+                hits.append(hit)
+        if not hits:
+            return None
+        return min(hits, key=lambda c: _CONDITION_PRIORITY.index(c.kind))
+
+    def procedure_tags(self, codings: Iterable[Coding]) -> list[str]:
+        """Tags (`resection`, `excision`, `lung:<kind>`, `liver:<kind>`) of a Procedure code."""
+        tags: list[str] = []
+        for coding in codings:
+            tags.extend(self._procedure_exact.get(coding, ()))
+            if coding[0] in self._pcs_systems:
+                tags.extend(tag for tag, s in self._procedure_patterns if s.matches(coding))
+        return tags
+
+    def observation_concept_raw(self, code: Any) -> tuple[str, str] | None:
+        """observation_concept() of a raw JSON `Observation.code`: the hot loop of large charts."""
+        if type(code) is not dict:
+            return None
+        index = self.observation_index
+        for c in code.get("coding") or ():
+            if type(c) is dict:
+                hit = index.get((c.get("system"), c.get("code")))
+                if hit:
+                    return hit
+        return None
+
+    def observation_concept(self, codings: Iterable[Coding]) -> tuple[str, str] | None:
+        """("cea", "mass" | "unconvertible") or ("n" | "stage", kind) for an Observation code."""
+        index = self.observation_index
+        for coding in codings:
+            hit = index.get(coding)
+            if hit:
+                return hit
         return None
 
     def is_snomed(self, system: str) -> bool:

@@ -79,7 +79,9 @@ def release() -> Iterator[threading.Event]:
 
 
 def fetch(base: str, queries: dict[str, str], **kw: object) -> tuple[dict, object]:
-    return fetch_queries(base, TOKEN, queries, kw.pop("cfg", None) or settings(), session=make_session(), **kw)
+    return fetch_queries(
+        base, TOKEN, queries, kw.pop("cfg", None) or settings(), session=make_session(), **kw
+    )
 
 
 # --------------------------------------------------------------------------- happy paths
@@ -127,8 +129,9 @@ def test_searches_run_concurrently(fhir: HTTPServer, base: str) -> None:
     for path in ("/fhir/Condition", "/fhir/Observation", "/fhir/Procedure"):
         fhir.expect_request(path).respond_with_handler(slow)
     t0 = time.monotonic()
-    results, report = fetch(base, {"a": "Condition?patient=p1", "b": "Observation?patient=p1",
-                                   "c": "Procedure?patient=p1"})
+    results, report = fetch(
+        base, {"a": "Condition?patient=p1", "b": "Observation?patient=p1", "c": "Procedure?patient=p1"}
+    )
     elapsed = time.monotonic() - t0
     assert set(results) == {"a", "b", "c"}
     assert elapsed < 1.0, f"searches ran one after the other ({elapsed:.2f} s)"
@@ -183,8 +186,9 @@ def test_transient_status_is_retried(fhir: HTTPServer, base: str, status: int) -
 
 
 def test_retry_after_is_honoured_then_success(fhir: HTTPServer, base: str) -> None:
-    answers = iter([Response("busy", status=503, headers={"Retry-After": "1"}),
-                    fhir_response(bundle([condition(1)]))])
+    answers = iter(
+        [Response("busy", status=503, headers={"Retry-After": "1"}), fhir_response(bundle([condition(1)]))]
+    )
     fhir.expect_request("/fhir/Condition").respond_with_handler(lambda request: next(answers))
     t0 = time.monotonic()
     results, _ = fetch(base, {"conditions": "Condition?patient=p1"}, cfg=settings(fhir_timeout_s=3))
@@ -222,8 +226,11 @@ def test_hanging_server_fails_within_the_budget(
     fhir.expect_request("/fhir/Observation").respond_with_handler(hang)
     t0 = time.monotonic()
     with pytest.raises(DataUnavailable) as info:
-        fetch(base, {"patient": "Patient/p1", "labs": "Observation?patient=p1"},
-              cfg=settings(fhir_timeout_s=0.5))
+        fetch(
+            base,
+            {"patient": "Patient/p1", "labs": "Observation?patient=p1"},
+            cfg=settings(fhir_timeout_s=0.5),
+        )
     assert time.monotonic() - t0 < 0.5 + 0.4
     assert info.value.status == 412 and info.value.issue_code == "timeout"
     assert "'labs'" in info.value.diagnostics and "'patient'" not in info.value.diagnostics
@@ -251,8 +258,17 @@ def _html(request: Request) -> Response:
 
 
 FAILURES: list[tuple[str, Callable[[Request], Response], str]] = [
-    ("401", lambda r: fhir_response({"resourceType": "OperationOutcome", "issue": [
-        {"code": "login", "diagnostics": f"token {TOKEN} expired"}]}, 401), "HTTP 401"),
+    (
+        "401",
+        lambda r: fhir_response(
+            {
+                "resourceType": "OperationOutcome",
+                "issue": [{"code": "login", "diagnostics": f"token {TOKEN} expired"}],
+            },
+            401,
+        ),
+        "HTTP 401",
+    ),
     ("403", lambda r: Response("no", status=403), "HTTP 403"),
     ("404 search", lambda r: Response("", status=404), "HTTP 404"),
     ("500", lambda r: Response("oops", status=500), "HTTP 500"),
@@ -262,9 +278,16 @@ FAILURES: list[tuple[str, Callable[[Request], Response], str]] = [
     ("json not fhir", lambda r: fhir_response({"hello": "world"}), "not a FHIR resource"),
     ("json list", lambda r: fhir_response([1, 2]), "not a FHIR resource"),
     ("wrong type", lambda r: fhir_response({"resourceType": "Patient", "id": "x"}), "expected a Bundle"),
-    ("operation outcome", lambda r: fhir_response({"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": "processing", "diagnostics": "search failed"}]}),
-     "OperationOutcome: processing search failed"),
+    (
+        "operation outcome",
+        lambda r: fhir_response(
+            {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "processing", "diagnostics": "search failed"}],
+            }
+        ),
+        "OperationOutcome: processing search failed",
+    ),
 ]
 
 
@@ -347,9 +370,9 @@ def test_same_host_redirect_is_followed(fhir: HTTPServer, base: str) -> None:
     fhir.expect_request("/fhir/Patient/p1").respond_with_response(
         Response("", status=307, headers={"Location": "/fhir/Patient/p1-moved"})
     )
-    fhir.expect_request("/fhir/Patient/p1-moved", headers={"Authorization": f"Bearer {TOKEN}"}).respond_with_json(
-        {"resourceType": "Patient", "id": "p1-moved"}
-    )
+    fhir.expect_request(
+        "/fhir/Patient/p1-moved", headers={"Authorization": f"Bearer {TOKEN}"}
+    ).respond_with_json({"resourceType": "Patient", "id": "p1-moved"})
     assert fetch(base, {"patient": "Patient/p1"})[0]["patient"]["id"] == "p1-moved"
 
 
@@ -364,9 +387,12 @@ def test_next_link_to_another_host_is_not_followed(fhir: HTTPServer, base: str) 
 def test_token_is_never_logged(fhir: HTTPServer, base: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     fhir.expect_request("/fhir/Patient/p1").respond_with_json({"resourceType": "Patient", "id": "p1"})
-    fhir.expect_request("/fhir/Condition").respond_with_response(fhir_response(
-        {"resourceType": "OperationOutcome", "issue": [{"code": "login", "diagnostics": f"bad {TOKEN}"}]}, 401
-    ))
+    fhir.expect_request("/fhir/Condition").respond_with_response(
+        fhir_response(
+            {"resourceType": "OperationOutcome", "issue": [{"code": "login", "diagnostics": f"bad {TOKEN}"}]},
+            401,
+        )
+    )
     fetch(base, {"patient": "Patient/p1"})
     with pytest.raises(DataUnavailable):
         fetch(base, {"conditions": "Condition?patient=p1"})
@@ -377,24 +403,30 @@ def test_token_is_never_logged(fhir: HTTPServer, base: str, caplog: pytest.LogCa
 # --------------------------------------------------------------------------- fhirServer checks
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("https://fhir.example.org/r4/", "https://fhir.example.org/r4"),
-    ("HTTPS://FHIR.example.org/R4", "https://fhir.example.org/R4"),
-    ("http://127.0.0.1:8080/fhir", "http://127.0.0.1:8080/fhir"),
-    ("http://localhost/fhir/", "http://localhost/fhir"),
-    ("http://[::1]:9000/fhir", "http://[::1]:9000/fhir"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://fhir.example.org/r4/", "https://fhir.example.org/r4"),
+        ("HTTPS://FHIR.example.org/R4", "https://fhir.example.org/R4"),
+        ("http://127.0.0.1:8080/fhir", "http://127.0.0.1:8080/fhir"),
+        ("http://localhost/fhir/", "http://localhost/fhir"),
+        ("http://[::1]:9000/fhir", "http://[::1]:9000/fhir"),
+    ],
+)
 def test_accepted_fhir_servers(url: str, expected: str) -> None:
     assert check_fhir_server(url, settings()) == expected
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("http://fhir.example.org/r4", "plain http"),
-    ("ftp://fhir.example.org/r4", "not an http"),
-    ("not a url", "not an http"),
-    ("https://user:pw@fhir.example.org/r4", "credentials"),
-    ("https://fhir.example.org/r4?x=1", "without query"),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://fhir.example.org/r4", "plain http"),
+        ("ftp://fhir.example.org/r4", "not an http"),
+        ("not a url", "not an http"),
+        ("https://user:pw@fhir.example.org/r4", "credentials"),
+        ("https://fhir.example.org/r4?x=1", "without query"),
+    ],
+)
 def test_rejected_fhir_servers(url: str, message: str) -> None:
     with pytest.raises(DataUnavailable, match=message) as info:
         check_fhir_server(url, settings())
@@ -405,15 +437,18 @@ def test_insecure_fhir_server_can_be_allowed() -> None:
     assert check_fhir_server("http://fhir.example.org/r4", settings(allow_insecure_fhir=True))
 
 
-@pytest.mark.parametrize(("url", "ok"), [
-    ("https://fhir.example.org/r4", True),
-    ("https://fhir.example.org/r4/tenant-1/", True),
-    ("https://fhir.example.org:443/r4", True),
-    ("https://fhir.example.org/r4x", False),
-    ("https://fhir.example.org.evil.test/r4", False),
-    ("https://fhir.example.org:8443/r4", False),
-    ("https://other.example.org/r4", False),
-])
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://fhir.example.org/r4", True),
+        ("https://fhir.example.org/r4/tenant-1/", True),
+        ("https://fhir.example.org:443/r4", True),
+        ("https://fhir.example.org/r4x", False),
+        ("https://fhir.example.org.evil.test/r4", False),
+        ("https://fhir.example.org:8443/r4", False),
+        ("https://other.example.org/r4", False),
+    ],
+)
 def test_allowlist(url: str, ok: bool) -> None:
     cfg = settings(fhir_server_allowlist=["https://fhir.example.org/r4/", "https://sandbox.test"])
     if ok:
@@ -432,9 +467,9 @@ def test_fetch_checks_the_fhir_server_too() -> None:
 
 
 def test_follow_next_links_completes_a_prefetch_bundle(fhir: HTTPServer, base: str) -> None:
-    fhir.expect_request("/fhir/Condition", query_string="page=2",
-                        headers={"Authorization": f"Bearer {TOKEN}"}).respond_with_json(
-        bundle([condition(2)], fhir.url_for("/fhir/Condition") + "?page=3"))
+    fhir.expect_request(
+        "/fhir/Condition", query_string="page=2", headers={"Authorization": f"Bearer {TOKEN}"}
+    ).respond_with_json(bundle([condition(2)], fhir.url_for("/fhir/Condition") + "?page=3"))
     fhir.expect_request("/fhir/Condition", query_string="page=3").respond_with_json(bundle([condition(3)]))
     first = bundle([condition(1)], fhir.url_for("/fhir/Condition") + "?page=2")
     merged = follow_next_links(first, base, TOKEN, settings(), key="conditions", session=make_session())
@@ -450,5 +485,5 @@ def test_follow_next_links_without_next_is_a_no_op() -> None:
 def test_follow_next_links_failure_names_the_key(fhir: HTTPServer, base: str) -> None:
     fhir.expect_request("/fhir/Condition").respond_with_response(Response("", status=401))
     first = bundle([condition(1)], fhir.url_for("/fhir/Condition") + "?page=2")
-    with pytest.raises(DataUnavailable, match="'conditions'.*HTTP 401"):
+    with pytest.raises(DataUnavailable, match=r"'conditions'.*HTTP 401"):
         follow_next_links(first, base, TOKEN, settings(), key="conditions")

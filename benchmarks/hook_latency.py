@@ -1,0 +1,179 @@
+"""Hook latency through the WSGI app vs json.loads of the same body (issue 3 targets).
+
+    python benchmarks/hook_latency.py [--repeat N]
+
+Builds in-scope charts of 50, 500 and 5,000 resources (a colorectal cancer with a lung metastasis,
+its staging, CEA history, and many unrelated labs, conditions and procedures), sends each as a
+full-prefetch patient-view call through the Flask app's WSGI interface, and prints the median and
+p95 latency beside the median of `json.loads` of the same request body, measured in the same run.
+Then the same for the largest real Synthea charts of ../shared/fhir-external (skipped when absent).
+Targets on the 2-core reference machine: 50 resources median <= 3 ms; 500 and 5,000 resources
+median <= 2x json.loads; cost linear in chart size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import json
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cds_service.app import create_app  # noqa: E402
+from cds_service.cli import request_from_bundle  # noqa: E402
+from cds_service.settings import Settings  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "fhir-external"
+URL = "/cds-services/crc-metastases"
+
+
+def _ref(pid: str) -> dict:
+    return {"reference": f"Patient/{pid}"}
+
+
+def synthetic_chart(n: int) -> dict:
+    """An in-scope chart of about `n` resources; the clinically relevant ones are a handful."""
+    pid = f"bench-{n}"
+    core = [
+        {"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1960-01-01"},
+        {"resourceType": "Condition", "id": "crc", "subject": _ref(pid), "onsetDateTime": "2020-01-10",
+         "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C18.7"}]}},
+        {"resourceType": "Condition", "id": "lungmet", "subject": _ref(pid), "onsetDateTime": "2021-05-01",
+         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "94391008"}]}},
+        {"resourceType": "Procedure", "id": "resection", "status": "completed", "subject": _ref(pid),
+         "performedDateTime": "2020-02-01",
+         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "84604002"}]}},
+        {"resourceType": "Observation", "id": "pn", "status": "final", "subject": _ref(pid),
+         "effectiveDateTime": "2020-02-08",
+         "code": {"coding": [{"system": "http://loinc.org", "code": "21900-6"}]},
+         "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "1229951001"}]}},
+    ]
+    out = list(core)
+    i = 0
+    while len(out) < n:
+        i += 1
+        day = f"20{17 + i % 6}-{1 + i % 12:02d}-{1 + i % 28:02d}"
+        kind = i % 10
+        if kind == 0:
+            out.append({"resourceType": "Observation", "id": f"cea-{i}", "status": "final", "subject": _ref(pid),
+                        "effectiveDateTime": day,
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "2039-6"}]},
+                        "valueQuantity": {"value": 2 + i % 9, "unit": "ng/mL", "system": "http://unitsofmeasure.org",
+                                          "code": "ng/mL"}})
+        elif kind < 8:
+            out.append({"resourceType": "Observation", "id": f"lab-{i}", "status": "final", "subject": _ref(pid),
+                        "effectiveDateTime": day, "category": [{"coding": [{
+                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "laboratory"}]}],
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7",
+                                             "display": "Hemoglobin [Mass/volume] in Blood"}]},
+                        "valueQuantity": {"value": 13.1, "unit": "g/dL", "system": "http://unitsofmeasure.org",
+                                          "code": "g/dL"}})
+        elif kind == 8:
+            out.append({"resourceType": "Condition", "id": f"cond-{i}", "subject": _ref(pid), "onsetDateTime": day,
+                        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003",
+                                             "display": "Hypertensive disorder"}]}})
+        else:
+            out.append({"resourceType": "Procedure", "id": f"proc-{i}", "status": "completed", "subject": _ref(pid),
+                        "performedDateTime": day,
+                        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "430193006",
+                                             "display": "Medication reconciliation"}]}})
+    return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in out]}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def floor_client():
+    """The HTTP floor: a Flask app that only parses the body and answers no cards."""
+    from flask import Flask, Response, request
+
+    floor = Flask("floor")
+
+    @floor.post(URL)
+    def parse_only() -> Response:
+        json.loads(request.get_data())
+        return Response('{"cards":[]}', content_type="application/json")
+
+    return floor.test_client()
+
+
+def timed(client, body: bytes, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        client.post(URL, data=body, content_type="application/json")
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def measure(client, body: bytes, repeat: int) -> tuple[float, float, float, int]:
+    """(median ms, p95 ms, json.loads median ms, cards) for one request body."""
+    for _ in range(3):  # warm-up: imports, caches, templates
+        resp = client.post(URL, data=body, content_type="application/json")
+        assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
+    hook, parse = [], []
+    cards = 0
+    for _ in range(repeat):
+        # Each timing starts from a collected heap, so one side does not pay for the other's garbage.
+        gc.collect()
+        t0 = time.perf_counter()
+        resp = client.post(URL, data=body, content_type="application/json")
+        hook.append((time.perf_counter() - t0) * 1000)
+        cards = len(resp.get_json()["cards"])
+        gc.collect()
+        t0 = time.perf_counter()
+        json.loads(body)
+        parse.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(hook), _percentile(hook, 0.95), statistics.median(parse), cards
+
+
+def _body(bundle: dict) -> bytes:
+    request = request_from_bundle(bundle)
+    request["hookInstance"] = str(uuid.uuid4())
+    return json.dumps(request).encode()
+
+
+def _real_charts() -> list[tuple[str, dict]]:
+    if not SHARED.is_dir():
+        return []
+    paths = sorted(SHARED.glob("synthea-smart/*/*.json.gz"), key=lambda p: p.stat().st_size, reverse=True)[:3]
+    return [(p.name.split("_")[0] + " " + p.name.split("_")[1], json.loads(gzip.decompress(p.read_bytes())))
+            for p in paths]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=40)
+    args = parser.parse_args()
+    client = create_app(Settings(auth_required=False)).test_client()
+    floor = floor_client()
+    print(f"{'chart':<28}{'resources':>10}{'body KB':>9}{'median ms':>11}{'p95 ms':>9}"
+          f"{'json.loads ms':>15}{'ratio':>7}{'floor ms':>10}{'cards':>6}")
+    rows = [(f"synthetic {n}", synthetic_chart(n)) for n in (50, 500, 5000)]
+    if not SHARED.is_dir():
+        print(f"(real Synthea charts skipped: {SHARED} is absent)")
+    rows += [(f"synthea {name}", chart) for name, chart in _real_charts()]
+    for label, bundle in rows:
+        body = _body(bundle)
+        repeat = args.repeat if len(body) < 2_000_000 else args.repeat // 2
+        median, p95, parse, cards = measure(client, body, repeat)
+        floor_ms = timed(floor, body, repeat)
+        print(f"{label:<28}{len(bundle['entry']):>10}{len(body) // 1024:>9}{median:>11.2f}{p95:>9.2f}"
+              f"{parse:>15.2f}{median / parse:>7.2f}{floor_ms:>10.2f}{cards:>6}")
+    print("ratio = median / json.loads of the same body; floor = a Flask app that only parses the body")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
