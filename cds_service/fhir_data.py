@@ -8,6 +8,8 @@ CDS Hooks 2.0 prefetch states, per key: absent, or an OperationOutcome (the EHR 
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,12 +124,27 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
             )
         base = check_fhir_server(request.fhirServer, settings)
         token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
+        # One budget for everything this call fetches; missing searches and unfinished prefetch
+        # pages run side by side, so the total is the slowest chain, not the sum.
+        deadline = time.monotonic() + settings.fhir_timeout_s
         report = None
-        if missing:
-            fetched, report = fetch_queries(base, token, missing, settings)
-            resolved.update(fetched)
-        for key in paged:
-            resolved[key] = follow_next_links(resolved[key], base, token, settings, key=key)
+        with ThreadPoolExecutor(max_workers=1 + len(paged)) as pool:
+            fetch = (
+                pool.submit(fetch_queries, base, token, missing, settings, deadline=deadline)
+                if missing
+                else None
+            )
+            follows = {
+                key: pool.submit(
+                    follow_next_links, resolved[key], base, token, settings, key=key, deadline=deadline
+                )
+                for key in paged
+            }
+            if fetch is not None:
+                fetched, report = fetch.result()
+                resolved.update(fetched)
+            for key, future in follows.items():
+                resolved[key] = future.result()
         for key in [*missing, *paged]:
             entries.pop(key, None)
         source = ChartSource(

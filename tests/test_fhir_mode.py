@@ -1,0 +1,114 @@
+"""FHIR mode end to end: no prefetch, the service reads a real FHIR server over HTTP.
+
+The FHIR server is the demo's own read-only endpoint (cds_service.demo_fhir) over the demo
+patients, served by werkzeug on a loopback port, so paging and search are real HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from flask import Flask, request
+from werkzeug.serving import make_server
+
+from cds_service.cli import demo_resources
+from cds_service.demo_fhir import create_fhir_blueprint
+
+from .conftest import SERVICE_URL, demo_files, hook_body, load
+
+
+@pytest.fixture(scope="module")
+def fhir_server():
+    app = Flask("fhir")
+    app.register_blueprint(create_fhir_blueprint(demo_resources(), "/fhir"))
+    seen: list[dict] = []
+
+    @app.before_request
+    def record() -> None:
+        seen.append({"path": request.full_path, "auth": request.headers.get("Authorization")})
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/fhir", seen
+    server.shutdown()
+
+
+def _strip(value):
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k != "uuid"}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def _fhir_body(path, base: str, token: str) -> dict:
+    body = hook_body(load(path))
+    body.pop("prefetch")
+    body["fhirServer"] = base
+    body["fhirAuthorization"] = {"access_token": token, "token_type": "Bearer", "expires_in": 300,
+                                 "scope": "patient/*.read", "subject": "test"}
+    return body
+
+
+@pytest.mark.parametrize("path", demo_files(), ids=lambda p: p.stem)
+def test_fhir_mode_gives_the_same_cards_as_prefetch(client, fhir_server, path):
+    base, seen = fhir_server
+    prefetch = client.post(SERVICE_URL, json=hook_body(load(path)))
+    mark = len(seen)
+    fetched = client.post(SERVICE_URL, json=_fhir_body(path, base, "tok-123"))
+    assert fetched.status_code == 200, fetched.get_data(as_text=True)
+    assert _strip(fetched.get_json()) == _strip(prefetch.get_json())
+    calls = seen[mark:]
+    assert calls and all(c["auth"] == "Bearer tok-123" for c in calls)
+
+
+def test_partial_prefetch_fetches_only_the_missing_keys(client, fhir_server):
+    base, seen = fhir_server
+    path = demo_files()[0]
+    full = hook_body(load(path))
+    body = _fhir_body(path, base, "tok-partial")
+    body["prefetch"] = {k: v for k, v in full["prefetch"].items() if k != "observations"}
+    mark = len(seen)
+    resp = client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 200
+    assert _strip(resp.get_json()) == _strip(client.post(SERVICE_URL, json=full).get_json())
+    paths = [c["path"] for c in seen[mark:]]
+    assert paths and all(p.startswith("/fhir/Observation") for p in paths)
+
+
+def test_first_page_only_prefetch_is_completed_by_following_next_links(client, fhir_server, monkeypatch):
+    import requests
+
+    base, seen = fhir_server
+    path = demo_files()[0]
+    full = hook_body(load(path))
+    pid = full["context"]["patientId"]
+    body = _fhir_body(path, base, "tok-pages")
+    body["prefetch"] = {"patient": full["prefetch"]["patient"]}
+    for key, rtype in (("conditions", "Condition"), ("procedures", "Procedure"), ("observations", "Observation")):
+        first = requests.get(f"{base}/{rtype}?patient={pid}&_count=1", timeout=5).json()
+        assert any(link["relation"] == "next" for link in first.get("link", [])) or len(first.get("entry", [])) <= 1
+        body["prefetch"][key] = first
+    mark = len(seen)
+    resp = client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 200
+    assert _strip(resp.get_json()) == _strip(client.post(SERVICE_URL, json=full).get_json())
+    assert all(c["auth"] == "Bearer tok-pages" for c in seen[mark:])
+
+
+@pytest.mark.parametrize("base,label", [
+    ("http://127.0.0.1:9/fhir", "connection refused"),
+    ("http://192.0.2.10/fhir", "http to a non-loopback host"),
+    ("ftp://127.0.0.1/fhir", "not http(s)"),
+])
+def test_unreachable_or_unsafe_fhir_server_is_412_without_the_token(client, base, label):
+    body = _fhir_body(demo_files()[0], base, "secret-token-xyz")
+    started = time.monotonic()
+    resp = client.post(SERVICE_URL, json=body)
+    assert resp.status_code in (412, 400), label
+    assert resp.get_json()["resourceType"] == "OperationOutcome"
+    assert "secret-token-xyz" not in resp.get_data(as_text=True)
+    assert time.monotonic() - started < 10
