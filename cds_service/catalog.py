@@ -63,6 +63,8 @@ def services() -> dict[str, Service]:
             "conditions": "Condition?patient={{context.patientId}}",
             "observations": f"Observation?patient={{{{context.patientId}}}}&code={codes}",
             "procedures": "Procedure?patient={{context.patientId}}",
+            # mCODE Tumor BodyStructures: one per lesion (liver lesion count, issue 6).
+            "bodystructures": "BodyStructure?patient={{context.patientId}}",
         },
     )
     return {patient_view.id: patient_view}

@@ -15,9 +15,10 @@ from typing import Any
 from .catalog import Service
 from .facts import derive_facts
 from .fhir_data import ChartSource, resolve_chart
+from .liver import assess_liver
 from .lung import assess_lung
 from .protocol import CardsResponse, HookRequest, answer_json, parse_hook_request
-from .render import lung_card
+from .render import liver_card, lung_card
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,19 @@ def evaluate(request: HookRequest, service: Service, settings: Settings, today: 
                 )
             )
             recommendations.append(lung.recommendation)
+        liver = assess_liver(facts, lung)
+        if liver is not None:
+            cards.append(
+                liver_card(
+                    liver,
+                    facts,
+                    hook_instance=request.hookInstance,
+                    user_id=request.context.userId,
+                    today=today,
+                    cea_max_age_days=settings.cea_max_age_days,
+                )
+            )
+            recommendations.append(liver.recommendation)
     answer = answer_json(CardsResponse(cards=cards))
     return Outcome(answer, source, chart.size, time.perf_counter() - started, tuple(recommendations))
 

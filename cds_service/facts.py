@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fhir.resources.R4B.bodystructure import BodyStructure
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.procedure import Procedure
@@ -20,11 +21,16 @@ from pydantic import ValidationError
 
 from .chart import Chart
 from .fhirutil import as_date, codings, codings_of_list, display_of, raw_codings, ref_of, reference_targets
-from .terminology import Terminology, terminology
+from .terminology import Coding, Terminology, terminology
 
 log = logging.getLogger(__name__)
 
 _EXCLUDED_VERIFICATION = {"entered-in-error", "refuted"}
+# mCODE Tumor.relatedCondition uses the core extension (terminology.md marks the URL unverified).
+_RELATED_CONDITION_URLS = {
+    "http://hl7.org/fhir/StructureDefinition/condition-related",
+    "http://hl7.org/fhir/us/mcode/StructureDefinition/mcode-related-condition",
+}
 _EXCLUDED_PROCEDURE = {"entered-in-error", "not-done"}
 _PLANNED_PROCEDURE = {"preparation", "in-progress", "on-hold"}
 
@@ -37,6 +43,7 @@ class Metastasis:
     region: str  # lung | thoracic | extrapulmonary | unknown
     detected: dt.date | None
     kind: str = "site"  # site | lymphangitic | pleural-effusion
+    body_sites: frozenset[Coding] = frozenset()  # Condition.bodySite codings (distinct lesions, §8.16)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,23 @@ class NodalEvidence:
     shown: str
 
 
+@dataclass(frozen=True)
+class Tumor:
+    """A Tumor BodyStructure (mCODE) and the metastasis Conditions it is related to."""
+
+    source: str
+    organ: str | None
+    related: frozenset[str]
+
+
+@dataclass(frozen=True)
+class TumorSize:
+    source: str | None
+    date: dt.date | None
+    longest_cm: float
+    focus: frozenset[str]  # BodyStructure / Condition references
+
+
 @dataclass
 class PatientFacts:
     patient_id: str
@@ -84,6 +108,8 @@ class PatientFacts:
     nodal: list[NodalEvidence] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # picked resources that were not valid FHIR
     other_conditions: set[str] = field(default_factory=set)  # Conditions that are not the CRC primary
+    tumors: list[Tumor] = field(default_factory=list)
+    tumor_sizes: list[TumorSize] = field(default_factory=list)
 
     @property
     def has_crc(self) -> bool:
@@ -196,7 +222,17 @@ def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> No
         if site is None:
             facts.metastases.append(Metastasis(source, None, "site not coded", "unknown", when))
         else:
-            facts.metastases.append(Metastasis(source, site.organ, site.display, site.region, when))
+            facts.metastases.append(
+                Metastasis(
+                    source,
+                    site.organ,
+                    site.display,
+                    site.region,
+                    when,
+                    "site",
+                    frozenset(codings_of_list(condition.bodySite)),
+                )
+            )
     facts.primary_diagnosis = min(primary_dates, default=None)
     facts.primaries.sort()
     facts.metastases.sort(key=lambda m: (m.organ or "~", m.detected or dt.date.max, m.source or ""))
@@ -354,6 +390,11 @@ def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non
         what, kind = concept
         if not chart.claim(raw):
             continue
+        if what == "size":
+            size = _tumor_size(raw, facts, term)
+            if size is not None:
+                facts.tumor_sizes.append(size)
+            continue
         if what == "cea":
             # Read from the raw JSON: a long CEA history is validated lazily (_validate_used_cea).
             if raw.get("status") in term.cea_statuses:
@@ -374,6 +415,56 @@ def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non
             if group is not None:
                 facts.nodal.append(NodalEvidence(source, when, value_kind or kind, "stage", group, shown))
     facts.cea.sort(key=lambda c: (c.date or dt.date.min, c.source or ""))
+
+
+_CM_PER_UNIT = {"cm": 1.0, "mm": 0.1}
+
+
+def _tumor_size(raw: dict[str, Any], facts: PatientFacts, term: Terminology) -> TumorSize | None:
+    """mCODE TumorSize: the longest dimension (component 33728-7), in cm."""
+    observation = _validated(Observation, raw, facts)
+    if observation is None or observation.status not in term.tnm_statuses:
+        return None
+    quantity = next(
+        (
+            c.valueQuantity
+            for c in observation.component or []
+            if term.tumor_longest_dimension.any(codings(c.code)) and c.valueQuantity is not None
+        ),
+        observation.valueQuantity,
+    )
+    if quantity is None or quantity.value is None:
+        return None
+    unit = quantity.code or quantity.unit
+    factor = _CM_PER_UNIT.get(unit or "")
+    if factor is None:
+        return None  # mCODE allows only mm and cm
+    focus = frozenset(reference_targets(observation.focus))
+    return TumorSize(
+        ref_of(observation), _observation_date(observation), float(quantity.value) * factor, focus
+    )
+
+
+def _read_tumors(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
+    """mCODE Tumor BodyStructures: one per lesion; their location or related Condition gives the organ."""
+    met_organs = {m.source: m.organ for m in facts.metastases if m.source}
+    for raw in chart.of_type("BodyStructure"):
+        if raw.get("active") is False or not chart.claim(raw):
+            continue
+        structure = _validated(BodyStructure, raw, facts)
+        if structure is None or not structure.id:
+            continue
+        related = frozenset(
+            target
+            for ext in structure.extension or []
+            if ext.url in _RELATED_CONDITION_URLS and ext.valueReference is not None
+            for target in reference_targets([ext.valueReference])
+        )
+        organ = term.organ_of_body_site(codings(structure.location))
+        if organ is None:
+            organ = next((met_organs[r] for r in sorted(related) if met_organs.get(r)), None)
+        facts.tumors.append(Tumor(f"BodyStructure/{structure.id}", organ, related))
+    facts.tumors.sort(key=lambda t: t.source)
 
 
 def _validate_used_cea(facts: PatientFacts, cutoffs: set[dt.date | None]) -> None:
@@ -439,5 +530,7 @@ def derive_facts(chart: Chart, term: Terminology | None = None) -> PatientFacts:
     }
     _validate_used_cea(facts, {None} | first_local)
     _read_condition_stages(chart, term, facts)
+    _read_tumors(chart, term, facts)
+    facts.tumor_sizes.sort(key=lambda s: (s.date or dt.date.min, s.source or ""))
     facts.nodal.sort(key=lambda n: (n.date or dt.date.min, n.source or ""))
     return facts

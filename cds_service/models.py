@@ -22,9 +22,31 @@ class LungParams:
 
 @cache
 def lung_params() -> LungParams:
-    raw = yaml.safe_load((data_dir("mappings") / "models.yaml").read_text(encoding="utf-8"))["lung"]
+    raw = dict(_models()["lung"])
     raw["groups"] = {name: (int(lo), int(hi)) for name, (lo, hi) in raw["groups"].items()}
     return LungParams(**raw)
+
+
+@dataclass(frozen=True)
+class LiverParams:
+    model: str
+    cea_threshold_ng_ml: float
+    dfi_limit_months: float
+    largest_lesion_limit_cm: float
+    max_other_organs: int
+    groups: dict[str, tuple[int, int]]
+
+
+@cache
+def _models() -> dict:
+    return yaml.safe_load((data_dir("mappings") / "models.yaml").read_text(encoding="utf-8"))
+
+
+@cache
+def liver_params() -> LiverParams:
+    raw = dict(_models()["liver"])
+    raw["groups"] = {name: (int(lo), int(hi)) for name, (lo, hi) in raw["groups"].items()}
+    return LiverParams(**raw)
 
 
 def group_of(score_min: int, score_max: int, groups: dict[str, tuple[int, int]]) -> str:

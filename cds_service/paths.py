@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from functools import cache
 from pathlib import Path
 
+_PACKAGE = Path(__file__).resolve().parent
 _CHECKOUT_DIRS = {"mappings": "mappings", "cards": "cards", "fixtures": "fixtures/fhir"}
 
 
@@ -14,9 +14,9 @@ def data_dir(kind: str) -> Path:
     """The folder holding `kind` ("mappings", "cards" or "fixtures").
 
     `pip install .` places the top-level data folders inside the package (see pyproject.toml);
-    a checkout used without installing has them beside the package.
+    a checkout (or an editable install) has them beside the package.
     """
-    checkout = Path(__file__).resolve().parent.parent / _CHECKOUT_DIRS[kind]
-    if checkout.is_dir():
-        return checkout
-    return Path(str(importlib.resources.files(f"cds_service.{kind}")))
+    installed = _PACKAGE / kind
+    if installed.is_dir():
+        return installed
+    return _PACKAGE.parent / _CHECKOUT_DIRS[kind]

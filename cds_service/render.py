@@ -17,8 +17,9 @@ from typing import Any
 import jinja2
 import yaml
 
-from .factors import UNKNOWN, Factor
+from .factors import UNKNOWN, CeaPick, Factor
 from .facts import PatientFacts
+from .liver import LiverAssessment
 from .lung import LungAssessment
 from .models import group_of, lung_params
 from .paths import data_dir
@@ -41,25 +42,28 @@ def md(text: Any) -> str:
 
 
 @cache
-def _catalogue() -> tuple[dict[str, Any], dict[str, Any], jinja2.Environment]:
-    folder = data_dir("cards")
-    evidence = yaml.safe_load((folder / "evidence.yaml").read_text(encoding="utf-8"))["papers"]
-    lung = yaml.safe_load((folder / "lung.yaml").read_text(encoding="utf-8"))
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(folder)),
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(data_dir("cards"))),
         undefined=jinja2.StrictUndefined,
         autoescape=False,  # Markdown, not HTML: chart text is escaped by md() before it gets here
         trim_blocks=True,
         lstrip_blocks=True,
-        keep_trailing_newline=False,
     )
-    return evidence, lung, env
 
 
 @cache
-def _summary_template(recommendation: str) -> jinja2.Template:
-    _, spec, env = _catalogue()
-    return env.from_string(spec["recommendations"][recommendation]["summary"])
+def _yaml(name: str) -> dict[str, Any]:
+    return yaml.safe_load((data_dir("cards") / name).read_text(encoding="utf-8"))
+
+
+def evidence() -> dict[str, Any]:
+    return _yaml("evidence.yaml")["papers"]
+
+
+@cache
+def _summary_template(spec_file: str, recommendation: str) -> jinja2.Template:
+    return _environment().from_string(_yaml(spec_file)["recommendations"][recommendation]["summary"])
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,7 @@ class FactorView:
 
 
 def _factor_view(f: Factor, label: str) -> FactorView:
-    if f.status == UNKNOWN:
-        shown = f"*unknown: {md(f.reason or 'not in the chart')}*"
-    else:
-        shown = md(f.value or "")
+    shown = f"*unknown: {md(f.reason or 'not in the chart')}*" if f.status == UNKNOWN else md(f.value or "")
     return FactorView(
         id=f.id,
         label=label,
@@ -93,61 +94,108 @@ def _score_text(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}–{hi}"
 
 
-def _group_text(a: LungAssessment) -> str:
-    if a.group != "undetermined":
-        return a.group
-    groups = lung_params().groups
-    return f"{group_of(a.score_min, a.score_min, groups)}-to-{group_of(a.score_max, a.score_max, groups)}"
-
-
-def _lung_view(
-    a: LungAssessment,
+def _common_view(
+    factors: tuple[Factor, ...],
+    score: tuple[int, int],
+    group: str,
+    recommendation: str,
+    cea: CeaPick,
+    reasons_not_oligo: tuple[str, ...],
     facts: PatientFacts,
     labels: dict[str, str],
     today: dt.date,
     max_age: int,
     mdt_line: str,
 ) -> dict[str, Any]:
-    groups = lung_params().groups
-    cea = a.cea.result
-    age = (today - cea.date).days if cea and cea.date else None
-    stale = bool(a.cea.picked_latest and age is not None and age > max_age)
-    not_oligo = list(a.reasons_not_oligometastatic)
+    """What both cards show: the factor table, the CEA rule and what was not used."""
+    result = cea.result
+    age = (today - result.date).days if result and result.date else None
+    lo, hi = score
     return {
-        "factors": [_factor_view(f, labels[f.id]) for f in a.factors],
-        "unknown_factors": [_factor_view(f, labels[f.id]) for f in a.unknown],
-        "score_min": a.score_min,
-        "score_max": a.score_max,
-        "score_text": _score_text(a.score_min, a.score_max),
-        "group": a.group,
-        "group_text": _group_text(a),
-        "group_at_min": group_of(a.score_min, a.score_min, groups),
-        "group_at_max": group_of(a.score_max, a.score_max, groups),
-        "recommendation": a.recommendation,
-        "cea_rule": md(a.cea.rule)
-        + (f" ({md(cea.shown)}, {cea.date.isoformat()})" if cea and cea.date else ""),
-        "cea_stale": stale,
+        "factors": [_factor_view(f, labels[f.id]) for f in factors],
+        "unknown_factors": [_factor_view(f, labels[f.id]) for f in factors if f.status == UNKNOWN],
+        "score_min": lo,
+        "score_max": hi,
+        "score_text": _score_text(lo, hi),
+        "group": group,
+        "recommendation": recommendation,
+        "cea_rule": (
+            f"{md(cea.rule)} ({md(result.shown)}, {result.date.isoformat()})"
+            if result and result.date
+            else f"none ({md(cea.reason or 'no CEA')})"
+        ),
+        "cea_stale": bool(cea.picked_latest and age is not None and age > max_age),
         "cea_age_days": age,
         "cea_max_age_days": max_age,
         "cea_not_used": [
             f"{md(r.shown)}{' of ' + r.date.isoformat() if r.date else ''} ({md(r.unreadable or '')})"
-            for r in a.cea.not_used
+            for r in cea.not_used
         ],
-        "lung_detected": a.lung_detected.isoformat() if a.lung_detected else None,
-        "timing": a.timing,
-        "extrapulmonary_organs": ", ".join(a.extrapulmonary_organs),
-        "thoracic": [f"{md(m.display)} ({md(m.source or 'no id')})" for m in a.thoracic],
-        "uncoded": [md(m.source or "a Condition without id") for m in a.uncoded_sites],
         "skipped": ", ".join(md(s) for s in facts.skipped),
-        "not_oligo_short": not_oligo[0] if not_oligo else "",
-        "not_oligo_long": "; ".join(not_oligo),
-        "local_therapy": "; ".join(
-            f"{md(t.display)} {t.date.isoformat() if t.date else '(no date)'} ({md(t.source or 'no id')})"
-            for t in a.local_therapy_done
-        ),
-        "liver_involved": a.liver_involved,
+        "not_oligo_short": reasons_not_oligo[0] if reasons_not_oligo else "",
+        "not_oligo_long": "; ".join(reasons_not_oligo),
         "mdt_line": mdt_line,
     }
+
+
+def _lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.date, max_age: int) -> dict:
+    groups = lung_params().groups
+    view = _common_view(
+        a.factors,
+        (a.score_min, a.score_max),
+        a.group,
+        a.recommendation,
+        a.cea,
+        a.reasons_not_oligometastatic,
+        facts,
+        spec["factor_labels"],
+        today,
+        max_age,
+        spec["mdt_line"],
+    )
+    at_min, at_max = group_of(a.score_min, a.score_min, groups), group_of(a.score_max, a.score_max, groups)
+    view.update(
+        {
+            "group_text": a.group if a.group != "undetermined" else f"{at_min}-to-{at_max}",
+            "group_at_min": at_min,
+            "group_at_max": at_max,
+            "lung_detected": a.lung_detected.isoformat() if a.lung_detected else None,
+            "timing": a.timing,
+            "extrapulmonary_organs": ", ".join(a.extrapulmonary_organs),
+            "thoracic": [f"{md(m.display)} ({md(m.source or 'no id')})" for m in a.thoracic],
+            "uncoded": [md(m.source or "a Condition without id") for m in a.uncoded_sites],
+            "local_therapy": "; ".join(
+                f"{md(t.display)} {t.date.isoformat() if t.date else '(no date)'} ({md(t.source or 'no id')})"
+                for t in a.local_therapy_done
+            ),
+            "liver_involved": a.liver_involved,
+        }
+    )
+    return view
+
+
+def _liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.date, max_age: int) -> dict:
+    view = _common_view(
+        a.factors,
+        (a.score_min, a.score_max),
+        a.group,
+        a.recommendation,
+        a.cea,
+        a.reasons_not_oligometastatic,
+        facts,
+        spec["factor_labels"],
+        today,
+        max_age,
+        spec["mdt_line"],
+    )
+    view.update(
+        {
+            "liver_detected": a.liver_detected.isoformat() if a.liver_detected else None,
+            "extrahepatic": ", ".join(a.extrahepatic_organs + (("lung",) if a.lung_involved else ())),
+            "lung_involved": a.lung_involved,
+        }
+    )
+    return view
 
 
 def _service_request(
@@ -176,6 +224,84 @@ def _derived_uuid(*parts: str) -> str:
     return str(uuid.uuid5(_UUID_NAMESPACE, "|".join(parts)))
 
 
+def _assessment_json(
+    model: str,
+    recommendation: str,
+    score: tuple[int, int],
+    group: str,
+    factors: tuple[Factor, ...],
+    cea: CeaPick,
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "recommendation": recommendation,
+        "score": {"min": score[0], "max": score[1]},
+        "group": group,
+        "factors": [f.assessment() for f in factors],
+        "cea_rule": cea.rule,
+    }
+
+
+def _card(
+    spec_file: str,
+    template: str,
+    view: dict[str, Any],
+    assessment: dict[str, Any],
+    facts: PatientFacts,
+    reasons: list[str],
+    suggest_cea: bool,
+    hook_instance: str,
+    user_id: str | None,
+) -> Card:
+    spec, papers = _yaml(spec_file), evidence()
+    recommendation = assessment["recommendation"]
+    rec = spec["recommendations"][recommendation]
+    paper = papers[spec["source_paper"]]
+    card = Card(
+        summary=_summary_template(spec_file, recommendation).render(a=view),
+        detail=_tidy(_environment().get_template(template).render(a=view, ev=papers)),
+        indicator=rec["indicator"],
+        source=Source(
+            label=paper["label"],
+            url=paper["url"],
+            topic=Coding(system=TOPIC_SYSTEM, code=spec["topic"]["code"], display=spec["topic"]["display"]),
+        ),
+        links=[Link(label=papers[p]["label"], url=papers[p]["url"], type="absolute") for p in spec["links"]],
+        overrideReasons=[
+            Coding(system=OVERRIDE_SYSTEM, code=r["code"], display=r["display"])
+            for r in spec["override_reasons"]
+        ],
+        extension={ASSESSMENT_KEY: assessment},
+    )
+    content = json.dumps(card.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    card.uuid = _derived_uuid(hook_instance, content)
+    wanted = ["mdt", "cea"] if suggest_cea else ["mdt"]
+    card.suggestions = [
+        Suggestion(
+            label=s["label"],
+            uuid=_derived_uuid(card.uuid, key),
+            actions=[
+                Action(
+                    type="create",
+                    description=s["description"],
+                    resource=_service_request(
+                        facts.patient_id, s["code"], reasons, user_id, s["code"]["text"]
+                    ),
+                )
+            ],
+        )
+        for key in wanted
+        for s in [spec["suggestions"][key]]
+    ]
+    card.selectionBehavior = "any"
+    return card
+
+
+def _needs_cea(cea: CeaPick, factor: Factor, stale: bool) -> bool:
+    # A new CEA helps only when the rule may use the latest result (no local therapy yet).
+    return stale or (factor.status == UNKNOWN and cea.result is None and cea.picked_latest)
+
+
 def lung_card(
     a: LungAssessment,
     facts: PatientFacts,
@@ -185,66 +311,47 @@ def lung_card(
     today: dt.date,
     cea_max_age_days: int,
 ) -> Card:
-    evidence, spec, env = _catalogue()
-    labels = spec["factor_labels"]
-    view = _lung_view(a, facts, labels, today, cea_max_age_days, spec["mdt_line"])
-    rec = spec["recommendations"][a.recommendation]
-    summary = _summary_template(a.recommendation).render(a=view)
-    detail = _tidy(env.get_template("lung_detail.md.j2").render(a=view, ev=evidence))
-
-    reasons = list(a.lung_sources)
-    suggestions = []
-    mdt = spec["suggestions"]["mdt"]
-    suggestions.append(("mdt", mdt, reasons))
-    cea_missing = a.factors[0].status == UNKNOWN and a.cea.result is None and a.cea.picked_latest
-    if cea_missing or view["cea_stale"]:
-        suggestions.append(("cea", spec["suggestions"]["cea"], reasons))
-
-    paper = evidence[spec["source_paper"]]
-    card = Card(
-        summary=summary,
-        detail=detail,
-        indicator=rec["indicator"],
-        source=Source(
-            label=paper["label"],
-            url=paper["url"],
-            topic=Coding(system=TOPIC_SYSTEM, code=spec["topic"]["code"], display=spec["topic"]["display"]),
-        ),
-        links=[
-            Link(label=evidence[p]["label"], url=evidence[p]["url"], type="absolute") for p in spec["links"]
-        ],
-        overrideReasons=[
-            Coding(system=OVERRIDE_SYSTEM, code=r["code"], display=r["display"])
-            for r in spec["override_reasons"]
-        ],
-        extension={ASSESSMENT_KEY: lung_assessment_json(a, spec["model"])},
+    spec = _yaml("lung.yaml")
+    view = _lung_view(a, facts, spec, today, cea_max_age_days)
+    assessment = _assessment_json(
+        spec["model"], a.recommendation, (a.score_min, a.score_max), a.group, a.factors, a.cea
     )
-    content = json.dumps(card.model_dump(mode="json", exclude_none=True), sort_keys=True)
-    card.uuid = _derived_uuid(hook_instance, content)
-    card.suggestions = [
-        Suggestion(
-            label=s["label"],
-            uuid=_derived_uuid(card.uuid, key),
-            actions=[
-                Action(
-                    type="create",
-                    description=s["description"],
-                    resource=_service_request(facts.patient_id, s["code"], refs, user_id, s["code"]["text"]),
-                )
-            ],
-        )
-        for key, s, refs in suggestions
-    ]
-    card.selectionBehavior = "any"
-    return card
+    return _card(
+        "lung.yaml",
+        "lung_detail.md.j2",
+        view,
+        assessment,
+        facts,
+        list(a.lung_sources),
+        _needs_cea(a.cea, a.factors[0], view["cea_stale"]),
+        hook_instance,
+        user_id,
+    )
 
 
-def lung_assessment_json(a: LungAssessment, model: str) -> dict[str, Any]:
-    return {
-        "model": model,
-        "recommendation": a.recommendation,
-        "score": {"min": a.score_min, "max": a.score_max},
-        "group": a.group,
-        "factors": [f.assessment() for f in a.factors],
-        "cea_rule": a.cea.rule,
-    }
+def liver_card(
+    a: LiverAssessment,
+    facts: PatientFacts,
+    *,
+    hook_instance: str,
+    user_id: str | None,
+    today: dt.date,
+    cea_max_age_days: int,
+) -> Card:
+    spec = _yaml("liver.yaml")
+    view = _liver_view(a, facts, spec, today, cea_max_age_days)
+    assessment = _assessment_json(
+        spec["model"], a.recommendation, (a.score_min, a.score_max), a.group, a.factors, a.cea
+    )
+    cea_factor = next(f for f in a.factors if f.id == "cea_gt_200")
+    return _card(
+        "liver.yaml",
+        "liver_detail.md.j2",
+        view,
+        assessment,
+        facts,
+        list(a.liver_sources),
+        _needs_cea(a.cea, cea_factor, view["cea_stale"]),
+        hook_instance,
+        user_id,
+    )

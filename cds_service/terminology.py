@@ -157,6 +157,7 @@ class Terminology:
                 index.update(dict.fromkeys(self.code_set(spec).exact, (concept, kind)))
         index.update(dict.fromkeys(self.cea_unconvertible.exact, ("cea", "unconvertible")))
         index.update(dict.fromkeys(self.cea_mass.exact, ("cea", "mass")))
+        index.update(dict.fromkeys(self.code_set(obs["tumor_size"]).exact, ("size", "")))
         self.observation_index = index
         # Every Observation code the service reads: the prefetch and FHIR searches ask for these only.
         self.observation_codes: tuple[Coding, ...] = tuple(

@@ -12,6 +12,7 @@ from cds_service.render import md
 from .conftest import FIXTURES, SERVICE_URL, demo_files, hook_body, load, lung_card
 
 CAI_DOI = "https://doi.org/10.1007/s00384-025-04986-8"
+MODEL_DOI = {"cai-2025-lung": CAI_DOI, "fong-crs-liver": "https://doi.org/10.1177/17588359251328457"}
 
 
 def _cards(client, path):
@@ -25,8 +26,9 @@ def test_every_card_follows_the_card_rules(client, path):
     for card in _cards(client, path):
         assert len(card["summary"]) < 140
         assert "MDT" in card["detail"] or "multidisciplinary" in card["detail"]
-        assert any(link["url"] == CAI_DOI for link in card["links"])
-        assert card["source"]["url"] == CAI_DOI
+        doi = MODEL_DOI[card["extension"]["crc-cds-assessment"]["model"]]
+        assert any(link["url"] == doi for link in card["links"])
+        assert card["source"]["url"] == doi
         for suggestion in card["suggestions"]:
             for action in suggestion["actions"]:
                 assert action["type"] == "create"

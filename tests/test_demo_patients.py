@@ -8,7 +8,7 @@ from fhir.resources.R4B.bundle import Bundle
 
 from .conftest import SERVICE_URL, demo_files, expected, hook_body, load
 
-IMPLEMENTED = {"lung"}  # the liver card is issue 6
+IMPLEMENTED = {"lung", "liver"}
 PENDING = {  # treatment states read from medications / ServiceRequests: issue 7
     "assess-nat-response": "systemic-therapy facts are issue 7",
     "ablation-guidance": "planned ablation from ServiceRequest is issue 7",

@@ -1,0 +1,214 @@
+"""The Fong clinical risk score for liver metastases, as defined by Chen et al. 2025 (seed 002),
+and the liver recommendation (clinical-logic §5, §8.7–9, §8.18–19).
+
+Pure: PatientFacts (and the lung verdict, when there is one) in, LiverAssessment out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from .factors import (
+    ABSENT,
+    PRESENT,
+    UNKNOWN,
+    CeaPick,
+    Factor,
+    cea_factor,
+    months_between,
+    node_positive_primary,
+    pick_cea,
+)
+from .facts import PatientFacts, Tumor, TumorSize
+from .lung import LungAssessment
+from .models import LiverParams, group_of, liver_params
+
+FACTOR_IDS = (
+    "node_positive_primary",
+    "dfi_lt_12m",
+    "multiple_liver_metastases",
+    "cea_gt_200",
+    "largest_liver_metastasis_gt_5cm",
+)
+
+
+@dataclass(frozen=True)
+class LiverAssessment:
+    factors: tuple[Factor, ...]
+    score_min: int
+    score_max: int
+    group: str
+    recommendation: str
+    cea: CeaPick
+    extrahepatic_organs: tuple[str, ...]
+    reasons_not_oligometastatic: tuple[str, ...]
+    liver_detected: dt.date | None
+    liver_sources: tuple[str, ...]
+    lung_involved: bool
+
+    @property
+    def unknown(self) -> tuple[Factor, ...]:
+        return tuple(f for f in self.factors if f.status == UNKNOWN)
+
+
+def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
+    """Liver metastasis found before, or within 12 months after, the primary resection; without a
+    resection date, within 12 months of the primary diagnosis (clinical-logic §8.3)."""
+    fid = "dfi_lt_12m"
+    detected, sources = facts.detected("liver")
+    if detected is None:
+        return Factor(
+            fid, UNKNOWN, sources=tuple(sources), reason="the liver metastasis has no onset or recorded date"
+        )
+    resection = next((r for r in facts.resections if r.date), None)
+    if resection is not None:
+        months = months_between(resection.date, detected)
+        refs = tuple(s for s in (resection.source, *sources) if s)
+        if months <= 0:
+            return Factor(
+                fid,
+                PRESENT,
+                f"found on or before the primary resection of {resection.date.isoformat()}",
+                detected,
+                refs,
+            )
+        status = PRESENT if months < params.dfi_limit_months else ABSENT
+        return Factor(fid, status, f"{months:.1f} months after the primary resection", detected, refs)
+    if facts.primary_diagnosis is not None:
+        months = months_between(facts.primary_diagnosis, detected)
+        refs = tuple(s for s in (*facts.primaries[:1], *sources) if s)
+        status = PRESENT if months < params.dfi_limit_months else ABSENT
+        return Factor(
+            fid,
+            status,
+            f"{max(months, 0):.1f} months after the primary diagnosis (no resection date)",
+            detected,
+            refs,
+        )
+    return Factor(
+        fid,
+        UNKNOWN,
+        sources=tuple(sources),
+        reason="neither a primary resection date nor a primary diagnosis date in the chart",
+    )
+
+
+def _liver_lesions(facts: PatientFacts) -> tuple[list[Tumor], list[TumorSize]]:
+    liver_conditions = {m.source for m in facts.sites("liver") if m.source}
+    tumors = [t for t in facts.tumors if t.organ == "liver"]
+    tumor_refs = {t.source for t in tumors}
+    sizes = [s for s in facts.tumor_sizes if s.focus & (tumor_refs | liver_conditions)]
+    return tumors, sizes
+
+
+def lesion_count_factor(facts: PatientFacts) -> Factor:
+    """More than one liver metastasis: counted from distinct liver Tumor BodyStructures, or liver
+    metastasis Conditions with different body sites; one Condition says nothing (§8.16)."""
+    fid = "multiple_liver_metastases"
+    tumors, _ = _liver_lesions(facts)
+    if tumors:
+        refs = tuple(t.source for t in tumors)
+        status = PRESENT if len(tumors) > 1 else ABSENT
+        return Factor(fid, status, f"{len(tumors)} liver lesion(s) recorded", None, refs)
+    conditions = facts.sites("liver")
+    sites = {m.body_sites for m in conditions if m.body_sites}
+    if len(sites) > 1:
+        refs = tuple(sorted(m.source for m in conditions if m.source))
+        return Factor(fid, PRESENT, f"liver metastases at {len(sites)} different sites", None, refs)
+    return Factor(
+        fid,
+        UNKNOWN,
+        sources=tuple(m.source for m in conditions if m.source),
+        reason="the chart does not say how many liver metastases there are (no Tumor "
+        "BodyStructures or lesion sites)",
+    )
+
+
+def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
+    """Largest liver metastasis > 5 cm, from mCODE TumorSize longest dimensions."""
+    fid = "largest_liver_metastasis_gt_5cm"
+    tumors, sizes = _liver_lesions(facts)
+    if not sizes:
+        return Factor(fid, UNKNOWN, reason="no liver tumour size (TumorSize longest dimension) in the chart")
+    largest = max(sizes, key=lambda s: (s.longest_cm, s.date or dt.date.min))
+    value = f"{largest.longest_cm:.1f} cm"
+    refs = (largest.source,) if largest.source else ()
+    if largest.longest_cm > params.largest_lesion_limit_cm:
+        return Factor(fid, PRESENT, value, largest.date, refs)
+    unmeasured = [t for t in tumors if not any(t.source in s.focus for s in sizes)]
+    if unmeasured:
+        return Factor(
+            fid,
+            UNKNOWN,
+            value,
+            largest.date,
+            refs,
+            reason=f"{len(unmeasured)} liver lesion(s) without a size; the measured ones are ≤ "
+            f"{params.largest_lesion_limit_cm:g} cm",
+        )
+    return Factor(fid, ABSENT, value, largest.date, refs)
+
+
+def recommend(*, not_oligometastatic: bool, score_min: int, score_max: int, params: LiverParams) -> str:
+    if not_oligometastatic:
+        return "systemic-therapy-first"
+    high_from = params.groups["high"][0]
+    if score_min >= high_from:
+        return "consider-neoadjuvant-chemotherapy"
+    if score_max < high_from:
+        return "upfront-hepatectomy"
+    return "complete-risk-data"
+
+
+def assess_liver(
+    facts: PatientFacts, lung: LungAssessment | None, params: LiverParams | None = None
+) -> LiverAssessment | None:
+    params = params or liver_params()
+    if not facts.sites("liver"):
+        return None
+    detected, sources = facts.detected("liver")
+    first_local = min((t.date for t in facts.therapies("liver", done=True) if t.date), default=None)
+    cea = pick_cea(facts.cea, first_local, "first liver local therapy")
+    factors = (
+        node_positive_primary(facts),
+        liver_timing_factor(facts, params),
+        lesion_count_factor(facts),
+        cea_factor(cea, "cea_gt_200", params.cea_threshold_ng_ml),
+        lesion_size_factor(facts, params),
+    )
+    score_min = sum(f.status == PRESENT for f in factors)
+    score_max = score_min + sum(f.status == UNKNOWN for f in factors)
+    others = tuple(
+        sorted(
+            {
+                m.organ
+                for m in facts.metastases
+                if m.kind == "site" and m.organ and m.organ != "liver" and m.region != "thoracic"
+            }
+        )
+    )
+    if lung is not None:
+        reasons = lung.reasons_not_oligometastatic  # one verdict for the chart (§8.18)
+    else:
+        found = []
+        if len(others) > params.max_other_organs:
+            found.append(f"metastases in {len(others)} organs besides the liver")
+        if any(m.organ == "pleura" for m in facts.metastases):
+            found.append("pleural dissemination")
+        reasons = tuple(found)
+    return LiverAssessment(
+        factors=factors,
+        score_min=score_min,
+        score_max=score_max,
+        group=group_of(score_min, score_max, params.groups),
+        recommendation=recommend(
+            not_oligometastatic=bool(reasons), score_min=score_min, score_max=score_max, params=params
+        ),
+        cea=cea,
+        extrahepatic_organs=others,
+        reasons_not_oligometastatic=reasons,
+        liver_detected=detected,
+        liver_sources=tuple(sources),
+        lung_involved=bool(facts.sites("lung")),
+    )
