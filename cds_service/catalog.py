@@ -25,6 +25,16 @@ class Service:
             hook=self.hook, id=self.id, title=self.title, description=self.description, prefetch=self.prefetch
         )
 
+    def key_for(self, resource_type: str) -> str | None:
+        """The search key that brings resources of this type (directly, or by _include)."""
+        for key, template in self.prefetch.items():
+            if "?" in template and template.split("?", 1)[0] == resource_type:
+                return key
+        for key, template in self.prefetch.items():
+            if f":{resource_type.lower()}" in template.lower() and "_include=" in template:
+                return key
+        return None
+
     @property
     def search_keys(self) -> tuple[str, ...]:
         return tuple(k for k, t in self.prefetch.items() if "?" in t)
@@ -65,6 +75,16 @@ def services() -> dict[str, Service]:
             "procedures": "Procedure?patient={{context.patientId}}",
             # mCODE Tumor BodyStructures: one per lesion (liver lesion count, issue 6).
             "bodystructures": "BodyStructure?patient={{context.patientId}}",
+            # Systemic therapy (treatment state, CEA rule §8.4); _include brings referenced Medications.
+            "medicationrequests": "MedicationRequest?patient={{context.patientId}}&_include=MedicationRequest:medication",
+            "medicationadministrations": (
+                "MedicationAdministration?patient={{context.patientId}}&_include=MedicationAdministration:medication"
+            ),
+            "medicationstatements": (
+                "MedicationStatement?patient={{context.patientId}}&_include=MedicationStatement:medication"
+            ),
+            # Planned lung ablation / SBRT.
+            "servicerequests": "ServiceRequest?patient={{context.patientId}}",
         },
     )
     return {patient_view.id: patient_view}

@@ -192,7 +192,7 @@ class CeaPick:
     reason: str | None = None
 
 
-def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str) -> CeaPick:
+def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str = "") -> CeaPick:
     """The latest readable CEA dated before `before` when given, else the latest (clinical-logic §8.4, §8.13).
 
     Results are dated calendar days: a CEA on the day of the therapy is not "before" it.
@@ -204,7 +204,7 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str)
     )
     if before is not None:
         candidates = [r for r in readable if r.date < before]
-        rule = f"latest CEA before the {before_what} on {before.isoformat()}"
+        rule = f"latest CEA before the {before_what or 'start of treatment'} on {before.isoformat()}"
     else:
         candidates = readable
         rule = "latest CEA in the chart"

@@ -15,8 +15,12 @@ from typing import Any
 
 from fhir.resources.R4B.bodystructure import BodyStructure
 from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.medicationadministration import MedicationAdministration
+from fhir.resources.R4B.medicationrequest import MedicationRequest
+from fhir.resources.R4B.medicationstatement import MedicationStatement
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.procedure import Procedure
+from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import ValidationError
 
 from .chart import Chart
@@ -94,6 +98,16 @@ class TumorSize:
     focus: frozenset[str]  # BodyStructure / Condition references
 
 
+@dataclass(frozen=True)
+class SystemicTherapy:
+    """One order / administration / statement of a colorectal systemic-therapy drug."""
+
+    source: str | None
+    drug: str
+    start: dt.date | None  # its earliest date in the chart (clinical-logic §8.4)
+    matched_by: str  # "RxNorm code" | "Medication ingredient" | "drug name"
+
+
 @dataclass
 class PatientFacts:
     patient_id: str
@@ -110,6 +124,7 @@ class PatientFacts:
     other_conditions: set[str] = field(default_factory=set)  # Conditions that are not the CRC primary
     tumors: list[Tumor] = field(default_factory=list)
     tumor_sizes: list[TumorSize] = field(default_factory=list)
+    systemic: list[SystemicTherapy] = field(default_factory=list)
 
     @property
     def has_crc(self) -> bool:
@@ -131,6 +146,22 @@ class PatientFacts:
             return None, [m.source for m in mets if m.source]
         first = dated[0][0]
         return first, [src for d, src in dated if d == first and src]
+
+    def systemic_since(self, organ: str) -> list[SystemicTherapy]:
+        """Systemic therapy started on or after the organ's metastases were found (therapy for them)."""
+        detected, _ = self.detected(organ)
+        if detected is None:
+            return []
+        return [t for t in self.systemic if t.start is not None and t.start >= detected]
+
+    def treatment_cutoff(self, organ: str) -> tuple[dt.date | None, str]:
+        """When treatment of the organ's metastases began, and what began (clinical-logic §8.4, §8.19):
+        the first local therapy done, or the start of systemic therapy for the metastases."""
+        candidates = [(t.date, f"first {t.display}") for t in self.therapies(organ, done=True) if t.date]
+        candidates += [(t.start, "start of systemic therapy") for t in self.systemic_since(organ) if t.start]
+        if not candidates:
+            return None, ""
+        return min(candidates)
 
     def therapies(self, organ: str, *, done: bool) -> list[DatedProcedure]:
         return [t for t in self.local_therapies if t.organ == organ and t.done is done]
@@ -467,6 +498,122 @@ def _read_tumors(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
     facts.tumors.sort(key=lambda t: t.source)
 
 
+# --- systemic therapy (MedicationRequest / Administration / Statement) --------------------------------
+
+_MEDICATION_MODELS = {
+    "MedicationRequest": MedicationRequest,
+    "MedicationAdministration": MedicationAdministration,
+    "MedicationStatement": MedicationStatement,
+}
+
+
+def _medications_by_reference(chart: Chart) -> dict[str, dict[str, Any]]:
+    return {f"Medication/{m['id']}": m for m in chart.of_type("Medication") if isinstance(m.get("id"), str)}
+
+
+def _drug(raw: dict[str, Any], medications: dict[str, dict[str, Any]], term: Terminology) -> tuple[str, str] | None:
+    """(drug, how it matched) for a raw medication resource, or None."""
+    concept = raw.get("medicationCodeableConcept")
+    ref = raw.get("medicationReference")
+    medication = None
+    if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+        target = ref["reference"]
+        if target.startswith("#"):
+            medication = next((c for c in raw.get("contained") or [] if isinstance(c, dict)
+                               and c.get("id") == target[1:]), None)
+        else:
+            medication = medications.get("/".join(target.split("/_history/")[0].split("/")[-2:]))
+        if medication is not None:
+            concept = medication.get("code")
+    drug = term.drug_of_codings(raw_codings(concept))
+    if drug:
+        return drug, "RxNorm code"
+    if medication is not None:
+        for ingredient in medication.get("ingredient") or []:
+            if isinstance(ingredient, dict):
+                drug = term.drug_of_codings(raw_codings(ingredient.get("itemCodeableConcept")))
+                if drug:
+                    return drug, "Medication ingredient"
+    texts = []
+    if isinstance(concept, dict):
+        texts.append(concept.get("text") or "")
+        texts.extend(c.get("display") or "" for c in concept.get("coding") or [] if isinstance(c, dict))
+    if isinstance(ref, dict):
+        texts.append(ref.get("display") or "")
+    for text in texts:
+        drug = term.drug_of_text(text if isinstance(text, str) else "")
+        if drug:
+            return drug, "drug name"
+    return None
+
+
+def _therapy_start(resource: Any) -> dt.date | None:
+    dates: list[Any] = []
+    rtype = resource.get_resource_type()
+    if rtype == "MedicationRequest":
+        dates.append(resource.authoredOn)
+        for dosage in resource.dosageInstruction or []:
+            timing = dosage.timing
+            if timing is not None:
+                dates.extend(timing.event or [])
+                repeat = timing.repeat
+                if repeat is not None and repeat.boundsPeriod is not None:
+                    dates.append(repeat.boundsPeriod.start)
+    else:
+        dates.append(resource.effectiveDateTime)
+        if resource.effectivePeriod is not None:
+            dates.append(resource.effectivePeriod.start)
+        if rtype == "MedicationStatement":
+            dates.append(resource.dateAsserted)
+    found = [d for d in (as_date(v) for v in dates) if d is not None]
+    return min(found, default=None)
+
+
+def _read_systemic_therapy(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
+    medications = _medications_by_reference(chart)
+    for rtype, model in _MEDICATION_MODELS.items():
+        ignored = term.medication_statuses_ignored[rtype]
+        for raw in chart.of_type(rtype):
+            if raw.get("status") in ignored:
+                continue
+            hit = _drug(raw, medications, term)
+            if hit is None or not chart.claim(raw):
+                continue
+            resource = _validated(model, raw, facts)
+            if resource is None:
+                continue
+            facts.systemic.append(SystemicTherapy(ref_of(resource), hit[0], _therapy_start(resource), hit[1]))
+    facts.systemic.sort(key=lambda t: (t.start or dt.date.max, t.source or ""))
+
+
+def _read_planned_local_therapy(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
+    """ServiceRequests for lung (or liver) ablation / SBRT not yet done: treatment planned."""
+    lung_sources = {m.source for m in facts.sites("lung") if m.source}
+    kinds = {f"{organ}:{k.kind}": (organ, k) for organ, group in
+             (("lung", term.lung_local_therapy), ("liver", term.liver_local_therapy)) for k in group}
+    for raw in chart.of_type("ServiceRequest"):
+        if raw.get("status") not in term.planned_request_statuses:
+            continue
+        tags = [t for t in term.procedure_tags(raw_codings(raw.get("code"))) if t in kinds]
+        if not tags or not chart.claim(raw):
+            continue
+        request = _validated(ServiceRequest, raw, facts)
+        if request is None:
+            continue
+        for tag in tags:
+            organ, kind = kinds[tag]
+            if kind.requires_lung_site and not (
+                term.lung_body_sites.any(codings_of_list(request.bodySite))
+                or lung_sources & set(reference_targets(request.reasonReference))
+            ):
+                continue
+            when = as_date(request.occurrenceDateTime) or as_date(request.authoredOn)
+            facts.local_therapies.append(
+                DatedProcedure(ref_of(request), when, kind.display, kind.kind, organ, done=False)
+            )
+            break
+
+
 def _validate_used_cea(facts: PatientFacts, cutoffs: set[dt.date | None]) -> None:
     """Validate, with fhir.resources, each CEA a CEA rule could pick (the latest before each cutoff).
 
@@ -523,12 +670,11 @@ def derive_facts(chart: Chart, term: Terminology | None = None) -> PatientFacts:
     if not facts.in_scope:
         return facts  # quiet and fast: nothing more to read
     _read_procedures(chart, term, facts)
+    _read_planned_local_therapy(chart, term, facts)
+    facts.local_therapies.sort(key=lambda p: (p.date or dt.date.max, p.source or ""))
+    _read_systemic_therapy(chart, term, facts)
     _read_observations(chart, term, facts, facts.other_conditions)
-    first_local = {
-        min((t.date for t in facts.therapies(o, done=True) if t.date), default=None)
-        for o in ("lung", "liver")
-    }
-    _validate_used_cea(facts, {None} | first_local)
+    _validate_used_cea(facts, {None} | {facts.treatment_cutoff(o)[0] for o in ("lung", "liver")})
     _read_condition_stages(chart, term, facts)
     _read_tumors(chart, term, facts)
     facts.tumor_sizes.sort(key=lambda s: (s.date or dt.date.min, s.source or ""))

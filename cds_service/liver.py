@@ -168,8 +168,8 @@ def assess_liver(
     if not facts.sites("liver"):
         return None
     detected, sources = facts.detected("liver")
-    first_local = min((t.date for t in facts.therapies("liver", done=True) if t.date), default=None)
-    cea = pick_cea(facts.cea, first_local, "first liver local therapy")
+    cutoff, what = facts.treatment_cutoff("liver")
+    cea = pick_cea(facts.cea, cutoff, what)
     factors = (
         node_positive_primary(facts),
         liver_timing_factor(facts, params),

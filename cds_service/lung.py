@@ -20,7 +20,7 @@ from .factors import (
     node_positive_primary,
     pick_cea,
 )
-from .facts import DatedProcedure, Metastasis, PatientFacts
+from .facts import DatedProcedure, Metastasis, PatientFacts, SystemicTherapy
 from .models import LungParams, group_of, lung_params
 
 FACTOR_IDS = ("cea_gt_5", "dfi_lt_24m", "node_positive_primary", "extrapulmonary_metastases")
@@ -40,6 +40,8 @@ class LungAssessment:
     pleural: tuple[Metastasis, ...]
     uncoded_sites: tuple[Metastasis, ...]
     local_therapy_done: tuple[DatedProcedure, ...]
+    ablation_planned: tuple[DatedProcedure, ...]
+    systemic: tuple[SystemicTherapy, ...]
     lung_detected: dt.date | None
     lung_sources: tuple[str, ...]
     timing: str | None  # synchronous | metachronous | None
@@ -83,10 +85,23 @@ def timing(facts: PatientFacts, detected: dt.date | None, params: LungParams) ->
     return "synchronous" if within else "metachronous"
 
 
-def recommend(*, local_therapy_done: bool, not_oligometastatic: bool, score_min: int, score_max: int) -> str:
-    """The lung pathway table (clinical-logic §4; service contract §4, first match wins)."""
+def recommend(
+    *,
+    local_therapy_done: bool,
+    not_oligometastatic: bool,
+    score_min: int,
+    score_max: int,
+    ablation_planned: bool = False,
+    systemic_started: bool = False,
+) -> str:
+    """The lung pathway table (clinical-logic §4; service contract §4, first match wins):
+    treatment states first, then the four-factor pathway."""
     if local_therapy_done:
         return "post-local-therapy-follow-up"
+    if ablation_planned:
+        return "ablation-guidance"
+    if systemic_started:
+        return "assess-nat-response"
     if not_oligometastatic:
         return "systemic-therapy-first"
     if score_min >= 1:
@@ -103,8 +118,10 @@ def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAs
         return None
     detected, lung_sources = facts.detected("lung")
     done = tuple(facts.therapies("lung", done=True))
-    first_local = min((t.date for t in done if t.date), default=None)
-    cea = pick_cea(facts.cea, first_local, "first lung local therapy")
+    planned = tuple(t for t in facts.therapies("lung", done=False) if t.kind in ("ablation", "sbrt"))
+    systemic = tuple(facts.systemic_since("lung"))
+    cutoff, what = facts.treatment_cutoff("lung")
+    cea = pick_cea(facts.cea, cutoff, what)
     extrapulmonary, organs = extrapulmonary_factor(facts)
     factors = (
         cea_factor(cea, "cea_gt_5", params.cea_threshold_ng_ml),
@@ -135,6 +152,8 @@ def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAs
             not_oligometastatic=bool(reasons),
             score_min=score_min,
             score_max=score_max,
+            ablation_planned=bool(planned),
+            systemic_started=bool(systemic),
         ),
         cea=cea,
         extrapulmonary_organs=organs,
@@ -143,6 +162,8 @@ def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAs
         pleural=pleural,
         uncoded_sites=tuple(m for m in facts.metastases if m.organ is None),
         local_therapy_done=done,
+        ablation_planned=planned,
+        systemic=systemic,
         lung_detected=detected,
         lung_sources=tuple(lung_sources),
         timing=timing(facts, detected, params),

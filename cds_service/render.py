@@ -169,9 +169,35 @@ def _lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.dat
                 for t in a.local_therapy_done
             ),
             "liver_involved": a.liver_involved,
+            "systemic": "; ".join(
+                f"{t.drug} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')}; "
+                f"matched by {t.matched_by})"
+                for t in a.systemic
+            ),
+            "systemic_start": min((t.start for t in a.systemic if t.start), default=dt.date.min).isoformat(),
+            "planned": "; ".join(
+                f"{md(t.display)}{' ' + t.date.isoformat() if t.date else ''} ({md(t.source or 'no id')})"
+                for t in a.ablation_planned
+            ),
+            "planned_kind": "SBRT"
+            if a.ablation_planned and all(t.kind == "sbrt" for t in a.ablation_planned)
+            else "ablation",
+            "lung_lesion_size": _lung_lesion_size(facts),
         }
     )
     return view
+
+
+def _lung_lesion_size(facts: PatientFacts) -> str:
+    """The largest lung lesion recorded (TumorSize focused on a lung Tumor or lung-metastasis Condition)."""
+    lung_refs = {m.source for m in facts.sites("lung") if m.source}
+    lung_refs |= {t.source for t in facts.tumors if t.organ == "lung"}
+    sizes = [s for s in facts.tumor_sizes if s.focus & lung_refs]
+    if not sizes:
+        return ""
+    largest = max(sizes, key=lambda s: s.longest_cm)
+    flag = " (≥ 3 cm: higher local progression risk)" if largest.longest_cm >= 3 else ""
+    return f"{largest.longest_cm:.1f} cm ({md(largest.source or 'no id')}){flag}"
 
 
 def _liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.date, max_age: int) -> dict:

@@ -79,7 +79,7 @@ class Terminology:
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
         self._systems: dict[str, list[str]] = raw["systems"]
-        cond, proc, obs = raw["conditions"], raw["procedures"], raw["observations"]
+        cond, proc, obs, meds = raw["conditions"], raw["procedures"], raw["observations"], raw["medications"]
 
         self.primary_crc = self.code_set(cond["primary_crc"])
         self.sites = {
@@ -150,6 +150,7 @@ class Terminology:
             for s in self._systems["snomed"]
         }
         self.tnm_statuses = frozenset(obs["tnm_statuses"])
+        self._read_medications(meds)
         # One dict lookup per coding classifies an Observation: charts hold thousands of them.
         index: dict[Coding, tuple[str, str]] = {}
         for concept, spec_by_kind in (("n", obs["n_category"]), ("stage", obs["stage_group"])):
@@ -174,6 +175,39 @@ class Terminology:
         )
         self.tumor_size = self.code_set(obs["tumor_size"])
         self.tumor_longest_dimension = self.code_set(obs["tumor_size"]["longest_dimension"])
+
+    def _read_medications(self, meds: Mapping[str, Any]) -> None:
+        systems = meds["rxnorm_systems"]
+        self.drug_codes: dict[Coding, str] = {
+            (system, str(code)): drug
+            for drug, spec in meds["drugs"].items()
+            for code in spec["rxnorm"]
+            for system in systems
+        }
+        self.drug_excluded = frozenset((system, str(code)) for code in meds["exclude_rxnorm"] for system in systems)
+        names = sorted(((n, drug) for drug, spec in meds["drugs"].items() for n in spec["names"]),
+                       key=lambda item: -len(item[0]))
+        self.drug_name_pattern = re.compile(
+            r"(?<![\w-])(" + "|".join(re.escape(n) for n, _ in names) + r")(?![\w-])", re.IGNORECASE
+        )
+        self.drug_by_name = {n.lower(): drug for n, drug in names}
+        self.drug_exclude_words = re.compile("|".join(re.escape(w) for w in meds["exclude_words"]), re.IGNORECASE)
+        self.medication_statuses_ignored = {k: frozenset(v) for k, v in meds["statuses_ignored"].items()}
+        self.planned_request_statuses = frozenset(meds["planned_request_statuses"])
+
+    def drug_of_codings(self, codings: Iterable[Coding]) -> str | None:
+        """The colorectal systemic-therapy drug an RxNorm coding names, if any."""
+        codings = list(codings)
+        if any(c in self.drug_excluded for c in codings):
+            return None
+        return next((self.drug_codes[c] for c in codings if c in self.drug_codes), None)
+
+    def drug_of_text(self, text: str) -> str | None:
+        """A whole-word ingredient name in free text, unless the text names a non-systemic form."""
+        if not text or self.drug_exclude_words.search(text):
+            return None
+        match = self.drug_name_pattern.search(text)
+        return self.drug_by_name[match.group(1).lower()] if match else None
 
     def code_set(self, spec: Mapping[str, Any]) -> CodeSet:
         exact: set[Coding] = set()
@@ -266,6 +300,6 @@ def terminology() -> Terminology:
     folder = data_dir("mappings")
     raw = {
         name: yaml.safe_load((folder / f"{name}.yaml").read_text(encoding="utf-8"))
-        for name in ("systems", "conditions", "procedures", "observations")
+        for name in ("systems", "conditions", "procedures", "observations", "medications")
     }
     return Terminology(raw)

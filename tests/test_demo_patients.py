@@ -9,21 +9,13 @@ from fhir.resources.R4B.bundle import Bundle
 from .conftest import SERVICE_URL, demo_files, expected, hook_body, load
 
 IMPLEMENTED = {"lung", "liver"}
-PENDING = {  # treatment states read from medications / ServiceRequests: issue 7
-    "assess-nat-response": "systemic-therapy facts are issue 7",
-    "ablation-guidance": "planned ablation from ServiceRequest is issue 7",
-}
 
 
 def _cases():
     exp = expected()
     for path in demo_files():
         case = exp[path.name]
-        marks = []
-        for model, want in case["expect"].items():
-            if model == "lung" and want["recommendation"] in PENDING:
-                marks.append(pytest.mark.xfail(strict=True, reason=PENDING[want["recommendation"]]))
-        yield pytest.param(path, case, id=path.stem, marks=marks)
+        yield pytest.param(path, case, id=path.stem)
 
 
 def test_expected_covers_every_demo_patient():

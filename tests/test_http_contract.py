@@ -46,10 +46,10 @@ def test_discovery_lists_the_patient_view_service(client):
     (svc,) = doc["services"]
     assert svc["hook"] == "patient-view" and svc["id"] == "crc-metastases"
     assert svc["title"] and svc["description"]
-    assert set(svc["prefetch"]) == {"patient", "conditions", "observations", "procedures", "bodystructures"}
+    assert {"patient", "conditions", "observations", "procedures", "bodystructures", "medicationrequests",
+            "servicerequests"} <= set(svc["prefetch"])
     for template in svc["prefetch"].values():
-        assert template.split("?")[0] in {"Patient/{{context.patientId}}", "Condition", "Observation", "Procedure",
-                                          "BodyStructure"}
+        assert template.startswith("Patient/{{context.patientId}}") or "?patient={{context.patientId}}" in template
     assert list(_empties(doc)) == []
 
 
