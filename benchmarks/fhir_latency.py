@@ -1,0 +1,95 @@
+"""FHIR mode latency: no prefetch, the service reads a FHIR server that adds 50 ms per request.
+
+    python benchmarks/fhir_latency.py [--delay-ms 50] [--repeat 10]
+
+The FHIR server is the demo's read-only endpoint over the demo patients, on a loopback port,
+with an artificial delay per request. For a few demo patients it prints the median time of a
+no-prefetch hook call through the WSGI app beside the slowest single search chain (every page of
+one prefetch search, fetched sequentially with plain requests). Target: the hook call takes
+<= 1.5x the slowest chain — the searches run concurrently, not one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flask import Flask  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
+
+from cds_service.app import create_app  # noqa: E402
+from cds_service.catalog import fill_template, services  # noqa: E402
+from cds_service.cli import demo_resources  # noqa: E402
+from cds_service.demo_fhir import create_fhir_blueprint  # noqa: E402
+from cds_service.settings import Settings  # noqa: E402
+
+PATIENTS = ["demo-d01", "demo-d14", "demo-d25"]
+
+
+def slow_fhir_server(delay_s: float) -> tuple[str, object]:
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log in the figures
+    app = Flask("slow-fhir")
+    app.register_blueprint(create_fhir_blueprint(demo_resources(), "/fhir"))
+
+    @app.before_request
+    def _delay() -> None:
+        time.sleep(delay_s)
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/fhir", server
+
+
+def chain_seconds(base: str, query: str) -> float:
+    """One prefetch query with all its pages, sequentially: the floor for that search."""
+    started = time.perf_counter()
+    url: str | None = f"{base}/{query}"
+    while url:
+        doc = requests.get(url, timeout=30).json()
+        url = next((lk["url"] for lk in doc.get("link", []) if lk.get("relation") == "next"), None)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--delay-ms", type=float, default=50)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    base, server = slow_fhir_server(args.delay_ms / 1000)
+    service = services()["crc-metastases"]
+    client = create_app(Settings(auth_required=False, fhir_timeout_s=30)).test_client()
+    print(f"FHIR server adds {args.delay_ms:g} ms per request; {len(service.prefetch)} prefetch queries")
+    print(f"{'patient':<12}{'hook median ms':>16}{'slowest chain ms':>18}{'sum of chains ms':>18}{'ratio':>7}")
+    for pid in PATIENTS:
+        queries = [fill_template(t, {"context.patientId": pid}) for t in service.prefetch.values()]
+        chains = [chain_seconds(base, q) for q in queries if q]
+        body = {"hook": "patient-view", "fhirServer": base, "context": {"patientId": pid},
+                "fhirAuthorization": {"access_token": "bench", "token_type": "Bearer", "expires_in": 300,
+                                      "scope": "patient/*.read", "subject": "bench"}}
+        times = []
+        for _ in range(args.repeat):
+            body["hookInstance"] = str(uuid.uuid4())
+            started = time.perf_counter()
+            resp = client.post("/cds-services/crc-metastases", json=body)
+            times.append(time.perf_counter() - started)
+            assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
+        median = statistics.median(times)
+        print(f"{pid:<12}{median * 1000:>16.0f}{max(chains) * 1000:>18.0f}{sum(chains) * 1000:>18.0f}"
+              f"{median / max(chains):>7.2f}")
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
