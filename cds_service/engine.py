@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .catalog import Service
+from .factors import Assessment
 from .facts import derive_facts
 from .fhir_data import ChartSource, resolve_chart
 from .liver import assess_liver
 from .lung import assess_lung
-from .protocol import CardsResponse, HookRequest, answer_json, parse_hook_request
+from .protocol import Card, CardsResponse, HookRequest, answer_json, parse_hook_request
 from .render import liver_card, lung_card
 from .settings import Settings
 
@@ -39,35 +40,22 @@ def evaluate(request: HookRequest, service: Service, settings: Settings, today: 
     started = time.perf_counter()
     chart, source = resolve_chart(request, service, settings)
     facts = derive_facts(chart)
-    cards = []
-    recommendations: list[str] = []
+    assessments: list[Assessment] = []
+    cards: list[Card] = []
     if facts.in_scope:
         lung = assess_lung(facts)
-        if lung is not None:
-            cards.append(
-                lung_card(
-                    lung,
-                    facts,
-                    hook_instance=request.hookInstance,
-                    user_id=request.context.userId,
-                    today=today,
-                    cea_max_age_days=settings.cea_max_age_days,
-                )
-            )
-            recommendations.append(lung.recommendation)
         liver = assess_liver(facts, lung)
-        if liver is not None:
-            cards.append(
-                liver_card(
-                    liver,
-                    facts,
-                    hook_instance=request.hookInstance,
-                    user_id=request.context.userId,
-                    today=today,
-                    cea_max_age_days=settings.cea_max_age_days,
-                )
-            )
-            recommendations.append(liver.recommendation)
+        context = {
+            "hook_instance": request.hookInstance,
+            "user_id": request.context.userId,
+            "today": today,
+            "cea_max_age_days": settings.cea_max_age_days,
+        }
+        for assessment, render in ((lung, lung_card), (liver, liver_card)):
+            if assessment is not None:
+                assessments.append(assessment)
+                cards.append(render(assessment, facts, **context))
+    recommendations = [a.recommendation for a in assessments]
     answer = answer_json(CardsResponse(cards=cards))
     return Outcome(answer, source, chart.size, time.perf_counter() - started, tuple(recommendations))
 

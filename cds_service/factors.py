@@ -192,6 +192,33 @@ class CeaPick:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """What every risk model reports: factors, score range, group, recommendation and the CEA used."""
+
+    factors: tuple[Factor, ...]
+    score_min: int
+    score_max: int
+    group: str
+    recommendation: str
+    cea: CeaPick
+    reasons_not_oligometastatic: tuple[str, ...]
+
+    @property
+    def unknown(self) -> tuple[Factor, ...]:
+        return tuple(f for f in self.factors if f.status == UNKNOWN)
+
+    @property
+    def present(self) -> tuple[Factor, ...]:
+        return tuple(f for f in self.factors if f.status == PRESENT)
+
+
+def score_range(factors: tuple[Factor, ...]) -> tuple[int, int]:
+    """[present, present + unknown]: what the score is, and what it could be."""
+    present = sum(f.status == PRESENT for f in factors)
+    return present, present + sum(f.status == UNKNOWN for f in factors)
+
+
 def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str = "") -> CeaPick:
     """The latest readable CEA dated before `before` when given, else the latest (clinical-logic §8.4, §8.13).
 

@@ -13,12 +13,13 @@ from .factors import (
     ABSENT,
     PRESENT,
     UNKNOWN,
-    CeaPick,
+    Assessment,
     Factor,
     cea_factor,
     months_between,
     node_positive_primary,
     pick_cea,
+    score_range,
 )
 from .facts import PatientFacts, Tumor, TumorSize
 from .lung import LungAssessment
@@ -34,22 +35,11 @@ FACTOR_IDS = (
 
 
 @dataclass(frozen=True)
-class LiverAssessment:
-    factors: tuple[Factor, ...]
-    score_min: int
-    score_max: int
-    group: str
-    recommendation: str
-    cea: CeaPick
+class LiverAssessment(Assessment):
     extrahepatic_organs: tuple[str, ...]
-    reasons_not_oligometastatic: tuple[str, ...]
     liver_detected: dt.date | None
     liver_sources: tuple[str, ...]
     lung_involved: bool
-
-    @property
-    def unknown(self) -> tuple[Factor, ...]:
-        return tuple(f for f in self.factors if f.status == UNKNOWN)
 
 
 def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
@@ -177,8 +167,7 @@ def assess_liver(
         cea_factor(cea, "cea_gt_200", params.cea_threshold_ng_ml),
         lesion_size_factor(facts, params),
     )
-    score_min = sum(f.status == PRESENT for f in factors)
-    score_max = score_min + sum(f.status == UNKNOWN for f in factors)
+    score_min, score_max = score_range(factors)
     others = tuple(
         sorted(
             {

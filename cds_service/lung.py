@@ -6,19 +6,20 @@ Pure: PatientFacts in, LungAssessment out.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .factors import (
     ABSENT,
     PRESENT,
     UNKNOWN,
-    CeaPick,
+    Assessment,
     Factor,
     cea_factor,
     disease_free_interval,
     months_between,
     node_positive_primary,
     pick_cea,
+    score_range,
 )
 from .facts import DatedProcedure, Metastasis, PatientFacts, SystemicTherapy
 from .models import LungParams, group_of, lung_params
@@ -27,13 +28,7 @@ FACTOR_IDS = ("cea_gt_5", "dfi_lt_24m", "node_positive_primary", "extrapulmonary
 
 
 @dataclass(frozen=True)
-class LungAssessment:
-    factors: tuple[Factor, ...]
-    score_min: int
-    score_max: int
-    group: str
-    recommendation: str
-    cea: CeaPick
+class LungAssessment(Assessment):
     extrapulmonary_organs: tuple[str, ...]
     thoracic: tuple[Metastasis, ...]
     lymphangitic: tuple[Metastasis, ...]
@@ -46,15 +41,6 @@ class LungAssessment:
     lung_sources: tuple[str, ...]
     timing: str | None  # synchronous | metachronous | None
     liver_involved: bool
-    reasons_not_oligometastatic: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def unknown(self) -> tuple[Factor, ...]:
-        return tuple(f for f in self.factors if f.status == UNKNOWN)
-
-    @property
-    def present(self) -> tuple[Factor, ...]:
-        return tuple(f for f in self.factors if f.status == PRESENT)
 
 
 def extrapulmonary_factor(facts: PatientFacts) -> tuple[Factor, tuple[str, ...]]:
@@ -129,8 +115,7 @@ def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAs
         node_positive_primary(facts),
         extrapulmonary,
     )
-    score_min = sum(f.status == PRESENT for f in factors)
-    score_max = score_min + sum(f.status == UNKNOWN for f in factors)
+    score_min, score_max = score_range(factors)
 
     lymphangitic = tuple(m for m in facts.metastases if m.kind == "lymphangitic")
     pleural = tuple(m for m in facts.metastases if m.organ == "pleura")

@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from .factors import UNKNOWN, CeaPick, Factor
+from .factors import UNKNOWN, Assessment, CeaPick, Factor
 from .facts import PatientFacts
 from .liver import LiverAssessment
 from .lung import LungAssessment
@@ -95,30 +95,21 @@ def _score_text(lo: int, hi: int) -> str:
 
 
 def _common_view(
-    factors: tuple[Factor, ...],
-    score: tuple[int, int],
-    group: str,
-    recommendation: str,
-    cea: CeaPick,
-    reasons_not_oligo: tuple[str, ...],
-    facts: PatientFacts,
-    labels: dict[str, str],
-    today: dt.date,
-    max_age: int,
-    mdt_line: str,
+    a: Assessment, facts: PatientFacts, spec: dict, today: dt.date, max_age: int
 ) -> dict[str, Any]:
     """What both cards show: the factor table, the CEA rule and what was not used."""
+    cea, labels, reasons_not_oligo = a.cea, spec["factor_labels"], a.reasons_not_oligometastatic
     result = cea.result
     age = (today - result.date).days if result and result.date else None
-    lo, hi = score
+    lo, hi = a.score_min, a.score_max
     return {
-        "factors": [_factor_view(f, labels[f.id]) for f in factors],
-        "unknown_factors": [_factor_view(f, labels[f.id]) for f in factors if f.status == UNKNOWN],
+        "factors": [_factor_view(f, labels[f.id]) for f in a.factors],
+        "unknown_factors": [_factor_view(f, labels[f.id]) for f in a.unknown],
         "score_min": lo,
         "score_max": hi,
         "score_text": _score_text(lo, hi),
-        "group": group,
-        "recommendation": recommendation,
+        "group": a.group,
+        "recommendation": a.recommendation,
         "cea_rule": (
             f"{md(cea.rule)} ({md(result.shown)}, {result.date.isoformat()})"
             if result and result.date
@@ -134,25 +125,13 @@ def _common_view(
         "skipped": ", ".join(md(s) for s in facts.skipped),
         "not_oligo_short": reasons_not_oligo[0] if reasons_not_oligo else "",
         "not_oligo_long": "; ".join(reasons_not_oligo),
-        "mdt_line": mdt_line,
+        "mdt_line": spec["mdt_line"],
     }
 
 
 def _lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.date, max_age: int) -> dict:
     groups = lung_params().groups
-    view = _common_view(
-        a.factors,
-        (a.score_min, a.score_max),
-        a.group,
-        a.recommendation,
-        a.cea,
-        a.reasons_not_oligometastatic,
-        facts,
-        spec["factor_labels"],
-        today,
-        max_age,
-        spec["mdt_line"],
-    )
+    view = _common_view(a, facts, spec, today, max_age)
     at_min, at_max = group_of(a.score_min, a.score_min, groups), group_of(a.score_max, a.score_max, groups)
     view.update(
         {
@@ -201,19 +180,7 @@ def _lung_lesion_size(facts: PatientFacts) -> str:
 
 
 def _liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.date, max_age: int) -> dict:
-    view = _common_view(
-        a.factors,
-        (a.score_min, a.score_max),
-        a.group,
-        a.recommendation,
-        a.cea,
-        a.reasons_not_oligometastatic,
-        facts,
-        spec["factor_labels"],
-        today,
-        max_age,
-        spec["mdt_line"],
-    )
+    view = _common_view(a, facts, spec, today, max_age)
     view.update(
         {
             "liver_detected": a.liver_detected.isoformat() if a.liver_detected else None,
