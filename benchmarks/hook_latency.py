@@ -19,6 +19,7 @@ import gzip
 import json
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -156,7 +157,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=40)
     args = parser.parse_args()
-    client = create_app(Settings(auth_required=False)).test_client()
+    # The real path, audit record included, in a throwaway SQLite file (not the working directory).
+    workdir = tempfile.mkdtemp(prefix="hook-latency-")
+    settings = Settings(auth_required=False, database_url=f"sqlite:///{workdir}/bench.db", audit_key="b" * 32)
+    client = create_app(settings).test_client()
     floor = floor_client()
     print(f"{'chart':<28}{'resources':>10}{'body KB':>9}{'median ms':>11}{'p95 ms':>9}"
           f"{'json.loads ms':>15}{'ratio':>7}{'floor ms':>10}{'cards':>6}")

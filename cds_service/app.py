@@ -15,12 +15,14 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import auth
+from . import auth, ops
 from .catalog import Service, services
 from .engine import answer
 from .errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, operation_outcome
+from .feedback import receive_feedback, record_call
 from .protocol import Discovery, dumps, prune
 from .settings import Settings
+from .store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ def _error(status: int, diagnostics: str, issue_code: str) -> Response:
 
 def _settings() -> Settings:
     return current_app.extensions["cds.settings"]
+
+
+def _store() -> Store:
+    return current_app.extensions["cds.store"]
 
 
 def _service(service_id: str) -> Service:
@@ -88,7 +94,8 @@ def hook(service_id: str) -> Response:
     service = _service(service_id)
     settings = _settings()
     auth.authenticate(request, settings)
-    outcome = answer(_body(), service, settings, current_app.extensions["cds.today"]())
+    body = _body()
+    outcome = answer(body, service, settings, current_app.extensions["cds.today"]())
     log.info(
         "hook %s answered: %d card(s) %s, chart %d resources, %s, %.1f ms",
         service.id,
@@ -98,17 +105,46 @@ def hook(service_id: str) -> Response:
         outcome.source.fhir_mode,
         outcome.seconds * 1000,
     )
+    record_call(_store(), body, service.id, outcome, ops.elapsed())  # never raises
     return _json(outcome.answer)
 
 
+@bp.post("/cds-services/<service_id>/feedback")
+def feedback(service_id: str) -> Response:
+    service = _service(service_id)
+    auth.authenticate(request, _settings())
+    receive_feedback(_body(), service.id, _store())
+    # CDS Hooks 2.0 defines no feedback response body; an empty JSON object parses everywhere.
+    return _json({})
+
+
 def _cors(response: Response) -> Response:
-    if request.path.startswith(_CORS_PREFIXES):
+    # Browser-based CDS clients (the sandbox) call the service endpoints only; /healthz, /metrics
+    # and the preview page get no CORS headers. Preflight is Flask's automatic OPTIONS answer.
+    if not any(request.path == p or request.path.startswith(p + "/") for p in _CORS_PREFIXES):
+        return response
+    allowed = _settings().cors_origins
+    origin = request.headers.get("Origin")
+    if "*" in allowed:
         response.headers["Access-Control-Allow-Origin"] = "*"
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        response.headers["Access-Control-Max-Age"] = "600"
+    elif origin in allowed:
+        response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers.add("Vary", "Origin")  # the answer depends on Origin: caches must not mix them
+    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def _security_headers(response: Response) -> Response:
+    # setdefault: a blueprint serving HTML (the preview page) sets its own, stricter-for-it policy.
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Cache-Control", "no-store")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    if response.mimetype != "text/html":
+        # JSON is data: should a browser ever render it, nothing may load or run, nor be framed.
+        response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
     return response
 
 
@@ -144,12 +180,21 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["cds.settings"] = settings
     app.extensions["cds.today"] = today or (lambda: dt.datetime.now(dt.UTC).date())
+    # Opens the audit/feedback store and migrates its schema to head (under a lock: store.migrate).
+    app.extensions["cds.store"] = open_store(settings)
+    auth.init_app(app, settings)  # the trusted issuers' key caches; warns when auth is off
+    ops.init_app(app)
     app.register_blueprint(bp)
     if demo_resources is not None:
         from .demo_fhir import create_fhir_blueprint
 
         app.register_blueprint(create_fhir_blueprint(demo_resources))
+    if settings.preview:
+        from .preview import create_preview_blueprint
+
+        app.register_blueprint(create_preview_blueprint(demo_resources))
     app.after_request(_cors)
+    app.after_request(_security_headers)
     app.register_error_handler(ServiceError, _handle_service_error)
     app.register_error_handler(HTTPException, _handle_http_error)
     app.register_error_handler(Exception, _handle_unexpected)

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from .catalog import services
 from .errors import ServiceError
+from .observability import configure_logging
 from .protocol import dumps
 from .settings import Settings
 
@@ -31,7 +32,7 @@ def _settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         err = exc.errors(include_url=False, include_input=False)[0]
         field = "CDS_" + str(err["loc"][0]).upper() if err.get("loc") else "configuration"
-        raise CliError(f"invalid configuration {field}: {err['msg']}") from None
+        raise CliError(f"invalid configuration {field}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 # --- serve / demo ---------------------------------------------------------------------------------
@@ -39,6 +40,12 @@ def _settings(**overrides: Any) -> Settings:
 
 def _gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> None:
     from gunicorn.app.base import BaseApplication
+
+    from . import metrics
+    from .observability import gunicorn_logconfig
+
+    def child_exit(_server: Any, worker: Any) -> None:
+        metrics.worker_exited(worker.pid)
 
     class _App(BaseApplication):
         def load_config(self) -> None:
@@ -48,6 +55,8 @@ def _gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> Non
             self.cfg.set("threads", threads)
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)
+            self.cfg.set("logconfig_dict", gunicorn_logconfig(_log_level(), json_lines=_json_logs("serve")))
+            self.cfg.set("child_exit", child_exit)
             # Extra settings for operators, e.g. GUNICORN_CMD_ARGS="--workers 4 --keep-alive 5".
             for key, value in (
                 self.cfg.parser().parse_args(os.environ.get("GUNICORN_CMD_ARGS", "").split()).__dict__.items()
@@ -61,11 +70,22 @@ def _gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> Non
     _App().run()
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _create_app(settings: Settings, **kwargs: Any) -> Any:
+    """The app for gunicorn, its store open and migrated; metrics shared by all workers."""
+    from .observability import prepare_metrics_dir, remove_metrics_dir_at_exit
+    from .store import StoreError
+
+    remove_metrics_dir_at_exit(prepare_metrics_dir())  # before the app imports prometheus_client
     from .app import create_app
 
-    settings = _settings()
-    app = create_app(settings)
+    try:
+        return create_app(settings, **kwargs)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    app = _create_app(_settings())
     _gunicorn(app, args.host, args.port, args.workers, args.threads)
     return 0
 
@@ -84,9 +104,7 @@ def demo_resources() -> list[dict[str, Any]]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .app import create_app
-
-    settings = _settings(auth_required=False, demo=True)
+    settings = _settings(auth_required=False, demo=True, preview=True)
     resources = demo_resources()
     base = f"http://{args.host}:{args.port}"
     service = next(iter(services().values()))
@@ -96,6 +114,7 @@ def _demo(args: argparse.Namespace) -> int:
         "DEMO MODE: client JWT checking is OFF and the embedded demo patients are served at",
         f"{base}/fhir. Never expose this to real patient data.",
         "=" * 78,
+        f"Card preview (pick a demo patient, see the cards as an EHR shows them): {base}/",
         f"Discovery:  curl -s {base}/cds-services",
         f"{len(patients)} demo patients. Ready-to-run hook calls (the service reads the demo FHIR server):",
     ]
@@ -118,7 +137,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"-d '{json.dumps(body, separators=(',', ':'))}'"
         )
     print("\n".join(banner), flush=True)
-    app = create_app(settings, demo_resources=resources)
+    app = _create_app(settings, demo_resources=resources)
     _gunicorn(app, args.host, args.port, 1, 8)
     return 0
 
@@ -141,10 +160,9 @@ def request_from_bundle(bundle: dict[str, Any]) -> dict[str, Any]:
     patient = patients[0]
     by_key: dict[str, list[dict[str, Any]]] = {k: [] for k in service.search_keys}
     for resource in resources:
-        template = service.prefetch
-        for key in service.search_keys:
-            if template[key].split("?", 1)[0] == resource.get("resourceType"):
-                by_key[key].append({"resource": resource})
+        key = service.key_for(str(resource.get("resourceType")))
+        if key is not None:
+            by_key[key].append({"resource": resource})
     prefetch: dict[str, Any] = {"patient": patient}
     for key, entry in by_key.items():
         prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "total": len(entry), "entry": entry}
@@ -174,6 +192,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = _settings()
     service = next(iter(services().values()))
     today = dt.datetime.now(dt.UTC).date()
+    if args.fhir_server:
+        return _evaluate_fhir_server(args, service, settings, today)
+    if not args.paths:
+        raise CliError("give PATH(s), or --fhir-server URL --patient ID")
     outputs = []
     for path in args.paths:
         doc = _read_json(path)
@@ -190,6 +212,75 @@ def _evaluate(args: argparse.Namespace) -> int:
         outputs.append(dumps(outcome.answer))
     for out in outputs:
         print(out)
+    return 0
+
+
+def _evaluate_fhir_server(args: argparse.Namespace, service: Any, settings: Settings, today: dt.date) -> int:
+    """Cards for one patient read from a live FHIR server (no prefetch), and what was fetched."""
+    from .engine import answer
+
+    if not args.patient:
+        raise CliError("--fhir-server needs --patient ID")
+    body: dict[str, Any] = {
+        "hook": service.hook,
+        "hookInstance": str(uuid.uuid4()),
+        "fhirServer": args.fhir_server,
+        "context": {"patientId": args.patient},
+    }
+    if args.token:
+        body["fhirAuthorization"] = {"access_token": args.token, "token_type": "Bearer", "expires_in": 300,
+                                     "scope": "patient/*.read", "subject": "cds-service-evaluate"}
+    try:
+        outcome = answer(body, service, settings, today)
+    except ServiceError as exc:
+        raise CliError(exc.diagnostics) from None
+    print(dumps(outcome.answer))
+    report = outcome.source.report
+    if report is not None:  # the account goes to stderr: stdout stays one JSON document
+        lines = [f"fetched from {args.fhir_server} in {report.seconds * 1000:.0f} ms:"]
+        lines += [f"  {s.key:<26} {s.resources:>5} resource(s) {s.pages:>3} page(s) {s.seconds * 1000:>7.0f} ms  "
+                  f"{s.outcome}" for s in report.searches]
+        print("\n".join(lines), file=sys.stderr)
+    return 0
+
+
+# --- report / migrate -------------------------------------------------------------------------------
+
+
+def _open_existing_store(settings: Settings) -> Any:
+    from sqlalchemy.engine import make_url
+
+    from .store import StoreError, open_store
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise CliError(f"no database at {url.database} (CDS_DATABASE_URL)")
+    try:
+        return open_store(settings)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import as_csv, as_table, build_report, parse_since
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    report = build_report(_open_existing_store(_settings()), since)
+    sys.stdout.write(as_csv(report) if args.format == "csv" else as_table(report))
+    return 0
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    from .store import StoreError, open_store
+
+    try:
+        counts = open_store(_settings()).counts()
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    print("database schema at head: " + ", ".join(f"{table} {n} rows" for table, n in counts.items()))
     return 0
 
 
@@ -210,25 +301,46 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.set_defaults(func=_demo)
     evaluate = sub.add_parser("evaluate", help="print the cards for FHIR Bundle or hook-request files")
-    evaluate.add_argument("paths", nargs="+", metavar="PATH")
+    evaluate.add_argument("paths", nargs="*", metavar="PATH")
+    evaluate.add_argument("--fhir-server", metavar="URL", help="read the chart from this FHIR R4 server instead")
+    evaluate.add_argument("--patient", metavar="ID", help="the patient id on --fhir-server")
+    evaluate.add_argument("--token", metavar="T", help="bearer token for --fhir-server")
     evaluate.set_defaults(func=_evaluate)
+    report = sub.add_parser("report", help="calls, cards, acceptance and override rates, latency from the store")
+    report.add_argument("--since", metavar="DATE", help="only hook calls answered since DATE (YYYY-MM-DD, UTC)")
+    report.add_argument("--format", choices=("table", "csv"), default="table")
+    report.set_defaults(func=_report)
+    migrate = sub.add_parser("migrate", help="bring the store's schema to head (serve also does it at start)")
+    migrate.set_defaults(func=_migrate)
     return parser
+
+
+def _log_level() -> str:
+    return os.environ.get("CDS_LOG_LEVEL", "INFO")
+
+
+def _json_logs(command: str) -> bool:
+    """CDS_LOG_FORMAT=json|text; JSON lines by default for the servers, text for the tools."""
+    default = "json" if command in ("serve", "demo") else "text"
+    return os.environ.get("CDS_LOG_FORMAT", default).strip().lower() == "json"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("CDS_LOG_LEVEL", "WARNING" if args.command == "evaluate" else "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    configure_logging(
+        os.environ.get("CDS_LOG_LEVEL", "WARNING" if args.command in ("evaluate", "report") else "INFO"),
+        json_lines=_json_logs(args.command),
     )
-    if args.command == "evaluate":
-        logging.disable(logging.WARNING)  # evaluate's stderr is for its one-line error only
+    if args.command in ("evaluate", "report"):
+        logging.disable(logging.WARNING)  # their stderr is for a one-line error only
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
         print(f"cds-service {args.command}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug: one line for the user, not a traceback
+        print(f"cds-service {args.command}: internal error ({type(exc).__name__})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

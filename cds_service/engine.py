@@ -47,7 +47,6 @@ def evaluate(request: HookRequest, service: Service, settings: Settings, today: 
         liver = assess_liver(facts, lung)
         context = {
             "hook_instance": request.hookInstance,
-            "user_id": request.context.userId,
             "today": today,
             "cea_max_age_days": settings.cea_max_age_days,
         }

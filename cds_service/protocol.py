@@ -7,10 +7,12 @@ clients must never see `null`, `""`, `[]` or `{}` (only `"cards": []`).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import BadRequest
 
@@ -76,6 +78,74 @@ def _first_error(exc: ValidationError) -> str:
     if err.get("type") == "missing":
         return f"{where} is required"
     return f"{where}: {msg.removeprefix('Value error, ')}"
+
+
+# --- feedback (CDS Hooks 2.0 §Feedback) -------------------------------------------------------
+
+
+class FeedbackCoding(_Model):
+    system: str | None = None
+    code: str = Field(min_length=1)
+    display: str | None = None
+
+
+class AcceptedSuggestion(_Model):
+    id: str = Field(min_length=1)
+
+
+class OverrideReason(_Model):
+    reason: FeedbackCoding | None = None
+    userComment: str | None = Field(default=None, max_length=10_000)
+
+
+class FeedbackEntry(_Model):
+    card: str
+    outcome: Literal["accepted", "overridden"]
+    acceptedSuggestions: list[AcceptedSuggestion] = Field(default_factory=list)
+    overrideReason: OverrideReason | None = None
+    # REQUIRED by the spec, but nothing here depends on it: a client that omits it still counts.
+    outcomeTimestamp: dt.datetime | None = None
+
+    @field_validator("card")
+    @classmethod
+    def _card_is_uuid(cls, card: str) -> str:
+        try:
+            return str(uuid.UUID(card))  # canonical lower-case form, as our cards carry it
+        except ValueError:
+            raise ValueError("card must be the uuid of a card this service returned") from None
+
+    @field_validator("outcomeTimestamp")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        # The spec says UTC; a timestamp without an offset is read as UTC rather than refused.
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value
+
+    @model_validator(mode="after")
+    def _outcome_fields(self) -> FeedbackEntry:
+        # "accepted" with no suggestions is a card taken as read (acceptedSuggestions is 0..* in the
+        # spec's model, and real clients send it so): stored, not refused.
+        if self.outcome == "overridden" and self.acceptedSuggestions:
+            raise ValueError("an overridden card has no acceptedSuggestions")
+        return self
+
+
+class FeedbackRequest(_Model):
+    feedback: list[FeedbackEntry] = Field(min_length=1)
+
+
+def parse_feedback(body: Any) -> list[FeedbackEntry]:
+    """The entries of a feedback POST: the 2.0 `{"feedback": [...]}` or, leniently, one entry."""
+    if not isinstance(body, dict):
+        raise BadRequest("the feedback body must be a JSON object")
+    if "feedback" not in body and not {"card", "outcome"} & body.keys():
+        raise BadRequest('the feedback body needs a "feedback" array (CDS Hooks 2.0)')
+    wrapped = body if "feedback" in body else {"feedback": [body]}
+    try:
+        return FeedbackRequest.model_validate(wrapped).feedback
+    except ValidationError as exc:
+        raise BadRequest(f"invalid feedback: {_first_error(exc)}") from None
 
 
 # --- answer ----------------------------------------------------------------------------------

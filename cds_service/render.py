@@ -195,9 +195,7 @@ def _liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.d
     return view
 
 
-def _service_request(
-    patient_id: str, code: dict[str, Any], reasons: list[str], user_id: str | None, note: str
-) -> dict[str, Any]:
+def _service_request(patient_id: str, code: dict[str, Any], reasons: list[str], note: str) -> dict[str, Any]:
     resource: dict[str, Any] = {
         "resourceType": "ServiceRequest",
         "status": "draft",
@@ -207,8 +205,8 @@ def _service_request(
         "reasonReference": [{"reference": r} for r in reasons],
         "note": [{"text": note}],
     }
-    if user_id and "/" in user_id:
-        resource["requester"] = {"reference": user_id}
+    # No requester: the EHR fills it with the user who accepts the suggestion; putting the context
+    # user here would also make the same chart give different cards for different users.
     return resource
 
 
@@ -248,7 +246,6 @@ def _card(
     reasons: list[str],
     suggest_cea: bool,
     hook_instance: str,
-    user_id: str | None,
 ) -> Card:
     spec, papers = _yaml(spec_file), evidence()
     recommendation = assessment["recommendation"]
@@ -281,9 +278,7 @@ def _card(
                 Action(
                     type="create",
                     description=s["description"],
-                    resource=_service_request(
-                        facts.patient_id, s["code"], reasons, user_id, s["code"]["text"]
-                    ),
+                    resource=_service_request(facts.patient_id, s["code"], reasons, s["code"]["text"]),
                 )
             ],
         )
@@ -304,7 +299,6 @@ def lung_card(
     facts: PatientFacts,
     *,
     hook_instance: str,
-    user_id: str | None,
     today: dt.date,
     cea_max_age_days: int,
 ) -> Card:
@@ -322,7 +316,6 @@ def lung_card(
         list(a.lung_sources),
         _needs_cea(a.cea, a.factors[0], view["cea_stale"]),
         hook_instance,
-        user_id,
     )
 
 
@@ -331,7 +324,6 @@ def liver_card(
     facts: PatientFacts,
     *,
     hook_instance: str,
-    user_id: str | None,
     today: dt.date,
     cea_max_age_days: int,
 ) -> Card:
@@ -350,5 +342,4 @@ def liver_card(
         list(a.liver_sources),
         _needs_cea(a.cea, cea_factor, view["cea_stale"]),
         hook_instance,
-        user_id,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -19,7 +21,7 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///cds-service.db"
     # Key of the HMAC that replaces patient ids in the audit store (issue 8). Unset: a random key per
     # start, so hashes cannot be linked across restarts or instances (store.py warns about it).
-    audit_key: SecretStr | None = Field(default=None, min_length=32)
+    audit_key: SecretStr | None = None
     fhir_timeout_s: float = Field(default=5.0, gt=0, le=120)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     cea_max_age_days: int = Field(default=90, gt=0)
@@ -27,8 +29,14 @@ class Settings(BaseSettings):
     allow_insecure_fhir: bool = False
     fhir_server_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     fhir_max_response_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    # Origins of browser-based CDS clients allowed on the service endpoints (CORS); `*`: any. Safe as
+    # a default: the client JWT travels in a header, never in a cookie a browser would attach.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     # Demo mode: the embedded fixtures served at /fhir, auth off.
     demo: bool = False
+    # The card preview page at / (issue 9): always on in `demo`; in `serve` only when asked for, since
+    # anyone who reaches it can make the service call FHIR servers (within the rules above).
+    preview: bool = False
 
     @field_validator("trusted_issuers", mode="before")
     @classmethod
@@ -38,6 +46,42 @@ class Settings(BaseSettings):
                 value = json.loads(value or "{}")
             except json.JSONDecodeError as exc:
                 raise ValueError(f"CDS_TRUSTED_ISSUERS is not a JSON object: {exc.msg}") from None
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ValueError('must be a JSON object {"<iss>": "<JWKS URL>", ...}')
+        return value
+
+    @field_validator("trusted_issuers")
+    @classmethod
+    def _issuers_https(cls, value: dict[str, str]) -> dict[str, str]:
+        # The JWKS decides which tokens we accept: plain http would let anyone on the path swap keys.
+        for iss, url in value.items():
+            parts = urlsplit(url)
+            secure = parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname or ""))
+            if not secure or not parts.hostname:
+                raise ValueError(
+                    f"the JWKS URL of {iss!r} must be an https URL "
+                    f"(http only on loopback), not {url!r}"
+                )
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url(cls, value: str | None) -> str | None:
+        # The JWT aud is compared with {base}/cds-services/{id}: a typo here refuses every call.
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"must be an absolute http(s) URL, not {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("audit_key")
+    @classmethod
+    def _audit_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("CDS_AUDIT_KEY must be at least 32 characters (e.g. `openssl rand -hex 32`)")
         return value
 
     @field_validator("database_url")
@@ -52,7 +96,7 @@ class Settings(BaseSettings):
             raise ValueError("CDS_DATABASE_URL is not a database URL (e.g. sqlite:///cds.db)") from None
         return value
 
-    @field_validator("fhir_server_allowlist", mode="before")
+    @field_validator("fhir_server_allowlist", "cors_origins", mode="before")
     @classmethod
     def _allowlist(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -61,3 +105,13 @@ class Settings(BaseSettings):
                 return json.loads(stripped)
             return [v.strip() for v in stripped.split(",") if v.strip()]
         return value
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

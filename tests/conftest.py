@@ -6,6 +6,7 @@ import copy
 import datetime as dt
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ import pytest
 from cds_service.app import create_app
 from cds_service.cli import request_from_bundle
 from cds_service.settings import Settings
+from cds_service.store import close_stores
+
+from .postgres import PostgresCluster, server_binaries, start_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures" / "fhir"
@@ -33,6 +37,12 @@ def expected() -> dict[str, Any]:
 
 def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(autouse=True)
+def _database_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apps built from default Settings() must not write cds-service.db into the checkout."""
+    monkeypatch.setenv("CDS_DATABASE_URL", f"sqlite:///{tmp_path / 'default.db'}")
 
 
 @pytest.fixture
@@ -64,3 +74,26 @@ def lung_card(cards: list[dict[str, Any]]) -> dict[str, Any]:
     found = [c for c in cards if c["extension"]["crc-cds-assessment"]["model"] == "cai-2025-lung"]
     assert len(found) == 1, f"expected one lung card, got {len(found)}"
     return found[0]
+
+
+# --- the store's databases: every store test runs on SQLite and on a real PostgreSQL server -------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    bin_dir = server_binaries()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    cluster = start_cluster(bin_dir)  # binaries present but no server: a failure, not a skip
+    yield cluster
+    close_stores()
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        yield request.getfixturevalue("postgres").new_database()
+    close_stores()  # no pooled connection outlives its test (PostgreSQL counts them)

@@ -112,3 +112,36 @@ def test_unreachable_or_unsafe_fhir_server_is_412_without_the_token(client, base
     assert resp.get_json()["resourceType"] == "OperationOutcome"
     assert "secret-token-xyz" not in resp.get_data(as_text=True)
     assert time.monotonic() - started < 10
+
+
+def test_evaluate_against_a_fhir_server_prints_cards_and_what_was_fetched(fhir_server, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base, seen = fhir_server
+    path = demo_files()[0]
+    pid = load(path)["entry"][0]["resource"]["id"]
+    mark = len(seen)
+    proc = subprocess.run([sys.executable, "-m", "cds_service.cli", "evaluate", "--fhir-server", base,
+                           "--patient", pid, "--token", "tok-cli"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={**os.environ, "CDS_AUTH_REQUIRED": "false"})
+    assert proc.returncode == 0, proc.stderr
+    cards = json.loads(proc.stdout)["cards"]
+    assert len(cards) == 1 and cards[0]["extension"]["crc-cds-assessment"]["model"] == "cai-2025-lung"
+    assert "conditions" in proc.stderr and "resource(s)" in proc.stderr
+    assert "tok-cli" not in proc.stderr + proc.stdout
+    assert all(c["auth"] == "Bearer tok-cli" for c in seen[mark:])
+
+
+def test_evaluate_against_a_closed_port_exits_2_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "cds_service.cli", "evaluate", "--fhir-server",
+                           "http://127.0.0.1:9/fhir", "--patient", "x", "--token", "secret-t"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=dict(os.environ))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "secret-t" not in proc.stderr

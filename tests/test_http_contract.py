@@ -184,14 +184,17 @@ def test_unknown_route_and_method_get_operation_outcomes(client):
     assert_operation_outcome(client.get(SERVICE_URL), 405)
 
 
-def test_auth_required_without_verification_refuses(tmp_path):
+def test_auth_required_refuses_calls_without_a_valid_client_jwt(tmp_path):
+    # The default: a call needs a client JWT from a trusted issuer (tests/test_auth.py covers each
+    # check); with no token, or a junk one, the answer is the same generic 401. Discovery stays open.
     from cds_service.app import create_app
     from cds_service.settings import Settings
 
     app = create_app(Settings(auth_required=True))
-    resp = app.test_client().post(SERVICE_URL, json=hook_body(load(HIGH_RISK)))
-    issue = assert_operation_outcome(resp, 401, "security")
-    assert issue["diagnostics"] == "authentication failed"
+    for headers in ({}, {"Authorization": "Bearer junk"}):
+        resp = app.test_client().post(SERVICE_URL, json=hook_body(load(HIGH_RISK)), headers=headers)
+        issue = assert_operation_outcome(resp, 401, "security")
+        assert issue["diagnostics"] == "authentication failed"
     assert app.test_client().get("/cds-services", headers={"Authorization": "Bearer junk"}).status_code == 200
 
 

@@ -15,6 +15,8 @@ def test_installed_package_finds_its_mappings_cards_and_demo_patients(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     for folder in ("mappings", "cards", "fixtures"):
         assert any((target / "cds_service" / folder).iterdir()), folder
+    for asset in ("templates/preview.html", "static/preview.js", "static/preview.css"):  # the preview page
+        assert (target / "cds_service" / "preview_ui" / asset).is_file(), asset
     script = ("import sys; sys.path.insert(0, sys.argv[1]); import cds_service; "
               "assert cds_service.__file__.startswith(sys.argv[1]), cds_service.__file__; "
               "from cds_service.cli import main; sys.exit(main(['evaluate', sys.argv[2]]))")
