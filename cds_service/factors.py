@@ -6,7 +6,7 @@ Shared by the lung model and the liver score. Pure functions; every threshold is
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .facts import CeaResult, PatientFacts
 
@@ -211,6 +211,17 @@ class Assessment:
     @property
     def present(self) -> tuple[Factor, ...]:
         return tuple(f for f in self.factors if f.status == PRESENT)
+
+
+def cite_assessed(factors: tuple[Factor, ...], assessed: dict[str, tuple[str, ...]]) -> tuple[Factor, ...]:
+    """Every factor cites at least one resource (service contract §4: `sources` are Type/id).
+
+    A factor that rests on an absence ("no CEA in the chart", "no site outside the lung") has no
+    evidence of its own: it cites what it was assessed for — the metastasis or primary Conditions.
+    """
+    return tuple(
+        f if f.sources or not assessed.get(f.id) else replace(f, sources=assessed[f.id]) for f in factors
+    )
 
 
 def score_range(factors: tuple[Factor, ...]) -> tuple[int, int]:

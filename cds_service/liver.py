@@ -16,6 +16,7 @@ from .factors import (
     Assessment,
     Factor,
     cea_factor,
+    cite_assessed,
     months_between,
     node_positive_primary,
     pick_cea,
@@ -166,6 +167,17 @@ def assess_liver(
         lesion_count_factor(facts),
         cea_factor(cea, "cea_gt_200", params.cea_threshold_ng_ml),
         lesion_size_factor(facts, params),
+    )
+    liver_sources = tuple(m.source for m in facts.sites("liver") if m.source)
+    factors = cite_assessed(
+        factors,
+        {
+            "node_positive_primary": tuple(facts.primaries),
+            "dfi_lt_12m": liver_sources,
+            "multiple_liver_metastases": liver_sources,
+            "cea_gt_200": liver_sources,
+            "largest_liver_metastasis_gt_5cm": liver_sources,
+        },
     )
     score_min, score_max = score_range(factors)
     others = tuple(

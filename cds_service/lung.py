@@ -15,6 +15,7 @@ from .factors import (
     Assessment,
     Factor,
     cea_factor,
+    cite_assessed,
     disease_free_interval,
     months_between,
     node_positive_primary,
@@ -114,6 +115,16 @@ def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAs
         disease_free_interval(facts, "lung", "dfi_lt_24m", params.dfi_limit_months),
         node_positive_primary(facts),
         extrapulmonary,
+    )
+    metastases = tuple(sorted({m.source for m in facts.metastases if m.source}))
+    factors = cite_assessed(
+        factors,
+        {
+            "cea_gt_5": tuple(lung_sources),
+            "dfi_lt_24m": tuple(lung_sources),
+            "node_positive_primary": tuple(facts.primaries),
+            "extrapulmonary_metastases": metastases,
+        },
     )
     score_min, score_max = score_range(factors)
 

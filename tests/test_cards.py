@@ -26,6 +26,10 @@ def test_every_card_follows_the_card_rules(client, path):
     for card in _cards(client, path):
         assert len(card["summary"]) < 140
         assert "MDT" in card["detail"] or "multidisciplinary" in card["detail"]
+        for factor in card["extension"]["crc-cds-assessment"]["factors"]:
+            # Every factor cites Type/id resources, even one resting on an absence (contract §4).
+            assert factor["sources"] and all(re.fullmatch(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}", s)
+                                             for s in factor["sources"]), factor
         doi = MODEL_DOI[card["extension"]["crc-cds-assessment"]["model"]]
         assert any(link["url"] == doi for link in card["links"])
         assert card["source"]["url"] == doi
