@@ -98,15 +98,16 @@ def lesion_count_factor(facts: PatientFacts) -> Factor:
     metastasis Conditions with different body sites; one Condition says nothing (§8.16)."""
     fid = "multiple_liver_metastases"
     tumors, _ = _liver_lesions(facts)
+    conditions = facts.sites("liver")
+    sites = {m.body_sites for m in conditions if m.body_sites}
+    # Either kind of evidence of a second lesion wins: one Tumor record must not outvote two sites.
+    if len(sites) > 1 and len(sites) >= len(tumors):
+        refs = tuple(sorted(m.source for m in conditions if m.source))
+        return Factor(fid, PRESENT, f"liver metastases at {len(sites)} different sites", None, refs)
     if tumors:
         refs = tuple(t.source for t in tumors)
         status = PRESENT if len(tumors) > 1 else ABSENT
         return Factor(fid, status, f"{len(tumors)} liver lesion(s) recorded", None, refs)
-    conditions = facts.sites("liver")
-    sites = {m.body_sites for m in conditions if m.body_sites}
-    if len(sites) > 1:
-        refs = tuple(sorted(m.source for m in conditions if m.source))
-        return Factor(fid, PRESENT, f"liver metastases at {len(sites)} different sites", None, refs)
     return Factor(
         fid,
         UNKNOWN,
@@ -180,6 +181,9 @@ def assess_liver(
         },
     )
     score_min, score_max = score_range(factors)
+    # Every site outside the liver qualifies the liver-only evidence (§8.7); thoracic sites, as in the
+    # lung pathway, do not count towards "not oligometastatic".
+    extrahepatic = tuple(sorted({m.organ for m in facts.metastases if m.organ and m.organ != "liver"}))
     others = tuple(
         sorted(
             {
@@ -207,7 +211,7 @@ def assess_liver(
             not_oligometastatic=bool(reasons), score_min=score_min, score_max=score_max, params=params
         ),
         cea=cea,
-        extrahepatic_organs=others,
+        extrahepatic_organs=extrahepatic,
         reasons_not_oligometastatic=reasons,
         liver_detected=detected,
         liver_sources=tuple(sources),

@@ -184,7 +184,7 @@ def _liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.d
     view.update(
         {
             "liver_detected": a.liver_detected.isoformat() if a.liver_detected else None,
-            "extrahepatic": ", ".join(a.extrahepatic_organs + (("lung",) if a.lung_involved else ())),
+            "extrahepatic": ", ".join(a.extrahepatic_organs),
             "lung_involved": a.lung_involved,
             "systemic": "; ".join(
                 f"{t.drug} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')})"

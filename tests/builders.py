@@ -257,3 +257,93 @@ def chart(*resources: dict[str, Any]) -> Chart:
     patients = [r for r in resources if r["resourceType"] == "Patient"]
     others = [r for r in resources if r["resourceType"] != "Patient"]
     return build_chart(PATIENT_ID, patients[0] if patients else patient(), others)
+
+
+# --- liver score (issue 6): liver metastases, mCODE Tumor BodyStructures and TumorSize, therapy ---------
+
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+RIGHT_LIVER_LOBE = "48521005"  # structure of right lobe of liver
+LEFT_LIVER_LOBE = "69842003"  # structure of left lobe of liver
+HEPATECTOMY_CPT = "47120"  # hepatectomy, partial lobectomy
+TUMOR_SIZE_LOINC = "21889-1"
+LONGEST_DIMENSION_LOINC = "33728-7"
+_RELATED_CONDITION = "http://hl7.org/fhir/StructureDefinition/condition-related"
+
+
+def liver_met(onset: str | None = "2021-01-10", **kw: Any) -> dict[str, Any]:
+    """A liver-metastasis Condition (SNOMED 94381002); `body_site` a SNOMED code such as a liver lobe."""
+    kw.setdefault("id", "liver-met")
+    return condition(SNOMED, LIVER_MET_SNOMED, onset=onset, **kw)
+
+
+def tumor(
+    *,
+    location: str | None = LIVER_BODY_SITE,
+    related: str | None = None,
+    active: bool | None = None,
+    id: str | None = None,
+    patient: str = f"Patient/{PATIENT_ID}",
+) -> dict[str, Any]:
+    """An mCODE Tumor BodyStructure: `location` a SNOMED body structure, `related` a Condition reference."""
+    resource: dict[str, Any] = {"resourceType": "BodyStructure", "id": _id("tumor", id)}
+    if related is not None:
+        resource["extension"] = [{"url": _RELATED_CONDITION, "valueReference": {"reference": related}}]
+    if active is not None:
+        resource["active"] = active
+    resource["morphology"] = concept(SNOMED, "367651003")
+    if location is not None:
+        resource["location"] = concept(SNOMED, location)
+    resource["patient"] = _subject(patient)
+    return resource
+
+
+def tumor_size(
+    value: float,
+    unit: str = "cm",
+    *,
+    focus: str | None,
+    date: str | None = "2021-01-12",
+    status: str = "final",
+    component: bool = True,
+    id: str | None = None,
+    subject: str = f"Patient/{PATIENT_ID}",
+) -> dict[str, Any]:
+    """An mCODE TumorSize Observation (LOINC 21889-1): the longest dimension (component 33728-7, or the
+    Observation's own valueQuantity when `component` is False), `unit` a UCUM code; `focus` a reference."""
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": _id("size", id),
+        "status": status,
+        "code": concept(LOINC, TUMOR_SIZE_LOINC),
+        "subject": _subject(subject),
+    }
+    if focus is not None:
+        resource["focus"] = [{"reference": focus}]
+    if date is not None:
+        resource["effectiveDateTime"] = date
+    quantity = {"value": value, "unit": unit, "system": UCUM, "code": unit}
+    if component:
+        resource["component"] = [{"code": concept(LOINC, LONGEST_DIMENSION_LOINC), "valueQuantity": quantity}]
+    else:
+        resource["valueQuantity"] = quantity
+    return resource
+
+
+def medication_request(
+    code: str = "32592",
+    *,
+    authored: str = "2021-02-01",
+    status: str = "active",
+    id: str | None = None,
+    subject: str = f"Patient/{PATIENT_ID}",
+) -> dict[str, Any]:
+    """A MedicationRequest for a systemic-therapy drug (RxNorm; default oxaliplatin, IN 32592)."""
+    return {
+        "resourceType": "MedicationRequest",
+        "id": _id("med", id),
+        "status": status,
+        "intent": "order",
+        "medicationCodeableConcept": concept(RXNORM, code),
+        "subject": _subject(subject),
+        "authoredOn": authored,
+    }
