@@ -70,13 +70,24 @@ def main() -> int:
     service = services()["crc-metastases"]
     client = create_app(Settings(auth_required=False, fhir_timeout_s=30)).test_client()
     print(f"FHIR server adds {args.delay_ms:g} ms per request; {len(service.prefetch)} prefetch queries")
-    print(f"{'patient':<12}{'hook median ms':>16}{'slowest chain ms':>18}{'sum of chains ms':>18}{'ratio':>7}")
+    print(
+        f"{'patient':<12}{'hook median ms':>16}{'slowest chain ms':>18}{'sum of chains ms':>18}{'ratio':>7}"
+    )
     for pid in PATIENTS:
         queries = [fill_template(t, {"context.patientId": pid}) for t in service.prefetch.values()]
         chains = [chain_seconds(base, q) for q in queries if q]
-        body = {"hook": "patient-view", "fhirServer": base, "context": {"patientId": pid},
-                "fhirAuthorization": {"access_token": "bench", "token_type": "Bearer", "expires_in": 300,
-                                      "scope": "patient/*.read", "subject": "bench"}}
+        body = {
+            "hook": "patient-view",
+            "fhirServer": base,
+            "context": {"patientId": pid},
+            "fhirAuthorization": {
+                "access_token": "bench",
+                "token_type": "Bearer",
+                "expires_in": 300,
+                "scope": "patient/*.read",
+                "subject": "bench",
+            },
+        }
         times = []
         for _ in range(args.repeat):
             body["hookInstance"] = str(uuid.uuid4())
@@ -85,8 +96,10 @@ def main() -> int:
             times.append(time.perf_counter() - started)
             assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
         median = statistics.median(times)
-        print(f"{pid:<12}{median * 1000:>16.0f}{max(chains) * 1000:>18.0f}{sum(chains) * 1000:>18.0f}"
-              f"{median / max(chains):>7.2f}")
+        print(
+            f"{pid:<12}{median * 1000:>16.0f}{max(chains) * 1000:>18.0f}{sum(chains) * 1000:>18.0f}"
+            f"{median / max(chains):>7.2f}"
+        )
     server.shutdown()
     return 0
 

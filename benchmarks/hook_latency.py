@@ -44,17 +44,37 @@ def synthetic_chart(n: int) -> dict:
     pid = f"bench-{n}"
     core = [
         {"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1960-01-01"},
-        {"resourceType": "Condition", "id": "crc", "subject": _ref(pid), "onsetDateTime": "2020-01-10",
-         "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C18.7"}]}},
-        {"resourceType": "Condition", "id": "lungmet", "subject": _ref(pid), "onsetDateTime": "2021-05-01",
-         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "94391008"}]}},
-        {"resourceType": "Procedure", "id": "resection", "status": "completed", "subject": _ref(pid),
-         "performedDateTime": "2020-02-01",
-         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "84604002"}]}},
-        {"resourceType": "Observation", "id": "pn", "status": "final", "subject": _ref(pid),
-         "effectiveDateTime": "2020-02-08",
-         "code": {"coding": [{"system": "http://loinc.org", "code": "21900-6"}]},
-         "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "1229951001"}]}},
+        {
+            "resourceType": "Condition",
+            "id": "crc",
+            "subject": _ref(pid),
+            "onsetDateTime": "2020-01-10",
+            "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C18.7"}]},
+        },
+        {
+            "resourceType": "Condition",
+            "id": "lungmet",
+            "subject": _ref(pid),
+            "onsetDateTime": "2021-05-01",
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "94391008"}]},
+        },
+        {
+            "resourceType": "Procedure",
+            "id": "resection",
+            "status": "completed",
+            "subject": _ref(pid),
+            "performedDateTime": "2020-02-01",
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "84604002"}]},
+        },
+        {
+            "resourceType": "Observation",
+            "id": "pn",
+            "status": "final",
+            "subject": _ref(pid),
+            "effectiveDateTime": "2020-02-08",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "21900-6"}]},
+            "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "1229951001"}]},
+        },
     ]
     out = list(core)
     i = 0
@@ -63,29 +83,94 @@ def synthetic_chart(n: int) -> dict:
         day = f"20{17 + i % 6}-{1 + i % 12:02d}-{1 + i % 28:02d}"
         kind = i % 10
         if kind == 0:
-            out.append({"resourceType": "Observation", "id": f"cea-{i}", "status": "final", "subject": _ref(pid),
-                        "effectiveDateTime": day,
-                        "code": {"coding": [{"system": "http://loinc.org", "code": "2039-6"}]},
-                        "valueQuantity": {"value": 2 + i % 9, "unit": "ng/mL", "system": "http://unitsofmeasure.org",
-                                          "code": "ng/mL"}})
+            out.append(
+                {
+                    "resourceType": "Observation",
+                    "id": f"cea-{i}",
+                    "status": "final",
+                    "subject": _ref(pid),
+                    "effectiveDateTime": day,
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "2039-6"}]},
+                    "valueQuantity": {
+                        "value": 2 + i % 9,
+                        "unit": "ng/mL",
+                        "system": "http://unitsofmeasure.org",
+                        "code": "ng/mL",
+                    },
+                }
+            )
         elif kind < 8:
-            out.append({"resourceType": "Observation", "id": f"lab-{i}", "status": "final", "subject": _ref(pid),
-                        "effectiveDateTime": day, "category": [{"coding": [{
-                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                            "code": "laboratory"}]}],
-                        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7",
-                                             "display": "Hemoglobin [Mass/volume] in Blood"}]},
-                        "valueQuantity": {"value": 13.1, "unit": "g/dL", "system": "http://unitsofmeasure.org",
-                                          "code": "g/dL"}})
+            out.append(
+                {
+                    "resourceType": "Observation",
+                    "id": f"lab-{i}",
+                    "status": "final",
+                    "subject": _ref(pid),
+                    "effectiveDateTime": day,
+                    "category": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                    "code": "laboratory",
+                                }
+                            ]
+                        }
+                    ],
+                    "code": {
+                        "coding": [
+                            {
+                                "system": "http://loinc.org",
+                                "code": "718-7",
+                                "display": "Hemoglobin [Mass/volume] in Blood",
+                            }
+                        ]
+                    },
+                    "valueQuantity": {
+                        "value": 13.1,
+                        "unit": "g/dL",
+                        "system": "http://unitsofmeasure.org",
+                        "code": "g/dL",
+                    },
+                }
+            )
         elif kind == 8:
-            out.append({"resourceType": "Condition", "id": f"cond-{i}", "subject": _ref(pid), "onsetDateTime": day,
-                        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003",
-                                             "display": "Hypertensive disorder"}]}})
+            out.append(
+                {
+                    "resourceType": "Condition",
+                    "id": f"cond-{i}",
+                    "subject": _ref(pid),
+                    "onsetDateTime": day,
+                    "code": {
+                        "coding": [
+                            {
+                                "system": "http://snomed.info/sct",
+                                "code": "38341003",
+                                "display": "Hypertensive disorder",
+                            }
+                        ]
+                    },
+                }
+            )
         else:
-            out.append({"resourceType": "Procedure", "id": f"proc-{i}", "status": "completed", "subject": _ref(pid),
-                        "performedDateTime": day,
-                        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "430193006",
-                                             "display": "Medication reconciliation"}]}})
+            out.append(
+                {
+                    "resourceType": "Procedure",
+                    "id": f"proc-{i}",
+                    "status": "completed",
+                    "subject": _ref(pid),
+                    "performedDateTime": day,
+                    "code": {
+                        "coding": [
+                            {
+                                "system": "http://snomed.info/sct",
+                                "code": "430193006",
+                                "display": "Medication reconciliation",
+                            }
+                        ]
+                    },
+                }
+            )
     return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in out]}
 
 
@@ -149,8 +234,10 @@ def _real_charts() -> list[tuple[str, dict]]:
     if not SHARED.is_dir():
         return []
     paths = sorted(SHARED.glob("synthea-smart/*/*.json.gz"), key=lambda p: p.stat().st_size, reverse=True)[:3]
-    return [(p.name.split("_")[0] + " " + p.name.split("_")[1], json.loads(gzip.decompress(p.read_bytes())))
-            for p in paths]
+    return [
+        (p.name.split("_")[0] + " " + p.name.split("_")[1], json.loads(gzip.decompress(p.read_bytes())))
+        for p in paths
+    ]
 
 
 def main() -> int:
@@ -162,8 +249,10 @@ def main() -> int:
     settings = Settings(auth_required=False, database_url=f"sqlite:///{workdir}/bench.db", audit_key="b" * 32)
     client = create_app(settings).test_client()
     floor = floor_client()
-    print(f"{'chart':<28}{'resources':>10}{'body KB':>9}{'median ms':>11}{'p95 ms':>9}"
-          f"{'json.loads ms':>15}{'ratio':>7}{'floor ms':>10}{'cards':>6}")
+    print(
+        f"{'chart':<28}{'resources':>10}{'body KB':>9}{'median ms':>11}{'p95 ms':>9}"
+        f"{'json.loads ms':>15}{'ratio':>7}{'floor ms':>10}{'cards':>6}"
+    )
     rows = [(f"synthetic {n}", synthetic_chart(n)) for n in (50, 500, 5000)]
     if not SHARED.is_dir():
         print(f"(real Synthea charts skipped: {SHARED} is absent)")
@@ -173,8 +262,10 @@ def main() -> int:
         repeat = args.repeat if len(body) < 2_000_000 else args.repeat // 2
         median, p95, parse, cards = measure(client, body, repeat)
         floor_ms = timed(floor, body, repeat)
-        print(f"{label:<28}{len(bundle['entry']):>10}{len(body) // 1024:>9}{median:>11.2f}{p95:>9.2f}"
-              f"{parse:>15.2f}{median / parse:>7.2f}{floor_ms:>10.2f}{cards:>6}")
+        print(
+            f"{label:<28}{len(bundle['entry']):>10}{len(body) // 1024:>9}{median:>11.2f}{p95:>9.2f}"
+            f"{parse:>15.2f}{median / parse:>7.2f}{floor_ms:>10.2f}{cards:>6}"
+        )
     print("ratio = median / json.loads of the same body; floor = a Flask app that only parses the body")
     return 0
 

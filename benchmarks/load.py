@@ -75,14 +75,35 @@ def start_server(args: argparse.Namespace, database_url: str, workdir: Path) -> 
     port = _free_port()
     # Keep-alive longer than the clients' longest pause (10 x think): otherwise the server closes an
     # idle connection just as a client reuses it, and that request fails before reaching the app.
-    env = {**os.environ, "GUNICORN_CMD_ARGS": f"--keep-alive {max(5, int(args.think_ms / 100) + 5)}",
-           "CDS_AUTH_REQUIRED": "false", "CDS_DATABASE_URL": database_url,
-           "CDS_AUDIT_KEY": "load-test-key-" + "x" * 32, "CDS_LOG_LEVEL": os.environ.get("CDS_LOG_LEVEL", "WARNING")}
+    env = {
+        **os.environ,
+        "GUNICORN_CMD_ARGS": f"--keep-alive {max(5, int(args.think_ms / 100) + 5)}",
+        "CDS_AUTH_REQUIRED": "false",
+        "CDS_DATABASE_URL": database_url,
+        "CDS_AUDIT_KEY": "load-test-key-" + "x" * 32,
+        "CDS_LOG_LEVEL": os.environ.get("CDS_LOG_LEVEL", "WARNING"),
+    }
     with open(workdir / "server.log", "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cds_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", str(args.workers), "--threads", str(args.threads)],
-            env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "cds_service.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+                "--threads",
+                str(args.threads),
+            ],
+            env=env,
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -108,8 +129,11 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def _feedback(card: dict, n: int) -> dict:
     if n % 2 and card.get("suggestions"):
-        return {"card": card["uuid"], "outcome": "accepted",
-                "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]}
+        return {
+            "card": card["uuid"],
+            "outcome": "accepted",
+            "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+        }
     reason = (card.get("overrideReasons") or [None])[0]
     entry: dict = {"card": card["uuid"], "outcome": "overridden"}
     if reason:
@@ -129,8 +153,9 @@ def client(base: str, body_template: str, stop_at: float, think_s: float, tally:
             body = body_template.replace(_PLACEHOLDER, str(uuid.uuid4())).encode()
             try:
                 t0 = time.perf_counter()
-                resp = http.post(f"{base}{SERVICE}", data=body, timeout=30,
-                                 headers={"Content-Type": "application/json"})
+                resp = http.post(
+                    f"{base}{SERVICE}", data=body, timeout=30, headers={"Content-Type": "application/json"}
+                )
                 hook_ms = (time.perf_counter() - t0) * 1000
                 cards = resp.json().get("cards") if resp.status_code == 200 else None
                 if not cards:
@@ -167,8 +192,10 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _line(label: str, values: list[float], seconds: float) -> str:
-    return (f"{label:<10}{len(values):>8}{len(values) / seconds:>9.1f}/s"
-            f"{_pct(values, 0.50):>9.1f}{_pct(values, 0.95):>9.1f}{_pct(values, 0.99):>9.1f}")
+    return (
+        f"{label:<10}{len(values):>8}{len(values) / seconds:>9.1f}/s"
+        f"{_pct(values, 0.50):>9.1f}{_pct(values, 0.95):>9.1f}{_pct(values, 0.99):>9.1f}"
+    )
 
 
 def main() -> int:
@@ -178,9 +205,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--resources", type=int, default=500)
-    parser.add_argument("--think-ms", type=float, default=1000,
-                        help="mean pause of each client between rounds (exponentially distributed); "
-                             "0: back-to-back, which measures the saturation throughput instead")
+    parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=1000,
+        help="mean pause of each client between rounds (exponentially distributed); "
+        "0: back-to-back, which measures the saturation throughput instead",
+    )
     parser.add_argument("--database-url", help="default: a fresh SQLite file in a temporary directory")
     parser.add_argument("--max-p95-ms", type=float, default=50)
     args = parser.parse_args()
@@ -197,13 +228,20 @@ def main() -> int:
     tally = Tally()
     try:
         for _ in range(4):  # warm-up, one per thread pool at least; not counted
-            requests.post(f"{base}{SERVICE}", data=template.replace(_PLACEHOLDER, str(uuid.uuid4())),
-                          headers={"Content-Type": "application/json"}, timeout=30)
+            requests.post(
+                f"{base}{SERVICE}",
+                data=template.replace(_PLACEHOLDER, str(uuid.uuid4())),
+                headers={"Content-Type": "application/json"},
+                timeout=30,
+            )
         warm = store.counts()
         started = time.monotonic()
-        threads = [threading.Thread(target=client, args=(base, template, started + args.seconds,
-                                                         args.think_ms / 1000, tally))
-                   for _ in range(args.clients)]
+        threads = [
+            threading.Thread(
+                target=client, args=(base, template, started + args.seconds, args.think_ms / 1000, tally)
+            )
+            for _ in range(args.clients)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -216,9 +254,11 @@ def main() -> int:
     calls_stored = after["hook_call"] - warm["hook_call"]
     feedback_stored = after["feedback"] - before["feedback"]
     all_ms = tally.hook_ms + tally.feedback_ms
-    print(f"{args.clients} clients, {elapsed:.1f} s, {args.workers} workers x {args.threads} threads, "
-          f"chart of {args.resources} resources ({len(template) // 1024} KB), think {args.think_ms:g} ms, "
-          f"{database_url.split(':', 1)[0]}")
+    print(
+        f"{args.clients} clients, {elapsed:.1f} s, {args.workers} workers x {args.threads} threads, "
+        f"chart of {args.resources} resources ({len(template) // 1024} KB), think {args.think_ms:g} ms, "
+        f"{database_url.split(':', 1)[0]}"
+    )
     print(f"{'':<10}{'requests':>8}{'rate':>11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
     print(_line("hook", tally.hook_ms, elapsed))
     print(_line("feedback", tally.feedback_ms, elapsed))
@@ -226,11 +266,15 @@ def main() -> int:
     errors = sum(tally.errors.values())
     print(f"errors: {errors}" + (f" ({dict(tally.errors)})" if errors else ""))
     rows_ok = calls_stored == tally.hooks_ok and feedback_stored == tally.feedback_ok
-    print(f"stored: {calls_stored} audit rows for {tally.hooks_ok} answered calls, "
-          f"{feedback_stored} feedback rows for {tally.feedback_ok} accepted posts -> "
-          f"{'nothing lost' if rows_ok else 'MISMATCH'}")
+    print(
+        f"stored: {calls_stored} audit rows for {tally.hooks_ok} answered calls, "
+        f"{feedback_stored} feedback rows for {tally.feedback_ok} accepted posts -> "
+        f"{'nothing lost' if rows_ok else 'MISMATCH'}"
+    )
     p95 = _pct(all_ms, 0.95)
-    print(f"p95 {p95:.1f} ms (target <= {args.max_p95_ms:g} ms): {'ok' if p95 <= args.max_p95_ms else 'MISSED'}")
+    print(
+        f"p95 {p95:.1f} ms (target <= {args.max_p95_ms:g} ms): {'ok' if p95 <= args.max_p95_ms else 'MISSED'}"
+    )
     print(f"server log and database: {workdir}")
     return 0 if errors == 0 and rows_ok and p95 <= args.max_p95_ms else 1
 

@@ -113,7 +113,9 @@ class BoundedJWKClient(PyJWKClient):
                         raise TimeoutError(f"JWKS not read within {JWKS_TIMEOUT_S:g} s")
             data = json.loads(body)
         except (OSError, ValueError) as exc:  # URLError/HTTPError/timeouts are OSErrors; JSON is ValueError
-            raise PyJWKClientConnectionError(f"cannot fetch {self.uri}: {type(exc).__name__}: {exc}") from None
+            raise PyJWKClientConnectionError(
+                f"cannot fetch {self.uri}: {type(exc).__name__}: {exc}"
+            ) from None
         if not isinstance(data, dict):
             raise PyJWKClientConnectionError(f"{self.uri} did not answer a JSON object")
         return data
@@ -178,7 +180,9 @@ class ClientAuth:
         except PyJWKClientConnectionError as exc:
             raise _Refused(f"the issuer's JWKS is unavailable: {exc}", logging.WARNING) from None
         except jwt.PyJWTError as exc:  # unknown kid even after a refresh, or a JWKS without usable keys
-            raise _Refused(f"kid {_short(kid)} not found in the issuer's JWKS ({type(exc).__name__})") from None
+            raise _Refused(
+                f"kid {_short(kid)} not found in the issuer's JWKS ({type(exc).__name__})"
+            ) from None
         if alg == "RS384" and isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA_BITS:
             return key
         if alg == "ES384" and isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1":
@@ -247,7 +251,9 @@ def _short(value: Any) -> str:
 def _ids_for_log(token: str) -> tuple[str, str]:
     """The token's iss and jti (unverified, as claimed) to say in the log which call failed."""
     try:
-        claims = jwt.decode(token, options={"verify_signature": False}) if len(token) <= MAX_TOKEN_CHARS else {}
+        claims = (
+            jwt.decode(token, options={"verify_signature": False}) if len(token) <= MAX_TOKEN_CHARS else {}
+        )
     except (jwt.PyJWTError, RecursionError):
         claims = {}
     return _short(claims.get("iss")), _short(claims.get("jti"))

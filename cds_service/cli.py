@@ -228,8 +228,13 @@ def _evaluate_fhir_server(args: argparse.Namespace, service: Any, settings: Sett
         "context": {"patientId": args.patient},
     }
     if args.token:
-        body["fhirAuthorization"] = {"access_token": args.token, "token_type": "Bearer", "expires_in": 300,
-                                     "scope": "patient/*.read", "subject": "cds-service-evaluate"}
+        body["fhirAuthorization"] = {
+            "access_token": args.token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cds-service-evaluate",
+        }
     try:
         outcome = answer(body, service, settings, today)
     except ServiceError as exc:
@@ -238,8 +243,11 @@ def _evaluate_fhir_server(args: argparse.Namespace, service: Any, settings: Sett
     report = outcome.source.report
     if report is not None:  # the account goes to stderr: stdout stays one JSON document
         lines = [f"fetched from {args.fhir_server} in {report.seconds * 1000:.0f} ms:"]
-        lines += [f"  {s.key:<26} {s.resources:>5} resource(s) {s.pages:>3} page(s) {s.seconds * 1000:>7.0f} ms  "
-                  f"{s.outcome}" for s in report.searches]
+        lines += [
+            f"  {s.key:<26} {s.resources:>5} resource(s) {s.pages:>3} page(s) {s.seconds * 1000:>7.0f} ms  "
+            f"{s.outcome}"
+            for s in report.searches
+        ]
         print("\n".join(lines), file=sys.stderr)
     return 0
 
@@ -302,12 +310,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     evaluate = sub.add_parser("evaluate", help="print the cards for FHIR Bundle or hook-request files")
     evaluate.add_argument("paths", nargs="*", metavar="PATH")
-    evaluate.add_argument("--fhir-server", metavar="URL", help="read the chart from this FHIR R4 server instead")
+    evaluate.add_argument(
+        "--fhir-server", metavar="URL", help="read the chart from this FHIR R4 server instead"
+    )
     evaluate.add_argument("--patient", metavar="ID", help="the patient id on --fhir-server")
     evaluate.add_argument("--token", metavar="T", help="bearer token for --fhir-server")
     evaluate.set_defaults(func=_evaluate)
-    report = sub.add_parser("report", help="calls, cards, acceptance and override rates, latency from the store")
-    report.add_argument("--since", metavar="DATE", help="only hook calls answered since DATE (YYYY-MM-DD, UTC)")
+    report = sub.add_parser(
+        "report", help="calls, cards, acceptance and override rates, latency from the store"
+    )
+    report.add_argument(
+        "--since", metavar="DATE", help="only hook calls answered since DATE (YYYY-MM-DD, UTC)"
+    )
     report.add_argument("--format", choices=("table", "csv"), default="table")
     report.set_defaults(func=_report)
     migrate = sub.add_parser("migrate", help="bring the store's schema to head (serve also does it at start)")

@@ -511,7 +511,9 @@ def _medications_by_reference(chart: Chart) -> dict[str, dict[str, Any]]:
     return {f"Medication/{m['id']}": m for m in chart.of_type("Medication") if isinstance(m.get("id"), str)}
 
 
-def _drug(raw: dict[str, Any], medications: dict[str, dict[str, Any]], term: Terminology) -> tuple[str, str] | None:
+def _drug(
+    raw: dict[str, Any], medications: dict[str, dict[str, Any]], term: Terminology
+) -> tuple[str, str] | None:
     """(drug, how it matched) for a raw medication resource, or None."""
     concept = raw.get("medicationCodeableConcept")
     ref = raw.get("medicationReference")
@@ -519,8 +521,10 @@ def _drug(raw: dict[str, Any], medications: dict[str, dict[str, Any]], term: Ter
     if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
         target = ref["reference"]
         if target.startswith("#"):
-            medication = next((c for c in raw.get("contained") or [] if isinstance(c, dict)
-                               and c.get("id") == target[1:]), None)
+            medication = next(
+                (c for c in raw.get("contained") or [] if isinstance(c, dict) and c.get("id") == target[1:]),
+                None,
+            )
         else:
             medication = medications.get("/".join(target.split("/_history/")[0].split("/")[-2:]))
         if medication is not None:
@@ -589,8 +593,11 @@ def _read_systemic_therapy(chart: Chart, term: Terminology, facts: PatientFacts)
 def _read_planned_local_therapy(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
     """ServiceRequests for lung (or liver) ablation / SBRT not yet done: treatment planned."""
     lung_sources = {m.source for m in facts.sites("lung") if m.source}
-    kinds = {f"{organ}:{k.kind}": (organ, k) for organ, group in
-             (("lung", term.lung_local_therapy), ("liver", term.liver_local_therapy)) for k in group}
+    kinds = {
+        f"{organ}:{k.kind}": (organ, k)
+        for organ, group in (("lung", term.lung_local_therapy), ("liver", term.liver_local_therapy))
+        for k in group
+    }
     for raw in chart.of_type("ServiceRequest"):
         if raw.get("status") not in term.planned_request_statuses:
             continue

@@ -75,7 +75,9 @@ def receive_feedback(body: Any, service_id: str, store: Store) -> FeedbackResult
     except SQLAlchemyError as exc:
         metrics.store_error("record_feedback")
         log.error("could not store feedback for %s: %s: %s", service_id, type(exc).__name__, _first_line(exc))
-        raise StoreUnavailable("the feedback store is unavailable; nothing was stored, try again later") from None
+        raise StoreUnavailable(
+            "the feedback store is unavailable; nothing was stored, try again later"
+        ) from None
     metrics.observe_feedback(service_id, result)
     log.info("feedback for %s: %d stored, %d duplicate(s)", service_id, result.stored, result.duplicates)
     return result

@@ -78,7 +78,9 @@ def gunicorn_logconfig(level: str, *, json_lines: bool) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"cds": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "cds", "stream": "ext://sys.stderr"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "cds", "stream": "ext://sys.stderr"}
+        },
         "root": {"level": level.upper(), "handlers": ["stderr"]},
         "loggers": {
             "gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True},

@@ -238,7 +238,9 @@ def card_view(card: Mapping[str, Any]) -> CardView:
         detail=render_markdown(_text(card.get("detail"))),
         source=LinkView(_text(source.get("label")), _http_url(source.get("url"))) if source else None,
         topic=_text(topic.get("display") or topic.get("code")),
-        links=tuple(LinkView(_text(lk.get("label")), _http_url(lk.get("url"))) for lk in card.get("links") or ()),
+        links=tuple(
+            LinkView(_text(lk.get("label")), _http_url(lk.get("url"))) for lk in card.get("links") or ()
+        ),
         suggestions=tuple(
             SuggestionView(
                 _text(s.get("uuid")),
@@ -292,8 +294,13 @@ def hook_request(service: Service, fhir_server: str, patient_id: str, token: str
         "context": {"patientId": patient_id, "userId": "Practitioner/preview"},
     }
     if token:
-        body["fhirAuthorization"] = {"access_token": token, "token_type": "Bearer", "expires_in": 300,
-                                     "scope": "patient/*.read", "subject": "cds-service-preview"}
+        body["fhirAuthorization"] = {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cds-service-preview",
+        }
     return body
 
 

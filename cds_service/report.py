@@ -126,7 +126,9 @@ def _recommendations(conn: Connection, since: dt.datetime | None) -> list[Recomm
     shown = {(m or "-", r or "-"): (n, d) for m, r, n, d in conn.execute(shown_query)}
     cards = _window_cards(since)
     answered_query = (
-        select(cards.c.model, cards.c.recommendation, feedback.c.outcome, func.count(distinct(cards.c.card_uuid)))
+        select(
+            cards.c.model, cards.c.recommendation, feedback.c.outcome, func.count(distinct(cards.c.card_uuid))
+        )
         .join(feedback, feedback.c.card_uuid == cards.c.card_uuid)
         .group_by(cards.c.model, cards.c.recommendation, feedback.c.outcome)
     )
@@ -200,8 +202,16 @@ def as_table(report: Report) -> str:
     lines += _table(
         ["model", "recommendation", "shown", "cards", "accepted", "overridden", "acceptance", "override"],
         [
-            (r.model, r.recommendation, r.cards_shown, r.distinct_cards, r.accepted, r.overridden,
-             _rate(r.acceptance_rate), _rate(r.override_rate))
+            (
+                r.model,
+                r.recommendation,
+                r.cards_shown,
+                r.distinct_cards,
+                r.accepted,
+                r.overridden,
+                _rate(r.acceptance_rate),
+                _rate(r.override_rate),
+            )
             for r in report.recommendations
         ],
     )

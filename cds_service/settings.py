@@ -58,11 +58,12 @@ class Settings(BaseSettings):
         # The JWKS decides which tokens we accept: plain http would let anyone on the path swap keys.
         for iss, url in value.items():
             parts = urlsplit(url)
-            secure = parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname or ""))
+            secure = parts.scheme == "https" or (
+                parts.scheme == "http" and _is_loopback(parts.hostname or "")
+            )
             if not secure or not parts.hostname:
                 raise ValueError(
-                    f"the JWKS URL of {iss!r} must be an https URL "
-                    f"(http only on loopback), not {url!r}"
+                    f"the JWKS URL of {iss!r} must be an https URL (http only on loopback), not {url!r}"
                 )
         return value
 

@@ -304,7 +304,9 @@ class Store:
             return {}
         found: dict[str, frozenset[str]] = {}
         with self.read() as conn:
-            for card_uuid, suggestions in conn.execute(_CARDS_OF_SERVICE, {"service_id": service_id, "uuids": wanted}):
+            for card_uuid, suggestions in conn.execute(
+                _CARDS_OF_SERVICE, {"service_id": service_id, "uuids": wanted}
+            ):
                 found[card_uuid] = found.get(card_uuid, frozenset()) | frozenset(suggestions or ())
         return found
 
@@ -333,7 +335,10 @@ class Store:
         with self._write() as conn:
             conn.execute(_PRUNE_JTI, {"now": now})
             claim = _insert_once(conn.dialect.name, "client_jti")
-            return conn.execute(claim, {"issuer": issuer, "jti": jti, "expires_at": expires_at}).first() is not None
+            return (
+                conn.execute(claim, {"issuer": issuer, "jti": jti, "expires_at": expires_at}).first()
+                is not None
+            )
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for tests, the load test and operators' sanity checks)."""

@@ -184,14 +184,20 @@ class Terminology:
             for code in spec["rxnorm"]
             for system in systems
         }
-        self.drug_excluded = frozenset((system, str(code)) for code in meds["exclude_rxnorm"] for system in systems)
-        names = sorted(((n, drug) for drug, spec in meds["drugs"].items() for n in spec["names"]),
-                       key=lambda item: -len(item[0]))
+        self.drug_excluded = frozenset(
+            (system, str(code)) for code in meds["exclude_rxnorm"] for system in systems
+        )
+        names = sorted(
+            ((n, drug) for drug, spec in meds["drugs"].items() for n in spec["names"]),
+            key=lambda item: -len(item[0]),
+        )
         self.drug_name_pattern = re.compile(
             r"(?<![\w-])(" + "|".join(re.escape(n) for n, _ in names) + r")(?![\w-])", re.IGNORECASE
         )
         self.drug_by_name = {n.lower(): drug for n, drug in names}
-        self.drug_exclude_words = re.compile("|".join(re.escape(w) for w in meds["exclude_words"]), re.IGNORECASE)
+        self.drug_exclude_words = re.compile(
+            "|".join(re.escape(w) for w in meds["exclude_words"]), re.IGNORECASE
+        )
         self.medication_statuses_ignored = {k: frozenset(v) for k, v in meds["statuses_ignored"].items()}
         self.planned_request_statuses = frozenset(meds["planned_request_statuses"])
 

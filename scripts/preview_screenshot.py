@@ -23,8 +23,15 @@ import urllib.request
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,9 +62,17 @@ def screenshot(patient: str, out: Path) -> int:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         # Its own store and quiet logs; otherwise exactly the README's command.
-        env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{Path(tmp) / 'demo.db'}", "CDS_LOG_LEVEL": "WARNING"}
-        demo = subprocess.Popen([sys.executable, "-m", "cds_service.cli", "demo", "--port", str(port)],
-                                env=env, cwd=tmp, stdout=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "CDS_DATABASE_URL": f"sqlite:///{Path(tmp) / 'demo.db'}",
+            "CDS_LOG_LEVEL": "WARNING",
+        }
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "cds_service.cli", "demo", "--port", str(port)],
+            env=env,
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+        )
         try:
             _wait_until_up(base + "/healthz", demo)
             with sync_playwright() as playwright:

@@ -86,14 +86,38 @@ class PostgresCluster:
         )
 
     def start(self) -> None:
-        init = self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "cds", "-E", "UTF8",
-                         "--locale=C", "--no-sync")
+        init = self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "cds",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {init.stderr.strip()[-1000:]}")
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=300 "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        started = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w",
-                            "-t", "60", "-o", options, "start")
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=300 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        started = self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
         if started.returncode != 0:
             log = (self.root / "server.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"pg_ctl start failed: {started.stderr.strip()} {log}")

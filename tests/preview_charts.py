@@ -20,7 +20,9 @@ def hostile_bundle() -> dict[str, Any]:
     CEA's unit does, so the page's Markdown rendering is tried on chart text for real.
     """
     text = json.dumps(load(FIXTURES / "21-lung-hostile-text.json"))
-    bundle = json.loads(text.replace("demo-d21", HOSTILE_PATIENT).replace('"d21-', '"h21-').replace("/d21-", "/h21-"))
+    bundle = json.loads(
+        text.replace("demo-d21", HOSTILE_PATIENT).replace('"d21-', '"h21-').replace("/d21-", "/h21-")
+    )
     cea = next(e["resource"] for e in bundle["entry"] if e["resource"]["id"] == "h21-cea")
     extra = copy.deepcopy(cea)
     extra["id"] = "h21-cea-hostile"

@@ -64,7 +64,11 @@ def evil_key() -> rsa.RSAPrivateKey:
 
 
 def jwk(private_key: Any, kid: str, alg: str | None) -> dict[str, Any]:
-    algorithm = jwt.algorithms.RSAAlgorithm if isinstance(private_key, rsa.RSAPrivateKey) else jwt.algorithms.ECAlgorithm
+    algorithm = (
+        jwt.algorithms.RSAAlgorithm
+        if isinstance(private_key, rsa.RSAPrivateKey)
+        else jwt.algorithms.ECAlgorithm
+    )
     key = json.loads(algorithm.to_jwk(private_key.public_key()))
     key.update({"kid": kid, "use": "sig"})
     if alg:
@@ -77,7 +81,9 @@ def jwks_url(httpserver: HTTPServer, rsa_key, ec_key, evil_key) -> str:
     httpserver.expect_request("/jwks/trusted.json").respond_with_json(
         {"keys": [jwk(rsa_key, RS_KID, "RS384"), jwk(ec_key, ES_KID, "ES384")]}
     )
-    httpserver.expect_request("/jwks/attacker.json").respond_with_json({"keys": [jwk(evil_key, EVIL_KID, "RS384")]})
+    httpserver.expect_request("/jwks/attacker.json").respond_with_json(
+        {"keys": [jwk(evil_key, EVIL_KID, "RS384")]}
+    )
     return httpserver.url_for("/jwks/trusted.json")
 
 
@@ -88,7 +94,14 @@ def b64(data: bytes | dict[str, Any]) -> str:
 
 def claims(**over: Any) -> dict[str, Any]:
     now = int(time.time())
-    c = {"iss": ISS, "sub": "ehr-client", "aud": SERVICE_AUD, "iat": now, "exp": now + 300, "jti": str(uuid.uuid4())}
+    c = {
+        "iss": ISS,
+        "sub": "ehr-client",
+        "aud": SERVICE_AUD,
+        "iat": now,
+        "exp": now + 300,
+        "jti": str(uuid.uuid4()),
+    }
     c.update(over)
     return {k: v for k, v in c.items() if v is not None}  # None: leave the claim out
 
@@ -204,7 +217,11 @@ def card(app, signer, body) -> dict[str, Any]:
 
 
 def _feedback(card: dict[str, Any]) -> dict[str, Any]:
-    return {"feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-03-01T10:05:31Z"}]}
+    return {
+        "feedback": [
+            {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-03-01T10:05:31Z"}
+        ]
+    }
 
 
 @pytest.mark.parametrize("aud", [f"{SERVICE_AUD}/feedback", SERVICE_AUD], ids=["feedback-url", "service-url"])
@@ -255,13 +272,22 @@ REJECTIONS: dict[str, tuple[Callable[[Signer, Any], str | None], str]] = {
     "empty Bearer": (lambda s, evil: "Bearer ", "empty Bearer token"),
     "bad signature": (lambda s, evil: "Bearer " + _tampered_signature(s.rs384()), "bad signature"),
     "tampered payload": (lambda s, evil: "Bearer " + _tampered_payload(s.rs384()), "bad signature"),
-    "expired": (lambda s, evil: "Bearer " + s.rs384(iat=int(time.time()) - 900, exp=int(time.time()) - 600), "expired"),
+    "expired": (
+        lambda s, evil: "Bearer " + s.rs384(iat=int(time.time()) - 900, exp=int(time.time()) - 600),
+        "expired",
+    ),
     "future iat": (
         lambda s, evil: "Bearer " + s.rs384(iat=int(time.time()) + 3600, exp=int(time.time()) + 3900),
         "issued in the future",
     ),
-    "wrong aud": (lambda s, evil: "Bearer " + s.rs384(aud=f"{BASE}/cds-services/another-service"), "aud is not"),
-    "aud of another host": (lambda s, evil: "Bearer " + s.rs384(aud=f"https://evil.example{SERVICE_URL}"), "aud is not"),
+    "wrong aud": (
+        lambda s, evil: "Bearer " + s.rs384(aud=f"{BASE}/cds-services/another-service"),
+        "aud is not",
+    ),
+    "aud of another host": (
+        lambda s, evil: "Bearer " + s.rs384(aud=f"https://evil.example{SERVICE_URL}"),
+        "aud is not",
+    ),
     "untrusted iss": (lambda s, evil: "Bearer " + s.rs384(iss="https://evil.example"), "untrusted iss"),
     "no jti": (lambda s, evil: "Bearer " + s.rs384(jti=None), "no jti claim"),
     "empty jti": (lambda s, evil: "Bearer " + s.rs384(jti=""), "jti not a string"),
@@ -273,7 +299,10 @@ REJECTIONS: dict[str, tuple[Callable[[Signer, Any], str | None], str]] = {
         "is not the issuer's JWKS URL",
     ),
     "trusted kid signed with another key": (lambda s, evil: "Bearer " + s.rs384(evil), "bad signature"),
-    "unknown kid": (lambda s, evil: "Bearer " + s.rs384(evil, "no-such-kid"), "not found in the issuer's JWKS"),
+    "unknown kid": (
+        lambda s, evil: "Bearer " + s.rs384(evil, "no-such-kid"),
+        "not found in the issuer's JWKS",
+    ),
     "RS256 instead of RS384": (
         lambda s, evil: "Bearer " + jwt.encode(claims(), s.rsa_key, "RS256", headers={"kid": RS_KID}),
         "algorithm 'RS256' not allowed",
@@ -283,7 +312,10 @@ REJECTIONS: dict[str, tuple[Callable[[Signer, Any], str | None], str]] = {
         "does not fit ES384",
     ),
     "no kid": (lambda s, evil: "Bearer " + jwt.encode(claims(), s.rsa_key, "RS384"), "no kid"),
-    "alg none": (lambda s, evil: "Bearer " + s.unsigned("none", lambda data: b""), "algorithm 'none' not allowed"),
+    "alg none": (
+        lambda s, evil: "Bearer " + s.unsigned("none", lambda data: b""),
+        "algorithm 'none' not allowed",
+    ),
     "HS256 signed with the public key": (
         lambda s, evil: "Bearer " + _hs256_with_public_key(s),
         "algorithm 'HS256' not allowed",
@@ -306,7 +338,9 @@ def test_refused_with_a_generic_401_and_the_reason_in_the_log(app, signer, evil_
     caplog.set_level(logging.DEBUG)
     value, resp = _refused_call(app, signer, evil_key, body, name)
     assert_refused(resp)
-    refusals = [r.getMessage() for r in caplog.records if r.name == "cds_service.auth" and "refused" in r.getMessage()]
+    refusals = [
+        r.getMessage() for r in caplog.records if r.name == "cds_service.auth" and "refused" in r.getMessage()
+    ]
     assert len(refusals) == 1 and REJECTIONS[name][1] in refusals[0], refusals
     token = (value or "").partition(" ")[2]
     signature = token.rsplit(".", 1)[-1]
@@ -350,7 +384,9 @@ def test_a_replayed_jti_is_refused(app, signer, body, caplog):
     assert_refused(call(app, signer.es384(jti=jti), body))
 
 
-def test_a_jti_replayed_to_a_second_instance_sharing_the_database_is_refused(tmp_path, jwks_url, signer, body):
+def test_a_jti_replayed_to_a_second_instance_sharing_the_database_is_refused(
+    tmp_path, jwks_url, signer, body
+):
     settings = auth_settings(tmp_path, jwks_url)
     token = signer.rs384()
     assert call(make_app(settings), token, body).status_code == 200
@@ -478,7 +514,9 @@ def test_a_malformed_trusted_issuers_is_refused_at_startup(monkeypatch, raw, mes
         Settings()
 
 
-@pytest.mark.parametrize("url", ["https://ehr.example.org/jwks", "http://127.0.0.1:8081/jwks", "http://localhost/j"])
+@pytest.mark.parametrize(
+    "url", ["https://ehr.example.org/jwks", "http://127.0.0.1:8081/jwks", "http://localhost/j"]
+)
 def test_https_or_loopback_http_jwks_urls_are_accepted(monkeypatch, url):
     monkeypatch.setenv("CDS_TRUSTED_ISSUERS", json.dumps({ISS: url}))
     assert Settings().trusted_issuers == {ISS: url}
@@ -488,7 +526,11 @@ def test_serve_prints_a_bad_trusted_issuers_as_one_line_and_exits_2(tmp_path):
     env = {**os.environ, "CDS_TRUSTED_ISSUERS": '{"https://ehr.example.org": "http://ehr.example.org/jwks"}'}
     done = subprocess.run(
         [sys.executable, "-m", "cds_service.cli", "serve", "--port", "0"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2, done.stderr
     err = done.stderr.strip()
@@ -507,7 +549,11 @@ def test_a_bad_public_base_url_is_refused_and_a_trailing_slash_dropped(monkeypat
 
 
 def test_security_headers_on_json_answers(app, signer, body):
-    for resp in (app.test_client().get("/cds-services"), call(app, None, body), call(app, signer.rs384(), body)):
+    for resp in (
+        app.test_client().get("/cds-services"),
+        call(app, None, body),
+        call(app, signer.rs384(), body),
+    ):
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
         assert resp.headers["Cache-Control"] == "no-store"
         assert resp.headers["Referrer-Policy"] == "no-referrer"
@@ -515,8 +561,11 @@ def test_security_headers_on_json_answers(app, signer, body):
 
 
 def test_cors_preflight_allows_authorization_on_service_endpoints_only(app):
-    preflight = {"Origin": "https://sandbox.cds-hooks.org", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = {
+        "Origin": "https://sandbox.cds-hooks.org",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
     for path in (SERVICE_URL, FEEDBACK_URL):
         pre = app.test_client().options(path, headers=preflight)
         assert pre.status_code in (200, 204)

@@ -28,8 +28,9 @@ def test_every_card_follows_the_card_rules(client, path):
         assert "MDT" in card["detail"] or "multidisciplinary" in card["detail"]
         for factor in card["extension"]["crc-cds-assessment"]["factors"]:
             # Every factor cites Type/id resources, even one resting on an absence (contract §4).
-            assert factor["sources"] and all(re.fullmatch(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}", s)
-                                             for s in factor["sources"]), factor
+            assert factor["sources"] and all(
+                re.fullmatch(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}", s) for s in factor["sources"]
+            ), factor
         doi = MODEL_DOI[card["extension"]["crc-cds-assessment"]["model"]]
         assert any(link["url"] == doi for link in card["links"])
         assert card["source"]["url"] == doi
@@ -53,9 +54,14 @@ def test_missing_cea_suggests_ordering_one(client):
     card = lung_card(_cards(client, FIXTURES / "04-lung-cea-missing.json"))
     labels = [s["label"] for s in card["suggestions"]]
     assert "Order serum CEA" in labels
-    cea_request = next(s for s in card["suggestions"] if s["label"] == "Order serum CEA")["actions"][0]["resource"]
-    assert cea_request["code"]["coding"][0] == {"system": "http://loinc.org", "code": "2039-6",
-                                                "display": "Carcinoembryonic Ag [Mass/volume] in Serum or Plasma"}
+    cea_request = next(s for s in card["suggestions"] if s["label"] == "Order serum CEA")["actions"][0][
+        "resource"
+    ]
+    assert cea_request["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "2039-6",
+        "display": "Carcinoembryonic Ag [Mass/volume] in Serum or Plasma",
+    }
     unknown = next(f for f in card["extension"]["crc-cds-assessment"]["factors"] if f["id"] == "cea_gt_5")
     assert unknown["status"] == "unknown" and unknown["reason"]
 
@@ -70,8 +76,11 @@ def test_stale_cea_is_flagged(app, settings):
     from cds_service.app import create_app
 
     later = create_app(settings, today=lambda: __import__("datetime").date(2030, 1, 1)).test_client()
-    card = lung_card(later.post(SERVICE_URL, json=hook_body(load(FIXTURES / "02-lung-moderate-cea-only.json")))
-                     .get_json()["cards"])
+    card = lung_card(
+        later.post(SERVICE_URL, json=hook_body(load(FIXTURES / "02-lung-moderate-cea-only.json"))).get_json()[
+            "cards"
+        ]
+    )
     assert "days old" in card["detail"]
     assert "Order serum CEA" in [s["label"] for s in card["suggestions"]]
 
@@ -93,12 +102,15 @@ def test_hostile_chart_text_cannot_inject_html_or_links(client):
     assert "http://evil" not in text
 
 
-@pytest.mark.parametrize("raw,safe", [
-    ("<script>alert(1)</script>", r"\<script\>alert(1)\</script\>"),
-    ("[click](http://evil.example)", r"\[click\](http\://evil.example)"),
-    ("a | b\nc", r"a \| b c"),
-    ("www.evil.example", r"www\.evil.example"),
-])
+@pytest.mark.parametrize(
+    "raw,safe",
+    [
+        ("<script>alert(1)</script>", r"\<script\>alert(1)\</script\>"),
+        ("[click](http://evil.example)", r"\[click\](http\://evil.example)"),
+        ("a | b\nc", r"a \| b c"),
+        ("www.evil.example", r"www\.evil.example"),
+    ],
+)
 def test_md_escapes_chart_text(raw, safe):
     assert md(raw) == safe
 
@@ -106,15 +118,27 @@ def test_md_escapes_chart_text(raw, safe):
 def test_hostile_text_that_reaches_the_card_is_escaped(client):
     """Chart text the card does show (a unit it cannot read) arrives inert."""
     bundle = load(FIXTURES / "21-lung-hostile-text.json")
-    patient_ref = next(e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
-    bundle["entry"].append({"resource": {
-        "resourceType": "Observation", "id": "hostile-unit", "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "2039-6"}]},
-        "subject": {"reference": f"Patient/{patient_ref}"}, "effectiveDateTime": "2023-01-02",
-        "valueQuantity": {"value": 9, "unit": "<img src=x onerror=alert(1)>[x](http://evil.example)"}}})
+    patient_ref = next(
+        e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    bundle["entry"].append(
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "id": "hostile-unit",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "2039-6"}]},
+                "subject": {"reference": f"Patient/{patient_ref}"},
+                "effectiveDateTime": "2023-01-02",
+                "valueQuantity": {"value": 9, "unit": "<img src=x onerror=alert(1)>[x](http://evil.example)"},
+            }
+        }
+    )
     resp = client.post(SERVICE_URL, json=hook_body(bundle))
     card = lung_card(resp.get_json()["cards"])
     assert "Not used: CEA" in card["detail"]
     assert not re.search(r"(?<!\\)<img", card["detail"]), "raw HTML reached the card"
-    assert not re.search(r"(?<!\\)\[[^\]]*(?<!\\)\]\(", card["detail"]), "a live Markdown link reached the card"
+    assert not re.search(r"(?<!\\)\[[^\]]*(?<!\\)\]\(", card["detail"]), (
+        "a live Markdown link reached the card"
+    )
     assert r"\<img src=x onerror=alert(1)\>" in card["detail"]

@@ -63,13 +63,16 @@ def test_evaluate_request_prints_exactly_the_http_answer(tmp_path):
     assert proc.stdout.strip() == http
 
 
-@pytest.mark.parametrize("content,label", [
-    (None, "missing file"),
-    ('{"resourceType": "Bundle", "entry": [', "invalid JSON"),
-    ('{"resourceType": "Patient", "id": "x"}', "not a Bundle"),
-    ('{"resourceType": "Bundle", "type": "collection", "entry": []}', "Bundle without a Patient"),
-    ('{"hook": "patient-view", "hookInstance": "x", "context": {}}', "invalid request"),
-])
+@pytest.mark.parametrize(
+    "content,label",
+    [
+        (None, "missing file"),
+        ('{"resourceType": "Bundle", "entry": [', "invalid JSON"),
+        ('{"resourceType": "Patient", "id": "x"}', "not a Bundle"),
+        ('{"resourceType": "Bundle", "type": "collection", "entry": []}', "Bundle without a Patient"),
+        ('{"hook": "patient-view", "hookInstance": "x", "context": {}}', "invalid request"),
+    ],
+)
 def test_evaluate_bad_input_exits_2_with_one_line(tmp_path, content, label):
     path = tmp_path / "input.json"
     if content is not None:
@@ -89,8 +92,14 @@ def _free_port() -> int:
 
 def _start(args: list[str], env: dict, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    proc = subprocess.Popen([*CLI, *args, "--port", str(port)], env={**os.environ, **env}, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*CLI, *args, "--port", str(port)],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -114,16 +123,21 @@ def _stop(proc: subprocess.Popen) -> str:
 
 
 def test_serve_answers_over_real_http_and_refuses_oversize_bodies(tmp_path):
-    proc, base = _start(["serve", "--workers", "1"], {"CDS_AUTH_REQUIRED": "false", "CDS_MAX_BODY_BYTES": "200000"},
-                        tmp_path)
+    proc, base = _start(
+        ["serve", "--workers", "1"], {"CDS_AUTH_REQUIRED": "false", "CDS_MAX_BODY_BYTES": "200000"}, tmp_path
+    )
     try:
         assert requests.get(f"{base}/cds-services", timeout=5).json()["services"][0]["id"] == "crc-metastases"
         resp = requests.post(f"{base}{SERVICE_URL}", json=hook_body(load(HIGH_RISK)), timeout=10)
         assert resp.status_code == 200 and len(resp.json()["cards"]) == 1
         # Oversize body over a raw socket: the answer comes before the body is read.
         with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=10) as sock:
-            sock.sendall(f"POST {SERVICE_URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: 400000\r\n\r\n".encode() + b"{" + b" " * 1000)
+            sock.sendall(
+                f"POST {SERVICE_URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 400000\r\n\r\n".encode()
+                + b"{"
+                + b" " * 1000
+            )
             head = sock.recv(4096).decode(errors="replace")
         assert head.startswith("HTTP/1.1 413"), head[:200]
         assert "OperationOutcome" in head or "too-long" in head or "Content-Length" in head

@@ -19,7 +19,9 @@ EXTERNAL = SHARED / "fhir-external"
 def _charts() -> list[Path]:
     if not EXTERNAL.is_dir():
         return []
-    return sorted(p for p in EXTERNAL.rglob("*") if p.name.endswith((".json", ".json.gz")) and p.name != "expect.json")
+    return sorted(
+        p for p in EXTERNAL.rglob("*") if p.name.endswith((".json", ".json.gz")) and p.name != "expect.json"
+    )
 
 
 def _read(path: Path) -> dict:
@@ -27,7 +29,9 @@ def _read(path: Path) -> dict:
     return json.loads(raw)
 
 
-pytestmark = pytest.mark.skipif(not EXTERNAL.is_dir(), reason=f"{EXTERNAL} is absent (shared/ not beside the checkout)")
+pytestmark = pytest.mark.skipif(
+    not EXTERNAL.is_dir(), reason=f"{EXTERNAL} is absent (shared/ not beside the checkout)"
+)
 
 
 def test_every_listed_chart_is_present():
@@ -41,8 +45,10 @@ def test_external_chart_gets_no_cards(client, path):
     bundle = _read(path)
     if not any(e.get("resource", {}).get("resourceType") == "Patient" for e in bundle.get("entry", [])):
         # Format samples without a Patient: still evaluated, for a made-up patient id.
-        bundle = {**bundle, "entry": [*bundle.get("entry", []),
-                                      {"resource": {"resourceType": "Patient", "id": "sample"}}]}
+        bundle = {
+            **bundle,
+            "entry": [*bundle.get("entry", []), {"resource": {"resourceType": "Patient", "id": "sample"}}],
+        }
     resp = client.post(SERVICE_URL, json=hook_body(bundle))
     assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
     assert resp.get_json() == {"cards": []}
@@ -59,10 +65,17 @@ def test_real_crc_chart_with_an_added_lung_metastasis_is_read_through(client, pa
     patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
     patient.pop("deceasedDateTime", None)
     patient.pop("deceasedBoolean", None)
-    bundle["entry"].append({"resource": {
-        "resourceType": "Condition", "id": "added-lungmet",
-        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "94391008"}]},
-        "subject": {"reference": f"Patient/{patient['id']}"}, "onsetDateTime": "2021-06-01"}})
+    bundle["entry"].append(
+        {
+            "resource": {
+                "resourceType": "Condition",
+                "id": "added-lungmet",
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "94391008"}]},
+                "subject": {"reference": f"Patient/{patient['id']}"},
+                "onsetDateTime": "2021-06-01",
+            }
+        }
+    )
     resp = client.post(SERVICE_URL, json=hook_body(bundle))
     assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
     (card,) = resp.get_json()["cards"]

@@ -22,8 +22,9 @@ HIGH_RISK = FIXTURES / "01-lung-high-risk-all-four.json"
 
 @pytest.fixture
 def app(database_url):
-    app = create_app(Settings(auth_required=False, database_url=database_url, audit_key="a" * 32),
-                     today=lambda: TODAY)
+    app = create_app(
+        Settings(auth_required=False, database_url=database_url, audit_key="a" * 32), today=lambda: TODAY
+    )
     app.config["TESTING"] = False
     return app
 
@@ -44,15 +45,21 @@ def card(client) -> dict[str, Any]:
 
 
 def _accepted(card: dict[str, Any]) -> dict[str, Any]:
-    return {"card": card["uuid"], "outcome": "accepted",
-            "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
-            "outcomeTimestamp": "2026-03-01T10:05:31Z"}
+    return {
+        "card": card["uuid"],
+        "outcome": "accepted",
+        "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+        "outcomeTimestamp": "2026-03-01T10:05:31Z",
+    }
 
 
 def _overridden(card: dict[str, Any]) -> dict[str, Any]:
-    return {"card": card["uuid"], "outcome": "overridden",
-            "overrideReason": {"reason": card["overrideReasons"][0], "userComment": "Discussed at MDT already"},
-            "outcomeTimestamp": "2026-03-01T10:06:00.52Z"}
+    return {
+        "card": card["uuid"],
+        "outcome": "overridden",
+        "overrideReason": {"reason": card["overrideReasons"][0], "userComment": "Discussed at MDT already"},
+        "outcomeTimestamp": "2026-03-01T10:06:00.52Z",
+    }
 
 
 def _rows(store, table=feedback) -> list[dict[str, Any]]:
@@ -78,12 +85,20 @@ def test_overridden_with_reason_and_comment_is_stored(client, store, card):
     (row,) = _rows(store)
     reason = card["overrideReasons"][0]
     assert (row["outcome"], row["override_system"], row["override_code"], row["override_display"]) == (
-        "overridden", reason.get("system"), reason["code"], reason["display"])
+        "overridden",
+        reason.get("system"),
+        reason["code"],
+        reason["display"],
+    )
     assert row["user_comment"] == "Discussed at MDT already" and row["accepted_suggestions"] == []
 
 
 def test_overridden_without_a_reason_is_stored(client, store, card):
-    body = {"feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-03-01T10:00:00Z"}]}
+    body = {
+        "feedback": [
+            {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-03-01T10:00:00Z"}
+        ]
+    }
     assert client.post(FEEDBACK_URL, json=body).status_code == 200
     assert _rows(store)[0]["override_code"] is None
 
@@ -121,10 +136,15 @@ def test_card_uuids_are_compared_case_insensitively(client, store, card):
 # --- refused, nothing stored ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe", b"", b"[]", b'"feedback"'],
-                         ids=["invalid-json", "undecodable", "empty", "array", "string"])
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"\xff\xfe", b"", b"[]", b'"feedback"'],
+    ids=["invalid-json", "undecodable", "empty", "array", "string"],
+)
 def test_a_body_that_is_not_a_json_object_is_400(client, store, body):
-    assert_operation_outcome(client.post(FEEDBACK_URL, data=body, content_type="application/json"), 400, "invalid")
+    assert_operation_outcome(
+        client.post(FEEDBACK_URL, data=body, content_type="application/json"), 400, "invalid"
+    )
     assert _rows(store) == []
 
 
@@ -136,9 +156,13 @@ INVALID = {
     "entry-without-card": lambda c: {"feedback": [{k: v for k, v in _accepted(c).items() if k != "card"}]},
     "non-uuid-card": lambda c: {"feedback": [{**_accepted(c), "card": "card-1"}]},
     "entry-not-an-object": lambda c: {"feedback": ["accepted"]},
-    "overridden-with-suggestions": lambda c: {"feedback": [{**_overridden(c), "acceptedSuggestions": [{"id": "x"}]}]},
+    "overridden-with-suggestions": lambda c: {
+        "feedback": [{**_overridden(c), "acceptedSuggestions": [{"id": "x"}]}]
+    },
     "suggestion-without-id": lambda c: {"feedback": [{**_accepted(c), "acceptedSuggestions": [{}]}]},
-    "reason-without-code": lambda c: {"feedback": [{**_overridden(c), "overrideReason": {"reason": {"system": "x"}}}]},
+    "reason-without-code": lambda c: {
+        "feedback": [{**_overridden(c), "overrideReason": {"reason": {"system": "x"}}}]
+    },
     "bad-timestamp": lambda c: {"feedback": [{**_accepted(c), "outcomeTimestamp": "yesterday"}]},
     "one-bad-entry-of-two": lambda c: {"feedback": [_accepted(c), {**_overridden(c), "outcome": "maybe"}]},
 }
@@ -159,7 +183,9 @@ def test_accepted_without_suggestions_is_stored(client, store, card):
 
 
 def test_unknown_service_is_404(client, card):
-    assert_operation_outcome(client.post("/cds-services/nope/feedback", json=_accepted(card)), 404, "not-found")
+    assert_operation_outcome(
+        client.post("/cds-services/nope/feedback", json=_accepted(card)), 404, "not-found"
+    )
 
 
 def test_an_unknown_card_is_422_and_nothing_is_stored(client, store, card):
@@ -184,8 +210,10 @@ def test_feedback_is_authenticated_like_hook_calls(database_url):
 
 
 def test_feedback_answers_cors(client):
-    pre = client.options(FEEDBACK_URL, headers={"Origin": "https://sandbox.cds-hooks.org",
-                                                "Access-Control-Request-Method": "POST"})
+    pre = client.options(
+        FEEDBACK_URL,
+        headers={"Origin": "https://sandbox.cds-hooks.org", "Access-Control-Request-Method": "POST"},
+    )
     assert pre.status_code in (200, 204) and pre.headers["Access-Control-Allow-Origin"] == "*"
 
 
@@ -203,14 +231,27 @@ def test_each_hook_call_is_audited_with_its_cards_and_no_patient_id(client, stor
     assert call["patient_hash"] == store.patient_hash(body["context"]["patientId"])
     assert body["context"]["patientId"] not in str(call)
     assert card["card_uuid"] == answer["cards"][0]["uuid"]
-    assert (card["model"], card["recommendation"], card["score_min"], card["score_max"], card["risk_group"]) == (
-        assessment["model"], assessment["recommendation"], assessment["score"]["min"], assessment["score"]["max"],
-        assessment["group"])
+    assert (
+        card["model"],
+        card["recommendation"],
+        card["score_min"],
+        card["score_max"],
+        card["risk_group"],
+    ) == (
+        assessment["model"],
+        assessment["recommendation"],
+        assessment["score"]["min"],
+        assessment["score"]["max"],
+        assessment["group"],
+    )
     assert card["suggestion_uuids"] == [s["uuid"] for s in answer["cards"][0]["suggestions"]]
 
 
 def test_calls_without_cards_and_refused_calls(client, store):
-    assert client.post(SERVICE_URL, json=hook_body(load(FIXTURES / "16-out-peritoneal-only.json"))).status_code == 200
+    assert (
+        client.post(SERVICE_URL, json=hook_body(load(FIXTURES / "16-out-peritoneal-only.json"))).status_code
+        == 200
+    )
     assert client.post(SERVICE_URL, json={"hook": "patient-view"}).status_code == 400
     calls = _rows(store, hook_call)
     assert [c["card_count"] for c in calls] == [0]  # refused calls are in the logs and metrics only

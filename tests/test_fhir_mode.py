@@ -48,8 +48,13 @@ def _fhir_body(path, base: str, token: str) -> dict:
     body = hook_body(load(path))
     body.pop("prefetch")
     body["fhirServer"] = base
-    body["fhirAuthorization"] = {"access_token": token, "token_type": "Bearer", "expires_in": 300,
-                                 "scope": "patient/*.read", "subject": "test"}
+    body["fhirAuthorization"] = {
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "patient/*.read",
+        "subject": "test",
+    }
     return body
 
 
@@ -88,9 +93,16 @@ def test_first_page_only_prefetch_is_completed_by_following_next_links(client, f
     pid = full["context"]["patientId"]
     body = _fhir_body(path, base, "tok-pages")
     body["prefetch"] = {"patient": full["prefetch"]["patient"]}
-    for key, rtype in (("conditions", "Condition"), ("procedures", "Procedure"), ("observations", "Observation")):
+    for key, rtype in (
+        ("conditions", "Condition"),
+        ("procedures", "Procedure"),
+        ("observations", "Observation"),
+    ):
         first = requests.get(f"{base}/{rtype}?patient={pid}&_count=1", timeout=5).json()
-        assert any(link["relation"] == "next" for link in first.get("link", [])) or len(first.get("entry", [])) <= 1
+        assert (
+            any(link["relation"] == "next" for link in first.get("link", []))
+            or len(first.get("entry", [])) <= 1
+        )
         body["prefetch"][key] = first
     mark = len(seen)
     resp = client.post(SERVICE_URL, json=body)
@@ -99,11 +111,14 @@ def test_first_page_only_prefetch_is_completed_by_following_next_links(client, f
     assert all(c["auth"] == "Bearer tok-pages" for c in seen[mark:])
 
 
-@pytest.mark.parametrize("base,label", [
-    ("http://127.0.0.1:9/fhir", "connection refused"),
-    ("http://192.0.2.10/fhir", "http to a non-loopback host"),
-    ("ftp://127.0.0.1/fhir", "not http(s)"),
-])
+@pytest.mark.parametrize(
+    "base,label",
+    [
+        ("http://127.0.0.1:9/fhir", "connection refused"),
+        ("http://192.0.2.10/fhir", "http to a non-loopback host"),
+        ("ftp://127.0.0.1/fhir", "not http(s)"),
+    ],
+)
 def test_unreachable_or_unsafe_fhir_server_is_412_without_the_token(client, base, label):
     body = _fhir_body(demo_files()[0], base, "secret-token-xyz")
     started = time.monotonic()
@@ -124,9 +139,25 @@ def test_evaluate_against_a_fhir_server_prints_cards_and_what_was_fetched(fhir_s
     path = demo_files()[0]
     pid = load(path)["entry"][0]["resource"]["id"]
     mark = len(seen)
-    proc = subprocess.run([sys.executable, "-m", "cds_service.cli", "evaluate", "--fhir-server", base,
-                           "--patient", pid, "--token", "tok-cli"], capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path, env={**os.environ, "CDS_AUTH_REQUIRED": "false"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cds_service.cli",
+            "evaluate",
+            "--fhir-server",
+            base,
+            "--patient",
+            pid,
+            "--token",
+            "tok-cli",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "CDS_AUTH_REQUIRED": "false"},
+    )
     assert proc.returncode == 0, proc.stderr
     cards = json.loads(proc.stdout)["cards"]
     assert len(cards) == 1 and cards[0]["extension"]["crc-cds-assessment"]["model"] == "cai-2025-lung"
@@ -140,8 +171,24 @@ def test_evaluate_against_a_closed_port_exits_2_with_one_line(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "cds_service.cli", "evaluate", "--fhir-server",
-                           "http://127.0.0.1:9/fhir", "--patient", "x", "--token", "secret-t"],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=dict(os.environ))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cds_service.cli",
+            "evaluate",
+            "--fhir-server",
+            "http://127.0.0.1:9/fhir",
+            "--patient",
+            "x",
+            "--token",
+            "secret-t",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=dict(os.environ),
+    )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "secret-t" not in proc.stderr

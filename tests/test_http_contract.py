@@ -46,10 +46,20 @@ def test_discovery_lists_the_patient_view_service(client):
     (svc,) = doc["services"]
     assert svc["hook"] == "patient-view" and svc["id"] == "crc-metastases"
     assert svc["title"] and svc["description"]
-    assert {"patient", "conditions", "observations", "procedures", "bodystructures", "medicationrequests",
-            "servicerequests"} <= set(svc["prefetch"])
+    assert {
+        "patient",
+        "conditions",
+        "observations",
+        "procedures",
+        "bodystructures",
+        "medicationrequests",
+        "servicerequests",
+    } <= set(svc["prefetch"])
     for template in svc["prefetch"].values():
-        assert template.startswith("Patient/{{context.patientId}}") or "?patient={{context.patientId}}" in template
+        assert (
+            template.startswith("Patient/{{context.patientId}}")
+            or "?patient={{context.patientId}}" in template
+        )
     assert list(_empties(doc)) == []
 
 
@@ -67,7 +77,9 @@ def test_hook_answers_cards_following_the_json_rule(client):
     (card,) = doc["cards"]
     assert len(card["summary"]) < 140
     assert card["indicator"] in {"info", "warning", "critical"}
-    assert card["source"]["label"] and card["source"]["url"].startswith("https://") and card["source"]["topic"]
+    assert (
+        card["source"]["label"] and card["source"]["url"].startswith("https://") and card["source"]["topic"]
+    )
     assert card["selectionBehavior"] == "any"
     assert all(s["uuid"] and s["actions"] for s in card["suggestions"])
     assert all(r["display"] for r in card["overrideReasons"])
@@ -82,7 +94,8 @@ def test_same_request_same_bytes_and_a_new_hook_instance_new_uuids(client):
     card_a, card_b = json.loads(first)["cards"][0], other["cards"][0]
     assert card_a["uuid"] != card_b["uuid"]
     assert {k: v for k, v in card_a.items() if k not in ("uuid", "suggestions")} == {
-        k: v for k, v in card_b.items() if k not in ("uuid", "suggestions")}
+        k: v for k, v in card_b.items() if k not in ("uuid", "suggestions")
+    }
 
 
 def test_out_of_scope_patient_gets_empty_cards(client):
@@ -93,10 +106,15 @@ def test_out_of_scope_patient_gets_empty_cards(client):
 # --- bad input: each status code of the contract ---------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'"text"', b"null"],
-                         ids=["malformed", "undecodable", "array", "string", "null"])
+@pytest.mark.parametrize(
+    "data",
+    [b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'"text"', b"null"],
+    ids=["malformed", "undecodable", "array", "string", "null"],
+)
 def test_malformed_body_is_400(client, data):
-    assert_operation_outcome(client.post(SERVICE_URL, data=data, content_type="application/json"), 400, "invalid")
+    assert_operation_outcome(
+        client.post(SERVICE_URL, data=data, content_type="application/json"), 400, "invalid"
+    )
 
 
 def test_empty_body_is_400(client):
@@ -122,11 +140,16 @@ def test_wrong_hook_is_400(client):
 
 
 def test_unknown_service_is_404(client):
-    assert_operation_outcome(client.post("/cds-services/nope", json=hook_body(load(HIGH_RISK))), 404, "not-found")
+    assert_operation_outcome(
+        client.post("/cds-services/nope", json=hook_body(load(HIGH_RISK))), 404, "not-found"
+    )
 
 
-@pytest.mark.parametrize("value", [{"foo": "bar"}, "Patient/123", [1, 2, 3], 42],
-                         ids=["no-resourceType", "string", "list", "number"])
+@pytest.mark.parametrize(
+    "value",
+    [{"foo": "bar"}, "Patient/123", [1, 2, 3], 42],
+    ids=["no-resourceType", "string", "list", "number"],
+)
 def test_prefetch_that_is_not_fhir_is_400(client, value):
     body = hook_body(load(HIGH_RISK))
     body["prefetch"]["patient"] = value
@@ -154,8 +177,10 @@ def test_no_prefetch_and_no_fhir_server_is_412(client):
 
 def test_prefetch_operation_outcome_without_fhir_server_is_412(client):
     body = hook_body(load(HIGH_RISK))
-    body["prefetch"]["observations"] = {"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": "timeout"}]}
+    body["prefetch"]["observations"] = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "timeout"}],
+    }
     issue = assert_operation_outcome(client.post(SERVICE_URL, json=body), 412)
     assert "observations" in issue["diagnostics"]
 
@@ -175,7 +200,9 @@ def test_body_over_the_limit_is_413(tmp_path):
     from cds_service.settings import Settings
 
     app = create_app(Settings(auth_required=False, max_body_bytes=1000))
-    resp = app.test_client().post(SERVICE_URL, data=b"{" + b" " * 5000 + b"}", content_type="application/json")
+    resp = app.test_client().post(
+        SERVICE_URL, data=b"{" + b" " * 5000 + b"}", content_type="application/json"
+    )
     assert_operation_outcome(resp, 413, "too-long")
 
 
@@ -199,8 +226,10 @@ def test_auth_required_refuses_calls_without_a_valid_client_jwt(tmp_path):
 
 
 def test_cors_preflight_and_headers(client):
-    pre = client.options(SERVICE_URL, headers={"Origin": "https://sandbox.cds-hooks.org",
-                                               "Access-Control-Request-Method": "POST"})
+    pre = client.options(
+        SERVICE_URL,
+        headers={"Origin": "https://sandbox.cds-hooks.org", "Access-Control-Request-Method": "POST"},
+    )
     assert pre.status_code in (200, 204)
     assert pre.headers["Access-Control-Allow-Origin"] == "*"
     assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]

@@ -59,32 +59,60 @@ def test_metrics_count_requests_cards_and_feedback(client):
     assert delta("cds_http_requests_total", service=svc, endpoint="hook", status="200") == 1
     assert delta("cds_http_requests_total", service=svc, endpoint="hook", status="400") == 1
     assert delta("cds_http_requests_total", service=svc, endpoint="feedback", status="200") == 1
-    assert delta("cds_http_requests_total", service="-", endpoint="hook", status="404") == 1  # no label from the URL
+    assert (
+        delta("cds_http_requests_total", service="-", endpoint="hook", status="404") == 1
+    )  # no label from the URL
     assert delta("cds_http_request_duration_seconds_count", service=svc, endpoint="hook") == 2
     assessment = card["extension"]["crc-cds-assessment"]
-    assert delta("cds_cards_total", service=svc, model=assessment["model"],
-                 recommendation=assessment["recommendation"]) == 1
+    assert (
+        delta(
+            "cds_cards_total",
+            service=svc,
+            model=assessment["model"],
+            recommendation=assessment["recommendation"],
+        )
+        == 1
+    )
     assert delta("cds_feedback_total", service=svc, outcome="overridden") == 1
 
 
 def test_logs_carry_the_request_id_and_no_patient_id_or_token(client, caplog):
     body = hook_body(load(HIGH_RISK))
     body["context"]["patientId"] = body["prefetch"]["patient"]["id"]
-    body["fhirAuthorization"] = {"access_token": "secret-token-value", "token_type": "Bearer",
-                                 "expires_in": 300, "scope": "patient/*.read", "subject": "cds"}
+    body["fhirAuthorization"] = {
+        "access_token": "secret-token-value",
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "patient/*.read",
+        "subject": "cds",
+    }
     with caplog.at_level(logging.DEBUG):
         resp = client.post(SERVICE_URL, json=body, headers={"X-Request-Id": "req-1"})
         card = resp.get_json()["cards"][0]
-        client.post(f"{SERVICE_URL}/feedback", headers={"X-Request-Id": "req-2"}, json={
-            "card": card["uuid"], "outcome": "overridden", "overrideReason": {"userComment": "free text"}})
+        client.post(
+            f"{SERVICE_URL}/feedback",
+            headers={"X-Request-Id": "req-2"},
+            json={
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {"userComment": "free text"},
+            },
+        )
     # caplog's records were made in the request's context; format them as the service does.
     lines = [JsonFormatter().format(r) for r in caplog.records if r.name.startswith("cds_service")]
     docs = [json.loads(line) for line in lines]
     access = [d for d in docs if d["logger"] == "cds_service.access"]
-    assert {d["route"] for d in access} == {"/cds-services/<service_id>", "/cds-services/<service_id>/feedback"}
+    assert {d["route"] for d in access} == {
+        "/cds-services/<service_id>",
+        "/cds-services/<service_id>/feedback",
+    }
     assert all(d["status"] == 200 and "duration_ms" in d for d in access)
     text = "\n".join(lines)
-    assert body["context"]["patientId"] not in text and "secret-token-value" not in text and "free text" not in text
+    assert (
+        body["context"]["patientId"] not in text
+        and "secret-token-value" not in text
+        and "free text" not in text
+    )
 
 
 def test_json_formatter_adds_request_id_extra_fields_and_exceptions():
@@ -95,7 +123,9 @@ def test_json_formatter_adds_request_id_extra_fields_and_exceptions():
         try:
             raise ValueError("boom")
         except ValueError:
-            record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed %s", ("here",), sys.exc_info())
+            record = logging.LogRecord(
+                "x", logging.ERROR, __file__, 1, "failed %s", ("here",), sys.exc_info()
+            )
         record.status = 500
         doc = json.loads(JsonFormatter().format(record))
     finally:
@@ -109,25 +139,40 @@ def test_json_formatter_adds_request_id_extra_fields_and_exceptions():
 
 def test_serve_with_two_workers_sums_metrics_and_audits_every_call(tmp_path):
     db = tmp_path / "cds.db"
-    env = {"CDS_AUTH_REQUIRED": "false", "CDS_DATABASE_URL": f"sqlite:///{db}", "CDS_AUDIT_KEY": "k" * 32,
-           # Workers are recycled during the test: a dead worker's counts must stay in the sum.
-           "GUNICORN_CMD_ARGS": "--max-requests 10"}
+    env = {
+        "CDS_AUTH_REQUIRED": "false",
+        "CDS_DATABASE_URL": f"sqlite:///{db}",
+        "CDS_AUDIT_KEY": "k" * 32,
+        # Workers are recycled during the test: a dead worker's counts must stay in the sum.
+        "GUNICORN_CMD_ARGS": "--max-requests 10",
+    }
     proc, base = _start(["serve", "--workers", "2", "--threads", "2"], env, tmp_path)
     calls = 12
     try:
         with requests.Session() as http:
             for _ in range(calls):
-                card = http.post(f"{base}{SERVICE_URL}", json=hook_body(load(HIGH_RISK)), timeout=10).json()["cards"][0]
-                fb = http.post(f"{base}{SERVICE_URL}/feedback", timeout=10, json={
-                    "card": card["uuid"], "outcome": "accepted",
-                    "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]})
+                card = http.post(f"{base}{SERVICE_URL}", json=hook_body(load(HIGH_RISK)), timeout=10).json()[
+                    "cards"
+                ][0]
+                fb = http.post(
+                    f"{base}{SERVICE_URL}/feedback",
+                    timeout=10,
+                    json={
+                        "card": card["uuid"],
+                        "outcome": "accepted",
+                        "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+                    },
+                )
                 assert fb.status_code == 200, fb.text
             # Each scrape may land on either worker; both must report the sum of all workers.
             scrapes = [http.get(f"{base}/metrics", timeout=10).text for _ in range(4)]
     finally:
         log = _stop(proc)
     for text in scrapes:
-        assert _value(text, "cds_http_requests_total", service="crc-metastases", endpoint="hook", status="200") == calls
+        assert (
+            _value(text, "cds_http_requests_total", service="crc-metastases", endpoint="hook", status="200")
+            == calls
+        )
         assert _value(text, "cds_feedback_total", service="crc-metastases", outcome="accepted") == calls
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM hook_call").fetchone()[0] == calls
@@ -141,12 +186,24 @@ def test_serve_with_two_workers_sums_metrics_and_audits_every_call(tmp_path):
 
 def test_serve_refuses_a_bad_configuration_with_one_line(tmp_path):
     env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'missing' / 'cds.db'}"}
-    proc = subprocess.run([sys.executable, "-m", "cds_service.cli", "serve", "--port", "9"], env=env,
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cds_service.cli", "serve", "--port", "9"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     env["CDS_AUDIT_KEY"] = "too short"
-    proc = subprocess.run([sys.executable, "-m", "cds_service.cli", "serve"], env=env, capture_output=True,
-                          text=True, timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cds_service.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "CDS_AUDIT_KEY must be at least 32 characters" in proc.stderr
 
 

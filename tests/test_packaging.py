@@ -10,17 +10,28 @@ from .conftest import FIXTURES, ROOT
 
 def test_installed_package_finds_its_mappings_cards_and_demo_patients(tmp_path):
     target = tmp_path / "site"
-    build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                            str(ROOT)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     for folder in ("mappings", "cards", "fixtures"):
         assert any((target / "cds_service" / folder).iterdir()), folder
     for asset in ("templates/preview.html", "static/preview.js", "static/preview.css"):  # the preview page
         assert (target / "cds_service" / "preview_ui" / asset).is_file(), asset
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import cds_service; "
-              "assert cds_service.__file__.startswith(sys.argv[1]), cds_service.__file__; "
-              "from cds_service.cli import main; sys.exit(main(['evaluate', sys.argv[2]]))")
-    run = subprocess.run([sys.executable, "-c", script, str(target), str(FIXTURES / "01-lung-high-risk-all-four.json")],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import cds_service; "
+        "assert cds_service.__file__.startswith(sys.argv[1]), cds_service.__file__; "
+        "from cds_service.cli import main; sys.exit(main(['evaluate', sys.argv[2]]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(target), str(FIXTURES / "01-lung-high-risk-all-four.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert '"cai-2025-lung"' in run.stdout

@@ -44,15 +44,19 @@ def fhir_port(resources: list[dict]) -> Iterator[int]:
 
 @pytest.fixture
 def demo_client(tmp_path: Path, resources: list[dict]):
-    settings = Settings(auth_required=False, preview=True, database_url=f"sqlite:///{tmp_path / 'p.db'}",
-                        fhir_timeout_s=3)
+    settings = Settings(
+        auth_required=False, preview=True, database_url=f"sqlite:///{tmp_path / 'p.db'}", fhir_timeout_s=3
+    )
     return create_app(settings, today=lambda: TODAY, demo_resources=resources).test_client()
 
 
 def _run_demo(client, port: int, patient: str):
     # The socket address the page reads its own /fhir through (SERVER_NAME/PORT, as gunicorn sets them).
-    return client.post("/", data={"source": "demo", "patient": patient},
-                       environ_overrides={"SERVER_NAME": "127.0.0.1", "SERVER_PORT": str(port)})
+    return client.post(
+        "/",
+        data={"source": "demo", "patient": patient},
+        environ_overrides={"SERVER_NAME": "127.0.0.1", "SERVER_PORT": str(port)},
+    )
 
 
 def test_off_in_serve_mode_by_default(client):
@@ -94,8 +98,12 @@ def test_demo_patient_cards_are_rendered(demo_client, fhir_port):
     assert 'HTTP <span class="http-status">200</span>' in text
     assert 'class="card indicator-warning"' in text
     assert "Lung metastases: high recurrence risk (4/4 factors)" in text
-    assert re.search(r'data-factor="cea_gt_5">\s*<td>Serum CEA &gt; 5.0 ng/mL</td><td class="status">present', text)
-    assert str(escape(f'"fhirServer": "http://127.0.0.1:{fhir_port}/fhir"')) in text  # request JSON: the demo's own /fhir
+    assert re.search(
+        r'data-factor="cea_gt_5">\s*<td>Serum CEA &gt; 5.0 ng/mL</td><td class="status">present', text
+    )
+    assert (
+        str(escape(f'"fhirServer": "http://127.0.0.1:{fhir_port}/fhir"')) in text
+    )  # request JSON: the demo's own /fhir
     assert "&#34;prefetch&#34;" not in text
 
 
@@ -104,23 +112,35 @@ def test_hostile_chart_is_shown_as_text(demo_client, fhir_port):
     assert 'class="card indicator-warning"' in text
     detail = re.search(r'<div class="detail">(.*?)</div>', text, re.S).group(1)
     # Every piece of the hostile unit is in the detail, escaped (md() first, then markdown-it).
-    for piece in ("&lt;img src=x onerror=alert(7)&gt;", "[x](javascript:alert(8))", "&lt;script&gt;alert(9)&lt;/script&gt;"):
+    for piece in (
+        "&lt;img src=x onerror=alert(7)&gt;",
+        "[x](javascript:alert(8))",
+        "&lt;script&gt;alert(9)&lt;/script&gt;",
+    ):
         assert piece in detail, piece
-    assert "<script>alert" not in text and "<img" not in text and "javascript:alert(8)\"" not in text
+    assert "<script>alert" not in text and "<img" not in text and 'javascript:alert(8)"' not in text
     assert 'href="javascript' not in text
     assert text.count("<script") == 1  # the page's own preview.js
     assert str(escape(HOSTILE_UNIT)) in text  # the response JSON, escaped in <pre>
 
 
 def test_fhir_server_form_hides_the_token_and_shows_refusals(demo_client, fhir_port):
-    page = demo_client.post("/", data={"source": "fhir", "fhir_server": f"http://127.0.0.1:{fhir_port}/fhir",
-                                       "patient_id": "demo-d03", "token": "s3cret-token-value"})
+    page = demo_client.post(
+        "/",
+        data={
+            "source": "fhir",
+            "fhir_server": f"http://127.0.0.1:{fhir_port}/fhir",
+            "patient_id": "demo-d03",
+            "token": "s3cret-token-value",
+        },
+    )
     text = page.get_data(as_text=True)
     assert "Lung metastases: low recurrence risk (0/4 factors)" in text
     assert "s3cret-token-value" not in text and str(escape('"access_token": "(hidden)"')) in text
     # The hook's own FHIR safety rules: plain http to a non-loopback host is refused before any connection.
-    refused = demo_client.post("/", data={"source": "fhir", "fhir_server": "http://fhir.example.invalid/r4",
-                                          "patient_id": "p1"}).get_data(as_text=True)
+    refused = demo_client.post(
+        "/", data={"source": "fhir", "fhir_server": "http://fhir.example.invalid/r4", "patient_id": "p1"}
+    ).get_data(as_text=True)
     assert 'HTTP <span class="http-status">412</span>' in refused
     assert "uses plain http" in refused
 
@@ -129,7 +149,10 @@ def test_fhir_server_form_hides_the_token_and_shows_refusals(demo_client, fhir_p
     ("form", "message"),
     [
         ({"source": "demo", "patient": "nobody"}, "Choose one of the demo patients"),
-        ({"source": "fhir", "fhir_server": "https://x.example/r4", "patient_id": "a/b"}, "patient&#39;s FHIR id"),
+        (
+            {"source": "fhir", "fhir_server": "https://x.example/r4", "patient_id": "a/b"},
+            "patient&#39;s FHIR id",
+        ),
         ({"source": "fhir", "fhir_server": "", "patient_id": "p"}, "FHIR server&#39;s base URL"),
     ],
 )
@@ -140,22 +163,34 @@ def test_bad_form_input_is_a_400_page(demo_client, form, message):
 
 
 @pytest.mark.parametrize(
-    "headers", [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}], ids=["origin", "fetch-site"]
+    "headers",
+    [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}],
+    ids=["origin", "fetch-site"],
 )
 def test_cross_site_posts_are_refused(demo_client, headers):
     # Another site must not make this service call FHIR servers through a visitor's browser.
-    assert demo_client.post("/", data={"source": "demo", "patient": "demo-d01"}, headers=headers).status_code == 403
+    assert (
+        demo_client.post("/", data={"source": "demo", "patient": "demo-d01"}, headers=headers).status_code
+        == 403
+    )
 
 
 def test_same_origin_post_is_accepted(demo_client):
-    page = demo_client.post("/", data={"source": "demo", "patient": "nobody"},
-                            headers={"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"})
+    page = demo_client.post(
+        "/",
+        data={"source": "demo", "patient": "nobody"},
+        headers={"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"},
+    )
     assert page.status_code == 400  # past the origin check, refused for the unknown patient
 
 
 def test_markdown_is_rendered_with_raw_html_off():
-    out = str(render_markdown("**b** <script>alert(1)</script> <b onclick=x>t</b> [l](javascript:alert(1)) "
-                              "[ok](https://doi.org/x)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"))
+    out = str(
+        render_markdown(
+            "**b** <script>alert(1)</script> <b onclick=x>t</b> [l](javascript:alert(1)) "
+            "[ok](https://doi.org/x)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+        )
+    )
     assert "<strong>b</strong>" in out and "<table>" in out
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in out and "&lt;b onclick=x&gt;" in out
     assert 'href="javascript' not in out and "<script" not in out
@@ -163,13 +198,23 @@ def test_markdown_is_rendered_with_raw_html_off():
 
 
 def test_card_view_keeps_class_names_and_links_safe():
-    view = card_view({
-        "uuid": "u", "summary": "s", "detail": "d", "indicator": 'info" onclick="x',
-        "source": {"label": "src", "url": "javascript:alert(1)"},
-        "links": [{"label": "l", "url": "data:text/html,x", "type": "absolute"}],
-        "extension": {"crc-cds-assessment": {"model": "m", "score": {"min": 0, "max": 1},
-                                             "factors": [{"id": "f", "status": "x y"}]}},
-    })
+    view = card_view(
+        {
+            "uuid": "u",
+            "summary": "s",
+            "detail": "d",
+            "indicator": 'info" onclick="x',
+            "source": {"label": "src", "url": "javascript:alert(1)"},
+            "links": [{"label": "l", "url": "data:text/html,x", "type": "absolute"}],
+            "extension": {
+                "crc-cds-assessment": {
+                    "model": "m",
+                    "score": {"min": 0, "max": 1},
+                    "factors": [{"id": "f", "status": "x y"}],
+                }
+            },
+        }
+    )
     assert view.indicator == "info"
     assert view.source is not None and view.source.url is None
     assert view.links[0].url is None

@@ -30,20 +30,36 @@ from .preview_charts import HOSTILE_PATIENT, HOSTILE_UNIT, hostile_bundle
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 # Offline and quiet: no update checks, sync or first-run pages; --no-sandbox because tests may run as root.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-INDICATOR_COLOURS = {"info": "rgb(31, 111, 178)", "warning": "rgb(199, 119, 0)", "critical": "rgb(179, 38, 30)"}
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+INDICATOR_COLOURS = {
+    "info": "rgb(31, 111, 178)",
+    "warning": "rgb(199, 119, 0)",
+    "critical": "rgb(179, 38, 30)",
+}
 
 pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: run `bash scripts/install-test-deps.sh` (Debian)"
+    not CHROMIUM.exists(),
+    reason="/usr/bin/chromium is absent: run `bash scripts/install-test-deps.sh` (Debian)",
 )
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
     database = tmp_path_factory.mktemp("preview") / "store.db"
-    settings = Settings(auth_required=False, preview=True, database_url=f"sqlite:///{database}", fhir_timeout_s=5)
+    settings = Settings(
+        auth_required=False, preview=True, database_url=f"sqlite:///{database}", fhir_timeout_s=5
+    )
     app = create_app(settings, today=lambda: TODAY, demo_resources=[*demo_resources(), hostile_bundle()])
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -100,7 +116,9 @@ _MODELS = {"lung": "cai-2025-lung", "liver": "fong-crs-liver"}
 
 
 def _patient_id(path: Path) -> str:
-    return next(e["resource"]["id"] for e in load(path)["entry"] if e["resource"]["resourceType"] == "Patient")
+    return next(
+        e["resource"]["id"] for e in load(path)["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
 
 
 @pytest.mark.parametrize("path", demo_files(), ids=lambda p: p.stem)
@@ -139,7 +157,9 @@ def test_every_demo_patient_shows_its_expected_cards(server, page, path):
         assert card.locator(".detail table").count() >= 1
         assert card.locator(".source a").get_attribute("href") == answer_card["source"]["url"]
         assert card.locator("button.suggestion").count() == len(answer_card["suggestions"])
-        assert card.locator("select.override-reason option").count() == 1 + len(answer_card["overrideReasons"])
+        assert card.locator("select.override-reason option").count() == 1 + len(
+            answer_card["overrideReasons"]
+        )
     assert page.dialogs == [] and page.errors == []
 
 
@@ -239,8 +259,12 @@ def test_the_readme_demo_command_serves_the_page():
     """The real `cds-service demo` (gunicorn, where the page reads /fhir through the socket it listens on),
     driven by scripts/preview_screenshot.py: the script that makes the README's docs/preview.png."""
     out = ARTIFACTS / "preview-demo-command.png"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "preview_screenshot.py"), "--out", str(out)],
-                         capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "preview_screenshot.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "1 card(s) for demo-d01" in run.stdout
     assert out.stat().st_size > 10_000

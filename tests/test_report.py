@@ -25,15 +25,25 @@ def _uuid(n: int) -> str:
     return str(uuid.UUID(int=n))
 
 
-def _show(store: Store, when: dt.datetime, latency_ms: float, card: int, recommendation: str, mode: str = "prefetch") -> None:
-    cards = (CardRecord(_uuid(card), "cai-2025-lung", recommendation, 1, 2, "moderate", ("s",)),) if card else ()
-    store.record_call(CallRecord(f"h-{uuid.uuid4()}", "crc-metastases", f"p{card}", when, mode, latency_ms, cards))
+def _show(
+    store: Store, when: dt.datetime, latency_ms: float, card: int, recommendation: str, mode: str = "prefetch"
+) -> None:
+    cards = (
+        (CardRecord(_uuid(card), "cai-2025-lung", recommendation, 1, 2, "moderate", ("s",)),) if card else ()
+    )
+    store.record_call(
+        CallRecord(f"h-{uuid.uuid4()}", "crc-metastases", f"p{card}", when, mode, latency_ms, cards)
+    )
 
 
 def _answer(store: Store, card: int, outcome: str, reason: bool = False, comment: str | None = None) -> None:
     entry = FeedbackRecord(
-        _uuid(card), outcome, ("s",) if outcome == "accepted" else (),
-        *(REASON if reason else (None, None, None)), comment, DAY2,
+        _uuid(card),
+        outcome,
+        ("s",) if outcome == "accepted" else (),
+        *(REASON if reason else (None, None, None)),
+        comment,
+        DAY2,
     )
     store.record_feedback("crc-metastases", [entry], DAY2)
 
@@ -66,7 +76,9 @@ def test_report_over_all_time(filled):
     assert nat.acceptance_rate == pytest.approx(1 / 3) and nat.override_rate == pytest.approx(1 / 3)
     assert (crd.cards_shown, crd.distinct_cards, crd.accepted, crd.overridden) == (2, 2, 0, 1)
     reasons = {r.code: r for r in report.override_reasons}
-    assert reasons["already-reviewed-by-mdt"].count == 1 and reasons["already-reviewed-by-mdt"].with_comment == 1
+    assert (
+        reasons["already-reviewed-by-mdt"].count == 1 and reasons["already-reviewed-by-mdt"].with_comment == 1
+    )
     assert reasons["(no reason given)"].count == 1
     assert report.feedback_entries == 3
 
@@ -98,8 +110,13 @@ def test_parse_since():
 
 def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CDS_DATABASE_URL": database_url}
-    return subprocess.run([sys.executable, "-m", "cds_service.cli", "report", *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "cds_service.cli", "report", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def test_report_table(filled):
@@ -115,14 +132,18 @@ def test_report_table(filled):
 def test_report_csv_since(filled):
     proc = _cli(filled[0], "--since", "2026-03-02", "--format", "csv")
     assert proc.returncode == 0, proc.stderr
-    rows = {(r["section"], r["key"], r["metric"]): r["value"] for r in csv.DictReader(io.StringIO(proc.stdout))}
+    rows = {
+        (r["section"], r["key"], r["metric"]): r["value"] for r in csv.DictReader(io.StringIO(proc.stdout))
+    }
     assert rows[("calls", "all", "count")] == "2"
     assert rows[("recommendation", "cai-2025-lung/complete-risk-data", "override_rate")] == "0.5"
     assert rows[("latency_ms", "hook", "max")] == "100.0"
     assert not any(key[1].endswith("consider-nat") for key in rows)
 
 
-@pytest.mark.parametrize("args,message", [(["--since", "soon"], "not a date"), (["--format", "xml"], "invalid choice")])
+@pytest.mark.parametrize(
+    "args,message", [(["--since", "soon"], "not a date"), (["--format", "xml"], "invalid choice")]
+)
 def test_report_bad_arguments_exit_2(tmp_path, args, message):
     proc = _cli(f"sqlite:///{tmp_path / 'cds.db'}", *args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -41,10 +41,14 @@ def _store(url: str, key: str = KEY) -> Store:
 
 
 def _card(n: int = 1, suggestions: tuple[str, ...] = ("s-1", "s-2")) -> CardRecord:
-    return CardRecord(str(uuid.UUID(int=n)), "cai-2025-lung", "consider-nat", 2, 3, "undetermined", suggestions)
+    return CardRecord(
+        str(uuid.UUID(int=n)), "cai-2025-lung", "consider-nat", 2, 3, "undetermined", suggestions
+    )
 
 
-def _call(patient: str = "patient-123", cards: tuple[CardRecord, ...] = (), service: str = "svc") -> CallRecord:
+def _call(
+    patient: str = "patient-123", cards: tuple[CardRecord, ...] = (), service: str = "svc"
+) -> CallRecord:
     return CallRecord(f"hook-{uuid.uuid4()}", service, patient, NOW, "prefetch", 12.5, cards)
 
 
@@ -112,7 +116,11 @@ def test_a_call_is_stored_with_its_cards_and_the_patient_only_as_a_keyed_hash(da
     assert [c["card_uuid"] for c in cards] == [str(uuid.UUID(int=1)), str(uuid.UUID(int=2))]
     assert cards[0]["suggestion_uuids"] == ["s-1", "s-2"] and cards[1]["suggestion_uuids"] == []
     assert (cards[0]["model"], cards[0]["recommendation"], cards[0]["score_min"], cards[0]["score_max"]) == (
-        "cai-2025-lung", "consider-nat", 2, 3)
+        "cai-2025-lung",
+        "consider-nat",
+        2,
+        3,
+    )
 
 
 def test_another_key_gives_another_hash(database_url):
@@ -130,12 +138,23 @@ def test_card_suggestions_finds_only_this_services_cards(database_url):
 
 
 def test_cards_of_reads_the_assessment_of_each_card():
-    answer = {"cards": [
-        {"uuid": "u1", "suggestions": [{"uuid": "a"}, {"label": "no uuid"}],
-         "extension": {"crc-cds-assessment": {"model": "m", "recommendation": "r", "group": "g",
-                                              "score": {"min": 0, "max": 1}}}},
-        {"summary": "a card without uuid cannot get feedback"},
-    ]}
+    answer = {
+        "cards": [
+            {
+                "uuid": "u1",
+                "suggestions": [{"uuid": "a"}, {"label": "no uuid"}],
+                "extension": {
+                    "crc-cds-assessment": {
+                        "model": "m",
+                        "recommendation": "r",
+                        "group": "g",
+                        "score": {"min": 0, "max": 1},
+                    }
+                },
+            },
+            {"summary": "a card without uuid cannot get feedback"},
+        ]
+    }
     assert cards_of(answer) == (CardRecord("u1", "m", "r", 0, 1, "g", ("a",)),)
 
 
@@ -159,13 +178,25 @@ def test_feedback_is_stored_once_however_often_it_is_posted(database_url):
 
 def test_feedback_fields_round_trip(database_url):
     store = _store(database_url)
-    entry = FeedbackRecord(str(uuid.UUID(int=7)), "overridden", (), "urn:sys", "already-reviewed", "Already",
-                           "discussed at MDT on Monday", dt.datetime(2026, 3, 1, 13, 0, tzinfo=dt.timezone(dt.timedelta(hours=1))))
+    entry = FeedbackRecord(
+        str(uuid.UUID(int=7)),
+        "overridden",
+        (),
+        "urn:sys",
+        "already-reviewed",
+        "Already",
+        "discussed at MDT on Monday",
+        dt.datetime(2026, 3, 1, 13, 0, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+    )
     store.record_feedback("svc", [entry], NOW)
     with store.read() as conn:
         row = conn.execute(select(feedback)).mappings().one()
     assert (row["override_system"], row["override_code"], row["override_display"], row["user_comment"]) == (
-        "urn:sys", "already-reviewed", "Already", "discussed at MDT on Monday")
+        "urn:sys",
+        "already-reviewed",
+        "Already",
+        "discussed at MDT on Monday",
+    )
     assert row["outcome_timestamp"] == NOW and row["outcome_timestamp"].tzinfo == dt.UTC
     assert row["received_at"] == NOW and row["accepted_suggestions"] == []
 
@@ -219,7 +250,12 @@ def test_concurrent_processes_lose_no_rows_and_claim_each_jti_once(database_url)
     with ProcessPoolExecutor(workers, mp_context=spawn) as pool:
         results = list(pool.map(_write_many, [database_url] * workers, range(workers), [n] * workers))
     counts = _store(database_url).counts()
-    assert counts == {"hook_call": workers * n, "hook_card": workers * n, "feedback": workers * n, "client_jti": n}
+    assert counts == {
+        "hook_call": workers * n,
+        "hook_card": workers * n,
+        "feedback": workers * n,
+        "client_jti": n,
+    }
     granted = [sum(r[i] for r in results) for i in range(n)]
     assert granted == [1] * n
 

@@ -32,14 +32,30 @@ OXALIPLATIN_IN, OXALIPLATIN_SCD, TOPICAL_5FU_SCD = "32592", "1736776", "105583"
 LUNG = "39607008"
 
 # A moderate-risk chart before any treatment: DFI 23 months, pN1 → score 2 of 4 once CEA is known.
-BASE = (crc(onset="2019-01-10"), resection("2019-02-01"), n_category("pathologic", "1229951001"),
-        lung_met(onset="2021-01-10"))
+BASE = (
+    crc(onset="2019-01-10"),
+    resection("2019-02-01"),
+    n_category("pathologic", "1229951001"),
+    lung_met(onset="2021-01-10"),
+)
 
 
-def med(rtype: str = "MedicationRequest", *, code: str | None = OXALIPLATIN_IN, text: str | None = None,
-        status: str | None = None, date: str = "2021-02-01", medication_ref: str | None = None,
-        bounds_start: str | None = None, id: str = "med") -> dict[str, Any]:
-    resource: dict[str, Any] = {"resourceType": rtype, "id": id, "subject": {"reference": f"Patient/{PATIENT_ID}"}}
+def med(
+    rtype: str = "MedicationRequest",
+    *,
+    code: str | None = OXALIPLATIN_IN,
+    text: str | None = None,
+    status: str | None = None,
+    date: str = "2021-02-01",
+    medication_ref: str | None = None,
+    bounds_start: str | None = None,
+    id: str = "med",
+) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": rtype,
+        "id": id,
+        "subject": {"reference": f"Patient/{PATIENT_ID}"},
+    }
     if medication_ref:
         resource["medicationReference"] = {"reference": medication_ref}
     else:
@@ -50,7 +66,9 @@ def med(rtype: str = "MedicationRequest", *, code: str | None = OXALIPLATIN_IN, 
     if rtype == "MedicationRequest":
         resource.update(status=status or "active", intent="order", authoredOn=date)
         if bounds_start:
-            resource["dosageInstruction"] = [{"timing": {"repeat": {"boundsPeriod": {"start": bounds_start}}}}]
+            resource["dosageInstruction"] = [
+                {"timing": {"repeat": {"boundsPeriod": {"start": bounds_start}}}}
+            ]
     elif rtype == "MedicationAdministration":
         resource.update(status=status or "completed", effectiveDateTime=date)
     else:
@@ -82,33 +100,45 @@ def test_systemic_therapy_started_on_the_lung_metastasis_date_counts():
     assert lung(med(date="2021-01-10")).recommendation == "assess-nat-response"
 
 
-@pytest.mark.parametrize("coding,text,matched_by", [
-    (OXALIPLATIN_SCD, None, "RxNorm code"),
-    ("575971", None, "RxNorm code"),  # Synthea's Eloxatin component
-    (None, "FOLFOX: Oxaliplatin 85 mg/m2 IV", "drug name"),
-    (None, "5-fluorouracil 400 mg/m2 bolus", "drug name"),
-])
+@pytest.mark.parametrize(
+    "coding,text,matched_by",
+    [
+        (OXALIPLATIN_SCD, None, "RxNorm code"),
+        ("575971", None, "RxNorm code"),  # Synthea's Eloxatin component
+        (None, "FOLFOX: Oxaliplatin 85 mg/m2 IV", "drug name"),
+        (None, "5-fluorouracil 400 mg/m2 bolus", "drug name"),
+    ],
+)
 def test_drug_matching_routes(coding, text, matched_by):
     facts = derive_facts(chart(*BASE, med(code=coding, text=text)))
     assert [t.matched_by for t in facts.systemic] == [matched_by]
 
 
-@pytest.mark.parametrize("coding,text", [
-    (TOPICAL_5FU_SCD, None),
-    (None, "fluorouracil 5% topical cream"),
-    ("1719772", None),  # liposomal irinotecan
-    (None, "ondansetron 8 mg"),
-    (None, "trifluridine ophthalmic solution"),
-])
+@pytest.mark.parametrize(
+    "coding,text",
+    [
+        (TOPICAL_5FU_SCD, None),
+        (None, "fluorouracil 5% topical cream"),
+        ("1719772", None),  # liposomal irinotecan
+        (None, "ondansetron 8 mg"),
+        (None, "trifluridine ophthalmic solution"),
+    ],
+)
 def test_not_systemic_therapy_of_the_metastases(coding, text):
     assert derive_facts(chart(*BASE, med(code=coding, text=text))).systemic == []
 
 
-@pytest.mark.parametrize("rtype,status", [
-    ("MedicationRequest", "cancelled"), ("MedicationRequest", "entered-in-error"), ("MedicationRequest", "draft"),
-    ("MedicationAdministration", "not-done"), ("MedicationStatement", "not-taken"),
-    ("MedicationStatement", "entered-in-error"),
-])
+@pytest.mark.parametrize(
+    "rtype,status",
+    [
+        ("MedicationRequest", "cancelled"),
+        ("MedicationRequest", "entered-in-error"),
+        ("MedicationRequest", "draft"),
+        ("MedicationAdministration", "not-done"),
+        ("MedicationStatement", "not-taken"),
+        ("MedicationStatement", "entered-in-error"),
+    ],
+)
 def test_ignored_statuses(rtype, status):
     assert lung(cea(12, date="2021-01-20"), med(rtype, status=status)).recommendation == "consider-nat"
 
@@ -119,9 +149,12 @@ def test_an_order_left_active_for_years_counts_from_when_it_began():
 
 
 def test_medication_reference_with_ingredient_code():
-    medication = {"resourceType": "Medication", "id": "folfox",
-                  "code": {"text": "FOLFOX regimen"},
-                  "ingredient": [{"itemCodeableConcept": concept(RXNORM, OXALIPLATIN_IN)}]}
+    medication = {
+        "resourceType": "Medication",
+        "id": "folfox",
+        "code": {"text": "FOLFOX regimen"},
+        "ingredient": [{"itemCodeableConcept": concept(RXNORM, OXALIPLATIN_IN)}],
+    }
     facts = derive_facts(chart(*BASE, medication, med(medication_ref="Medication/folfox")))
     assert [(t.drug, t.matched_by) for t in facts.systemic] == [("oxaliplatin", "Medication ingredient")]
 
@@ -135,13 +168,18 @@ def test_another_patients_medication_is_ignored():
 # --- the CEA rule (§8.4) ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cea_date,used", [
-    ("2021-01-31", True),   # the day before chemotherapy starts
-    ("2021-02-01", False),  # the day chemotherapy starts: not "before"
-    ("2021-03-01", False),  # on treatment
-])
+@pytest.mark.parametrize(
+    "cea_date,used",
+    [
+        ("2021-01-31", True),  # the day before chemotherapy starts
+        ("2021-02-01", False),  # the day chemotherapy starts: not "before"
+        ("2021-03-01", False),  # on treatment
+    ],
+)
 def test_cea_must_predate_systemic_therapy(cea_date, used):
-    a = lung(cea(3.0, date="2021-01-05", id="old"), cea(12, date=cea_date, id="boundary"), med(date="2021-02-01"))
+    a = lung(
+        cea(3.0, date="2021-01-05", id="old"), cea(12, date=cea_date, id="boundary"), med(date="2021-02-01")
+    )
     assert a.cea.result is not None
     assert (a.cea.result.source == "Observation/boundary") is used
     assert "start of systemic therapy" in a.cea.rule and "2021-02-01" in a.cea.rule
@@ -160,8 +198,12 @@ def test_only_on_treatment_cea_leaves_the_factor_unknown():
 
 def test_the_earlier_of_local_and_systemic_therapy_is_the_cutoff():
     wedge = procedure(SNOMED, "232632009", performed="2021-03-01", id="wedge")
-    a = lung(cea(9, date="2021-01-25", id="before-chemo"), cea(20, date="2021-02-20", id="on-chemo"),
-             med(date="2021-02-01"), wedge)
+    a = lung(
+        cea(9, date="2021-01-25", id="before-chemo"),
+        cea(20, date="2021-02-20", id="on-chemo"),
+        med(date="2021-02-01"),
+        wedge,
+    )
     assert a.cea.result.source == "Observation/before-chemo"
     assert a.recommendation == "post-local-therapy-follow-up"
 
@@ -178,31 +220,45 @@ def test_the_chart_moves_from_diagnosis_to_nat_to_surgery():
     assert lung(*steps).recommendation == "post-local-therapy-follow-up"
 
 
-def service_request(code_system: str, code: str, status: str = "active", body_site: str | None = LUNG) -> dict:
-    resource: dict[str, Any] = {"resourceType": "ServiceRequest", "id": "sr", "status": status, "intent": "order",
-                                "code": concept(code_system, code), "subject": {"reference": f"Patient/{PATIENT_ID}"},
-                                "authoredOn": "2021-02-10"}
+def service_request(
+    code_system: str, code: str, status: str = "active", body_site: str | None = LUNG
+) -> dict:
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "id": "sr",
+        "status": status,
+        "intent": "order",
+        "code": concept(code_system, code),
+        "subject": {"reference": f"Patient/{PATIENT_ID}"},
+        "authoredOn": "2021-02-10",
+    }
     if body_site:
         resource["bodySite"] = [concept(SNOMED, body_site)]
     get_fhir_model_class("ServiceRequest").model_validate(resource)
     return resource
 
 
-@pytest.mark.parametrize("planned", [
-    service_request(CPT, "32998"),                       # RFA ordered
-    service_request(CPT, "77373"),                       # SBRT ordered, lung body site
-    procedure(SNOMED, "426987001", "preparation", id="rfa"),  # ablation Procedure not yet done
-])
+@pytest.mark.parametrize(
+    "planned",
+    [
+        service_request(CPT, "32998"),  # RFA ordered
+        service_request(CPT, "77373"),  # SBRT ordered, lung body site
+        procedure(SNOMED, "426987001", "preparation", id="rfa"),  # ablation Procedure not yet done
+    ],
+)
 def test_planned_ablation_or_sbrt_gives_ablation_guidance(planned):
     assert lung(cea(12, date="2021-01-20"), planned).recommendation == "ablation-guidance"
 
 
-@pytest.mark.parametrize("request_", [
-    service_request(CPT, "32998", status="completed"),
-    service_request(CPT, "32998", status="revoked"),
-    service_request(CPT, "77373", body_site=None),  # SBRT with no sign it is for the lung
-    service_request(LOINC, "2039-6"),                # a CEA order
-])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        service_request(CPT, "32998", status="completed"),
+        service_request(CPT, "32998", status="revoked"),
+        service_request(CPT, "77373", body_site=None),  # SBRT with no sign it is for the lung
+        service_request(LOINC, "2039-6"),  # a CEA order
+    ],
+)
 def test_not_a_planned_lung_ablation(request_):
     assert lung(cea(12, date="2021-01-20"), request_).recommendation == "consider-nat"
 
@@ -222,8 +278,16 @@ def test_liver_cea_is_the_last_before_liver_ablation():
 
     liver = condition(SNOMED, "94381002", onset="2021-01-10", id="liver-met")
     ablation = procedure(SNOMED, "448781006", performed="2021-03-01", id="liver-rfa")
-    facts = derive_facts(chart(crc(), resection(), liver, ablation, cea(250, date="2021-02-01", id="pre"),
-                               cea(20, date="2021-04-01", id="post")))
+    facts = derive_facts(
+        chart(
+            crc(),
+            resection(),
+            liver,
+            ablation,
+            cea(250, date="2021-02-01", id="pre"),
+            cea(20, date="2021-04-01", id="post"),
+        )
+    )
     a = assess_liver(facts, None)
     assert a is not None and a.cea.result.source == "Observation/pre"
     assert next(f for f in a.factors if f.id == "cea_gt_200").status == "present"
