@@ -8,7 +8,6 @@ whose message names the search and the cause, and never carries the access token
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import logging
 import threading
@@ -28,6 +27,7 @@ from urllib3.util.retry import Retry
 
 from cds_service.errors import BadRequest, DataUnavailable
 from cds_service.settings import Settings
+from cds_service.urls import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +144,6 @@ def shared_session() -> requests.Session:
 # --------------------------------------------------------------------------- fhirServer checks
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -190,7 +180,7 @@ def check_fhir_server(url: str | None, settings: Settings) -> str:
             "fhirServer must be a FHIR base URL without query or fragment", issue_code="invalid"
         )
     normalised = f"{scheme}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
-    if scheme == "http" and not _is_loopback(parts.hostname) and not settings.allow_insecure_fhir:
+    if scheme == "http" and not is_loopback(parts.hostname) and not settings.allow_insecure_fhir:
         raise DataUnavailable(
             f"fhirServer {normalised} uses plain http; https is required except on loopback "
             "(or set CDS_ALLOW_INSECURE_FHIR=true)",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .urls import is_loopback
 
 
 class Settings(BaseSettings):
@@ -58,9 +59,7 @@ class Settings(BaseSettings):
         # The JWKS decides which tokens we accept: plain http would let anyone on the path swap keys.
         for iss, url in value.items():
             parts = urlsplit(url)
-            secure = parts.scheme == "https" or (
-                parts.scheme == "http" and _is_loopback(parts.hostname or "")
-            )
+            secure = parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or ""))
             if not secure or not parts.hostname:
                 raise ValueError(
                     f"the JWKS URL of {iss!r} must be an https URL (http only on loopback), not {url!r}"
@@ -106,13 +105,3 @@ class Settings(BaseSettings):
                 return json.loads(stripped)
             return [v.strip() for v in stripped.split(",") if v.strip()]
         return value
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
