@@ -9,6 +9,9 @@ p95 latency beside the median of `json.loads` of the same request body, measured
 Then the same for the largest real Synthea charts of ../shared/fhir-external (skipped when absent).
 Targets on the 2-core reference machine: 50 resources median <= 3 ms; 500 and 5,000 resources
 median <= 2x json.loads; cost linear in chart size.
+
+Each call writes its audit row as the service does (a throwaway SQLite file, synchronous=FULL);
+BENCH_DATABASE_URL=sqlite:// measures with an in-memory store instead, to see that cost apart.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import gc
 import gzip
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -246,7 +250,7 @@ def main() -> int:
     args = parser.parse_args()
     # The real path, audit record included, in a throwaway SQLite file (not the working directory).
     workdir = tempfile.mkdtemp(prefix="hook-latency-")
-    settings = Settings(auth_required=False, database_url=f"sqlite:///{workdir}/bench.db", audit_key="b" * 32)
+    settings = Settings(auth_required=False, database_url=os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{workdir}/bench.db"), audit_key="b" * 32)
     client = create_app(settings).test_client()
     floor = floor_client()
     print(
