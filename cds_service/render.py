@@ -219,21 +219,15 @@ def _derived_uuid(*parts: str) -> str:
     return str(uuid.uuid5(_UUID_NAMESPACE, "|".join(parts)))
 
 
-def _assessment_json(
-    model: str,
-    recommendation: str,
-    score: tuple[int, int],
-    group: str,
-    factors: tuple[Factor, ...],
-    cea: CeaPick,
-) -> dict[str, Any]:
+def _assessment_json(model: str, a: Assessment) -> dict[str, Any]:
+    """The `crc-cds-assessment` extension (service contract §4)."""
     return {
         "model": model,
-        "recommendation": recommendation,
-        "score": {"min": score[0], "max": score[1]},
-        "group": group,
-        "factors": [f.assessment() for f in factors],
-        "cea_rule": cea.rule,
+        "recommendation": a.recommendation,
+        "score": {"min": a.score_min, "max": a.score_max},
+        "group": a.group,
+        "factors": [f.assessment() for f in a.factors],
+        "cea_rule": a.cea.rule,
     }
 
 
@@ -304,9 +298,7 @@ def lung_card(
 ) -> Card:
     spec = _yaml("lung.yaml")
     view = _lung_view(a, facts, spec, today, cea_max_age_days)
-    assessment = _assessment_json(
-        spec["model"], a.recommendation, (a.score_min, a.score_max), a.group, a.factors, a.cea
-    )
+    assessment = _assessment_json(spec["model"], a)
     return _card(
         "lung.yaml",
         "lung_detail.md.j2",
@@ -329,9 +321,7 @@ def liver_card(
 ) -> Card:
     spec = _yaml("liver.yaml")
     view = _liver_view(a, facts, spec, today, cea_max_age_days)
-    assessment = _assessment_json(
-        spec["model"], a.recommendation, (a.score_min, a.score_max), a.group, a.factors, a.cea
-    )
+    assessment = _assessment_json(spec["model"], a)
     cea_factor = next(f for f in a.factors if f.id == "cea_gt_200")
     return _card(
         "liver.yaml",
