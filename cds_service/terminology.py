@@ -277,7 +277,10 @@ class Terminology:
         return tags
 
     def observation_concept_raw(self, code: Any) -> tuple[str, str] | None:
-        """observation_concept() of a raw JSON `Observation.code`: the hot loop of large charts."""
+        """("cea", "mass" | "unconvertible" | …) or ("n" | "stage", kind) for a raw JSON `Observation.code`.
+
+        The hot loop of large charts: one dict lookup per coding, no intermediate lists.
+        """
         if type(code) is not dict:
             return None
         index = self.observation_index
@@ -287,18 +290,6 @@ class Terminology:
                 if hit:
                     return hit
         return None
-
-    def observation_concept(self, codings: Iterable[Coding]) -> tuple[str, str] | None:
-        """("cea", "mass" | "unconvertible") or ("n" | "stage", kind) for an Observation code."""
-        index = self.observation_index
-        for coding in codings:
-            hit = index.get(coding)
-            if hit:
-                return hit
-        return None
-
-    def is_snomed(self, system: str) -> bool:
-        return system in self._systems["snomed"]
 
 
 @cache
