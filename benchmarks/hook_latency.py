@@ -250,7 +250,11 @@ def main() -> int:
     args = parser.parse_args()
     # The real path, audit record included, in a throwaway SQLite file (not the working directory).
     workdir = tempfile.mkdtemp(prefix="hook-latency-")
-    settings = Settings(auth_required=False, database_url=os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{workdir}/bench.db"), audit_key="b" * 32)
+    settings = Settings(
+        auth_required=False,
+        database_url=os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{workdir}/bench.db"),
+        audit_key="b" * 32,
+    )
     client = create_app(settings).test_client()
     floor = floor_client()
     print(

@@ -16,13 +16,14 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import auth, ops
+from .audit import AuditTrail
 from .catalog import Service, services
 from .engine import answer
 from .errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, operation_outcome
-from .feedback import receive_feedback, record_call
+from .feedback import receive_feedback
 from .protocol import Discovery, dumps, prune
 from .settings import Settings
-from .store import Store, open_store
+from .store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ def _settings() -> Settings:
     return current_app.extensions["cds.settings"]
 
 
-def _store() -> Store:
-    return current_app.extensions["cds.store"]
+def _audit() -> AuditTrail:
+    return current_app.extensions["cds.audit"]
 
 
 def _service(service_id: str) -> Service:
@@ -105,7 +106,7 @@ def hook(service_id: str) -> Response:
         outcome.source.fhir_mode,
         outcome.seconds * 1000,
     )
-    record_call(_store(), body, service.id, outcome, ops.elapsed())  # never raises
+    _audit().record(body, service.id, outcome, ops.elapsed())  # queued, written behind; never raises
     return _json(outcome.answer)
 
 
@@ -113,7 +114,7 @@ def hook(service_id: str) -> Response:
 def feedback(service_id: str) -> Response:
     service = _service(service_id)
     auth.authenticate(request, _settings())
-    receive_feedback(_body(), service.id, _store())
+    receive_feedback(_body(), service.id, _audit())
     # CDS Hooks 2.0 defines no feedback response body; an empty JSON object parses everywhere.
     return _json({})
 
@@ -181,7 +182,8 @@ def create_app(
     app.extensions["cds.settings"] = settings
     app.extensions["cds.today"] = today or (lambda: dt.datetime.now(dt.UTC).date())
     # Opens the audit/feedback store and migrates its schema to head (under a lock: store.migrate).
-    app.extensions["cds.store"] = open_store(settings)
+    app.extensions["cds.store"] = store = open_store(settings)
+    app.extensions["cds.audit"] = AuditTrail(store)
     auth.init_app(app, settings)  # the trusted issuers' key caches; warns when auth is off
     ops.init_app(app)
     app.register_blueprint(bp)

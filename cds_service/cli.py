@@ -41,11 +41,15 @@ def _settings(**overrides: Any) -> Settings:
 def _gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> None:
     from gunicorn.app.base import BaseApplication
 
-    from . import metrics
+    from . import audit, metrics
     from .observability import gunicorn_logconfig
 
     def child_exit(_server: Any, worker: Any) -> None:
         metrics.worker_exited(worker.pid)
+
+    def worker_exit(_server: Any, _worker: Any) -> None:
+        # In the worker, as it stops: its queued audit records are written before it goes.
+        audit.close_all()
 
     class _App(BaseApplication):
         def load_config(self) -> None:
@@ -57,6 +61,7 @@ def _gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> Non
             self.cfg.set("accesslog", None)
             self.cfg.set("logconfig_dict", gunicorn_logconfig(_log_level(), json_lines=_json_logs("serve")))
             self.cfg.set("child_exit", child_exit)
+            self.cfg.set("worker_exit", worker_exit)
             # Extra settings for operators, e.g. GUNICORN_CMD_ARGS="--workers 4 --keep-alive 5".
             for key, value in (
                 self.cfg.parser().parse_args(os.environ.get("GUNICORN_CMD_ARGS", "").split()).__dict__.items()

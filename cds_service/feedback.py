@@ -1,25 +1,30 @@
-"""What happens to a hook call's answer and a clinician's feedback on it: the audit trail.
+"""A clinician's feedback on a card: validated against the audit trail's cards, stored once.
 
-`record_call` writes each answered hook call (with its cards) to the store; `receive_feedback`
-validates a feedback POST against those cards and stores it. Flask-free: app.py calls these.
+`receive_feedback` checks a feedback POST names cards (and suggestions) this service returned —
+written by `audit.AuditTrail` — and stores it. Flask-free: app.py calls it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import metrics
-from .engine import Outcome
+from .audit import AuditTrail
 from .errors import ServiceError
 from .protocol import FeedbackEntry, parse_feedback
-from .store import CallRecord, FeedbackRecord, FeedbackResult, Store, cards_of
+from .store import FeedbackRecord, FeedbackResult
 
 log = logging.getLogger(__name__)
+
+# How long an unknown card is looked for before the 422: well above the few milliseconds another
+# worker takes to commit the audit of a card it has just answered.
+UNKNOWN_CARD_GRACE_S = 0.25
 
 
 class UnknownReference(ServiceError):
@@ -39,37 +44,12 @@ class StoreUnavailable(ServiceError):
     issue_code = "transient"
 
 
-def record_call(
-    store: Store, body: Mapping[str, Any], service_id: str, outcome: Outcome, latency_s: float
-) -> None:
-    """Audit one answered hook call. Never raises: the clinician's answer matters more than its audit.
-
-    `body` has been validated by the engine already (hookInstance and context.patientId exist).
-    """
-    try:
-        cards = cards_of(outcome.answer)
-        metrics.observe_answer(service_id, outcome, cards)
-        store.record_call(
-            CallRecord(
-                hook_instance=body["hookInstance"],
-                service_id=service_id,
-                patient_id=body["context"]["patientId"],
-                received_at=dt.datetime.now(dt.UTC),
-                fhir_mode=outcome.source.fhir_mode,
-                latency_ms=round(latency_s * 1000, 3),
-                cards=cards,
-            )
-        )
-    except Exception as exc:  # any failure: log it (no values: hide_parameters) and answer anyway
-        metrics.store_error("record_call")
-        log.error("could not audit a %s hook call: %s: %s", service_id, type(exc).__name__, _first_line(exc))
-
-
-def receive_feedback(body: Any, service_id: str, store: Store) -> FeedbackResult:
+def receive_feedback(body: Any, service_id: str, audit: AuditTrail) -> FeedbackResult:
     """Validate a feedback body (400), check its cards are ours (422), store it once."""
     entries = parse_feedback(body)
+    store = audit.store
     try:
-        known = store.card_suggestions(service_id, {e.card for e in entries})
+        known = _known_cards(audit, service_id, {e.card for e in entries})
         _check_references(entries, known)
         result = store.record_feedback(service_id, [_record(e) for e in entries], dt.datetime.now(dt.UTC))
     except SQLAlchemyError as exc:
@@ -81,6 +61,22 @@ def receive_feedback(body: Any, service_id: str, store: Store) -> FeedbackResult
     metrics.observe_feedback(service_id, result)
     log.info("feedback for %s: %d stored, %d duplicate(s)", service_id, result.stored, result.duplicates)
     return result
+
+
+def _known_cards(audit: AuditTrail, service_id: str, cards: set[str]) -> dict[str, frozenset[str]]:
+    """The cards among `cards` the service returned, each with its suggestion uuids.
+
+    Audit records are written just behind the answers: this process's queue is flushed first, and
+    a card still missing is looked for again for a moment, since the worker that answered it may be
+    another process committing it right now (an EHR can post feedback milliseconds after a card).
+    """
+    audit.flush()
+    known = audit.store.card_suggestions(service_id, cards)
+    deadline = time.monotonic() + UNKNOWN_CARD_GRACE_S
+    while known.keys() < cards and time.monotonic() < deadline:
+        time.sleep(0.02)
+        known = audit.store.card_suggestions(service_id, cards)
+    return known
 
 
 def _check_references(entries: list[FeedbackEntry], known: Mapping[str, frozenset[str]]) -> None:

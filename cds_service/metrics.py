@@ -75,8 +75,8 @@ def observe_request(service: str, endpoint: str, status: int, seconds: float) ->
 
 
 @_never_raises
-def store_error(operation: str) -> None:
-    STORE_ERRORS.labels(operation=operation).inc()
+def store_error(operation: str, count: int = 1) -> None:
+    STORE_ERRORS.labels(operation=operation).inc(count)
 
 
 @_never_raises

@@ -280,22 +280,30 @@ class Store:
                 yield conn
 
     def record_call(self, call: CallRecord) -> int:
+        """Write one hook call's audit record now; its row id."""
+        return self.record_calls([call])[0]
+
+    def record_calls(self, calls: Iterable[CallRecord]) -> list[int]:
+        """Write several audit records in one transaction (one commit, one fsync); their row ids."""
+        ids = []
         with self._write() as conn:
-            call_id = conn.execute(
-                _INSERT_CALL,
-                {
-                    "hook_instance": call.hook_instance,
-                    "service_id": call.service_id,
-                    "received_at": call.received_at,
-                    "patient_hash": self.patient_hash(call.patient_id),
-                    "fhir_mode": call.fhir_mode,
-                    "latency_ms": call.latency_ms,
-                    "card_count": len(call.cards),
-                },
-            ).scalar_one()
-            if call.cards:
-                conn.execute(_INSERT_CARD, [_card_row(call_id, card) for card in call.cards])
-        return int(call_id)
+            for call in calls:
+                call_id = conn.execute(
+                    _INSERT_CALL,
+                    {
+                        "hook_instance": call.hook_instance,
+                        "service_id": call.service_id,
+                        "received_at": call.received_at,
+                        "patient_hash": self.patient_hash(call.patient_id),
+                        "fhir_mode": call.fhir_mode,
+                        "latency_ms": call.latency_ms,
+                        "card_count": len(call.cards),
+                    },
+                ).scalar_one()
+                if call.cards:
+                    conn.execute(_INSERT_CARD, [_card_row(call_id, card) for card in call.cards])
+                ids.append(int(call_id))
+        return ids
 
     def card_suggestions(self, service_id: str, card_uuids: Iterable[str]) -> dict[str, frozenset[str]]:
         """The cards of `service_id` among `card_uuids`, each with its suggestion uuids."""

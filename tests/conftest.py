@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cds_service.app import create_app
+from cds_service.audit import close_all
 from cds_service.cli import request_from_bundle
 from cds_service.settings import Settings
 from cds_service.store import close_stores
@@ -40,9 +41,11 @@ def load(path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def _database_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _database_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Apps built from default Settings() must not write cds-service.db into the checkout."""
     monkeypatch.setenv("CDS_DATABASE_URL", f"sqlite:///{tmp_path / 'default.db'}")
+    yield
+    close_all()  # no audit writer outlives its test's database
 
 
 @pytest.fixture
@@ -96,4 +99,5 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield f"sqlite:///{tmp_path / 'store.db'}"
     else:
         yield request.getfixturevalue("postgres").new_database()
+    close_all()  # audit records still queued are written to this test's database, not a later one
     close_stores()  # no pooled connection outlives its test (PostgreSQL counts them)

@@ -30,8 +30,8 @@ def app(database_url):
 
 
 @pytest.fixture
-def store(app):
-    return app.extensions["cds.store"]
+def audit(app):
+    return app.extensions["cds.audit"]
 
 
 @pytest.fixture
@@ -62,27 +62,28 @@ def _overridden(card: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _rows(store, table=feedback) -> list[dict[str, Any]]:
-    with store.read() as conn:
+def _rows(audit, table=feedback) -> list[dict[str, Any]]:
+    audit.flush()  # audit records are written just behind the answers
+    with audit.store.read() as conn:
         return [dict(r) for r in conn.execute(select(table).order_by(table.c.id)).mappings()]
 
 
 # --- accepted, overridden, the lenient single object ------------------------------------------------
 
 
-def test_accepted_with_suggestions_is_stored(client, store, card):
+def test_accepted_with_suggestions_is_stored(client, audit, card):
     resp = client.post(FEEDBACK_URL, json={"feedback": [_accepted(card)]})
     assert resp.status_code == 200 and resp.get_json() == {}
-    (row,) = _rows(store)
+    (row,) = _rows(audit)
     assert row["card_uuid"] == card["uuid"] and row["outcome"] == "accepted"
     assert row["accepted_suggestions"] == [card["suggestions"][0]["uuid"]]
     assert row["outcome_timestamp"].isoformat() == "2026-03-01T10:05:31+00:00"
     assert row["service_id"] == "crc-metastases" and row["received_at"] is not None
 
 
-def test_overridden_with_reason_and_comment_is_stored(client, store, card):
+def test_overridden_with_reason_and_comment_is_stored(client, audit, card):
     assert client.post(FEEDBACK_URL, json={"feedback": [_overridden(card)]}).status_code == 200
-    (row,) = _rows(store)
+    (row,) = _rows(audit)
     reason = card["overrideReasons"][0]
     assert (row["outcome"], row["override_system"], row["override_code"], row["override_display"]) == (
         "overridden",
@@ -93,44 +94,44 @@ def test_overridden_with_reason_and_comment_is_stored(client, store, card):
     assert row["user_comment"] == "Discussed at MDT already" and row["accepted_suggestions"] == []
 
 
-def test_overridden_without_a_reason_is_stored(client, store, card):
+def test_overridden_without_a_reason_is_stored(client, audit, card):
     body = {
         "feedback": [
             {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-03-01T10:00:00Z"}
         ]
     }
     assert client.post(FEEDBACK_URL, json=body).status_code == 200
-    assert _rows(store)[0]["override_code"] is None
+    assert _rows(audit)[0]["override_code"] is None
 
 
-def test_a_single_feedback_object_is_accepted_leniently(client, store, card):
+def test_a_single_feedback_object_is_accepted_leniently(client, audit, card):
     resp = client.post(FEEDBACK_URL, json=_overridden(card))
     assert resp.status_code == 200 and resp.get_json() == {}
-    assert len(_rows(store)) == 1
+    assert len(_rows(audit)) == 1
 
 
-def test_several_entries_in_one_post(client, store, card):
+def test_several_entries_in_one_post(client, audit, card):
     other = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).get_json()["cards"][0]
     resp = client.post(FEEDBACK_URL, json={"feedback": [_accepted(card), _overridden(other)]})
     assert resp.status_code == 200
-    assert [r["outcome"] for r in _rows(store)] == ["accepted", "overridden"]
+    assert [r["outcome"] for r in _rows(audit)] == ["accepted", "overridden"]
 
 
-def test_a_duplicate_is_idempotent(client, store, card):
+def test_a_duplicate_is_idempotent(client, audit, card):
     body = {"feedback": [_accepted(card)]}
     assert client.post(FEEDBACK_URL, json=body).status_code == 200
     assert client.post(FEEDBACK_URL, json=body).status_code == 200
     assert client.post(FEEDBACK_URL, json=_accepted(card)).status_code == 200  # same entry, other form
-    assert len(_rows(store)) == 1
+    assert len(_rows(audit)) == 1
     later = {**_accepted(card), "outcomeTimestamp": "2026-03-02T08:00:00Z"}  # a new interaction
     assert client.post(FEEDBACK_URL, json=later).status_code == 200
-    assert len(_rows(store)) == 2
+    assert len(_rows(audit)) == 2
 
 
-def test_card_uuids_are_compared_case_insensitively(client, store, card):
+def test_card_uuids_are_compared_case_insensitively(client, audit, card):
     body = {**_accepted(card), "card": card["uuid"].upper()}
     assert client.post(FEEDBACK_URL, json=body).status_code == 200
-    assert _rows(store)[0]["card_uuid"] == card["uuid"]
+    assert _rows(audit)[0]["card_uuid"] == card["uuid"]
 
 
 # --- refused, nothing stored ------------------------------------------------------------------------------
@@ -141,11 +142,11 @@ def test_card_uuids_are_compared_case_insensitively(client, store, card):
     [b"{not json", b"\xff\xfe", b"", b"[]", b'"feedback"'],
     ids=["invalid-json", "undecodable", "empty", "array", "string"],
 )
-def test_a_body_that_is_not_a_json_object_is_400(client, store, body):
+def test_a_body_that_is_not_a_json_object_is_400(client, audit, body):
     assert_operation_outcome(
         client.post(FEEDBACK_URL, data=body, content_type="application/json"), 400, "invalid"
     )
-    assert _rows(store) == []
+    assert _rows(audit) == []
 
 
 INVALID = {
@@ -169,17 +170,17 @@ INVALID = {
 
 
 @pytest.mark.parametrize("name", INVALID)
-def test_malformed_feedback_is_400_and_stores_nothing(client, store, card, name):
+def test_malformed_feedback_is_400_and_stores_nothing(client, audit, card, name):
     issue = assert_operation_outcome(client.post(FEEDBACK_URL, json=INVALID[name](card)), 400, "invalid")
     assert "feedback" in issue["diagnostics"]
-    assert _rows(store) == []
+    assert _rows(audit) == []
 
 
-def test_accepted_without_suggestions_is_stored(client, store, card):
+def test_accepted_without_suggestions_is_stored(client, audit, card):
     body = {**_accepted(card)}
     body.pop("acceptedSuggestions")
     assert client.post(FEEDBACK_URL, json=body).status_code == 200
-    assert len(_rows(store)) == 1
+    assert len(_rows(audit)) == 1
 
 
 def test_unknown_service_is_404(client, card):
@@ -188,18 +189,18 @@ def test_unknown_service_is_404(client, card):
     )
 
 
-def test_an_unknown_card_is_422_and_nothing_is_stored(client, store, card):
+def test_an_unknown_card_is_422_and_nothing_is_stored(client, audit, card):
     unknown = str(uuid.uuid4())
     body = {"feedback": [_accepted(card), {**_overridden(card), "card": unknown}]}
     issue = assert_operation_outcome(client.post(FEEDBACK_URL, json=body), 422, "not-found")
     assert unknown in issue["diagnostics"] and "nothing was stored" in issue["diagnostics"]
-    assert _rows(store) == []
+    assert _rows(audit) == []
 
 
-def test_a_suggestion_the_card_does_not_have_is_422(client, store, card):
+def test_a_suggestion_the_card_does_not_have_is_422(client, audit, card):
     body = {**_accepted(card), "acceptedSuggestions": [{"id": str(uuid.uuid4())}]}
     assert_operation_outcome(client.post(FEEDBACK_URL, json=body), 422, "not-found")
-    assert _rows(store) == []
+    assert _rows(audit) == []
 
 
 def test_feedback_is_authenticated_like_hook_calls(database_url):
@@ -220,15 +221,15 @@ def test_feedback_answers_cors(client):
 # --- the audit of hook calls ------------------------------------------------------------------------------
 
 
-def test_each_hook_call_is_audited_with_its_cards_and_no_patient_id(client, store):
+def test_each_hook_call_is_audited_with_its_cards_and_no_patient_id(client, audit):
     body = hook_body(load(HIGH_RISK))
     answer = client.post(SERVICE_URL, json=body).get_json()
-    (call,) = _rows(store, hook_call)
-    (card,) = _rows(store, hook_card)
+    (call,) = _rows(audit, hook_call)
+    (card,) = _rows(audit, hook_card)
     assessment = answer["cards"][0]["extension"]["crc-cds-assessment"]
     assert call["hook_instance"] == body["hookInstance"] and call["service_id"] == "crc-metastases"
     assert call["fhir_mode"] == "prefetch" and call["latency_ms"] > 0 and call["card_count"] == 1
-    assert call["patient_hash"] == store.patient_hash(body["context"]["patientId"])
+    assert call["patient_hash"] == audit.store.patient_hash(body["context"]["patientId"])
     assert body["context"]["patientId"] not in str(call)
     assert card["card_uuid"] == answer["cards"][0]["uuid"]
     assert (
@@ -247,39 +248,40 @@ def test_each_hook_call_is_audited_with_its_cards_and_no_patient_id(client, stor
     assert card["suggestion_uuids"] == [s["uuid"] for s in answer["cards"][0]["suggestions"]]
 
 
-def test_calls_without_cards_and_refused_calls(client, store):
+def test_calls_without_cards_and_refused_calls(client, audit):
     assert (
         client.post(SERVICE_URL, json=hook_body(load(FIXTURES / "16-out-peritoneal-only.json"))).status_code
         == 200
     )
     assert client.post(SERVICE_URL, json={"hook": "patient-view"}).status_code == 400
-    calls = _rows(store, hook_call)
+    calls = _rows(audit, hook_call)
     assert [c["card_count"] for c in calls] == [0]  # refused calls are in the logs and metrics only
 
 
-def test_a_store_failure_never_turns_a_good_answer_into_an_error(client, store, caplog):
-    with store.engine.begin() as conn:  # a real failure: the table the audit writes to is gone
+def test_a_store_failure_never_turns_a_good_answer_into_an_error(client, audit, caplog):
+    with audit.store.engine.begin() as conn:  # a real failure: the table the audit writes to is gone
         conn.execute(text("DROP TABLE hook_card"))
     body = hook_body(load(HIGH_RISK))
     resp = client.post(SERVICE_URL, json=body)
     assert resp.status_code == 200 and len(resp.get_json()["cards"]) == 1
+    assert audit.flush()
     failures = [r for r in caplog.records if "could not audit" in r.getMessage()]
     assert failures and body["context"]["patientId"] not in failures[0].getMessage()
-    assert _rows(store, hook_call) == []  # the call and its cards are one transaction
+    assert _rows(audit, hook_call) == []  # the call and its cards are one transaction
 
 
-def test_a_store_that_cannot_take_feedback_is_a_503_to_retry(client, store, card):
-    with store.engine.begin() as conn:  # a real failure: the feedback table is gone
+def test_a_store_that_cannot_take_feedback_is_a_503_to_retry(client, audit, card):
+    with audit.store.engine.begin() as conn:  # a real failure: the feedback table is gone
         conn.execute(text("DROP TABLE feedback"))
     issue = assert_operation_outcome(client.post(FEEDBACK_URL, json=_accepted(card)), 503, "transient")
     assert "try again" in issue["diagnostics"]
 
 
-def test_long_client_strings_are_stored_whole(client, store):
+def test_long_client_strings_are_stored_whole(client, audit):
     body = hook_body(load(HIGH_RISK), hook_instance="h" * 2000)
     card = client.post(SERVICE_URL, json=body).get_json()["cards"][0]
-    assert _rows(store, hook_call)[0]["hook_instance"] == "h" * 2000
+    assert _rows(audit, hook_call)[0]["hook_instance"] == "h" * 2000
     long_reason = {"system": "urn:" + "s" * 900, "code": "c" * 900, "display": "d" * 900}
     entry = {"card": card["uuid"], "outcome": "overridden", "overrideReason": {"reason": long_reason}}
     assert client.post(FEEDBACK_URL, json=entry).status_code == 200
-    assert _rows(store)[0]["override_display"] == "d" * 900
+    assert _rows(audit)[0]["override_display"] == "d" * 900

@@ -1,0 +1,171 @@
+"""The audit trail written behind the answers: the answer never waits for the database, every record
+still reaches it (batched, at shutdown too), and feedback finds cards another worker is still writing.
+
+The database is held busy with a real SQLite write lock (another connection's BEGIN IMMEDIATE), the
+way a long backup or a burst of writers would hold it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prometheus_client import REGISTRY
+from sqlalchemy import event
+
+from cds_service.app import create_app
+from cds_service.audit import AuditTrail
+from cds_service.settings import Settings
+
+from .conftest import FIXTURES, ROOT, SERVICE_URL, TODAY, hook_body, load
+
+HIGH_RISK = FIXTURES / "01-lung-high-risk-all-four.json"
+
+
+@contextmanager
+def write_lock(db: Path) -> Iterator[None]:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+def _app(db: Path):
+    app = create_app(
+        Settings(auth_required=False, database_url=f"sqlite:///{db}", audit_key="a" * 32), today=lambda: TODAY
+    )
+    app.config["TESTING"] = False
+    return app
+
+
+def _count(db: Path, table: str = "hook_call") -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def _store_errors() -> float:
+    return REGISTRY.get_sample_value("cds_store_errors_total", {"operation": "record_call"}) or 0.0
+
+
+def test_the_answer_does_not_wait_for_the_audit_write(tmp_path):
+    db = tmp_path / "cds.db"
+    app = _app(db)
+    audit: AuditTrail = app.extensions["cds.audit"]
+    with write_lock(db):
+        started = time.monotonic()
+        resp = app.test_client().post(SERVICE_URL, json=hook_body(load(HIGH_RISK)))
+        answered = time.monotonic() - started
+        assert resp.status_code == 200 and len(resp.get_json()["cards"]) == 1
+        assert answered < 2 and audit.pending == 1 and _count(db) == 0
+    assert audit.flush() and audit.pending == 0
+    assert _count(db) == 1 and _count(db, "hook_card") == 1
+
+
+def test_records_queued_while_the_database_is_busy_are_written_together(tmp_path):
+    db = tmp_path / "cds.db"
+    app = _app(db)
+    audit: AuditTrail = app.extensions["cds.audit"]
+    commits = []
+    event.listen(audit.store.engine, "commit", lambda _conn: commits.append(1))
+    client = app.test_client()
+    body = hook_body(load(HIGH_RISK))
+    with write_lock(db):
+        for _ in range(30):
+            assert client.post(SERVICE_URL, json=body).status_code == 200
+    assert audit.flush()
+    assert _count(db) == 30 and _count(db, "hook_card") == 30
+    # The writer took the first record alone (it was waiting), then the 29 that queued behind it.
+    assert len(commits) <= 3
+
+
+def test_a_full_queue_drops_records_with_an_error_and_keeps_answering(tmp_path, caplog):
+    db = tmp_path / "cds.db"
+    app = _app(db)
+    audit = app.extensions["cds.audit"] = AuditTrail(app.extensions["cds.store"], max_pending=2)
+    client = app.test_client()
+    body = hook_body(load(HIGH_RISK))
+    errors_before = _store_errors()
+    with write_lock(db):
+        for _ in range(5):
+            assert client.post(SERVICE_URL, json=body).status_code == 200
+        time.sleep(0.05)  # the writer holds one record (waiting for the lock), the queue the next two
+    assert audit.flush()
+    lost = [r for r in caplog.records if "could not audit" in r.getMessage()]
+    assert lost and all("OverflowError" in r.getMessage() for r in lost)
+    assert _count(db) + len(lost) == 5 and _store_errors() - errors_before == len(lost)
+    assert body["context"]["patientId"] not in caplog.text
+
+
+def test_feedback_finds_a_card_another_worker_is_still_writing(tmp_path):
+    db = tmp_path / "cds.db"
+    answering, receiving = _app(db), _app(db)  # two workers on one database
+    statuses: list[int] = []
+
+    def post_feedback(card_uuid: str) -> None:
+        entry = {"card": card_uuid, "outcome": "accepted"}
+        statuses.append(receiving.test_client().post(f"{SERVICE_URL}/feedback", json=entry).status_code)
+
+    with write_lock(db):
+        card = (
+            answering.test_client().post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).get_json()["cards"][0]
+        )
+        assert _count(db) == 0  # its audit record is still queued in the answering worker
+        feedback = threading.Thread(target=post_feedback, args=(card["uuid"],))
+        feedback.start()
+        time.sleep(0.1)  # the lock goes well within the grace the receiving worker gives a missing card
+        assert statuses == []  # still looking for the card
+    feedback.join(5)
+    assert statuses == [200]
+    assert _count(db) == 1 and _count(db, "feedback") == 1
+
+
+def test_queued_records_are_written_before_the_process_exits(tmp_path):
+    db = tmp_path / "cds.db"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(ROOT)!r})
+        from tests.test_audit import _app, hook_body, load, HIGH_RISK, SERVICE_URL
+        client = _app(Path({str(db)!r})).test_client()
+        print("ready", flush=True)
+        sys.stdin.readline()
+        for _ in range(20):
+            assert client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).status_code == 200
+        print("answered", flush=True)
+        sys.exit(0)  # no flush here: the interpreter's exit must write the queue
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with write_lock(db):
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "answered"
+            time.sleep(0.2)
+            assert proc.poll() is None and _count(db) == 0  # exiting, yet waiting to write its records
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    assert _count(db) == 20
+
+
+def test_a_card_nobody_answered_is_still_422_after_the_grace(client):
+    entry = {"card": "8f3d2b7e-0000-4000-8000-000000000001", "outcome": "accepted"}
+    started = time.monotonic()
+    resp = client.post(f"{SERVICE_URL}/feedback", json=entry)
+    assert resp.status_code == 422 and 0.2 <= time.monotonic() - started < 2
