@@ -21,7 +21,8 @@ from .catalog import Service, services
 from .engine import answer
 from .errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, operation_outcome
 from .feedback import receive_feedback
-from .protocol import Discovery, dumps, prune
+from .jsonio import dumps, loads
+from .protocol import Discovery, prune
 from .settings import Settings
 from .store import open_store
 
@@ -72,7 +73,7 @@ def _body() -> Any:
     if not raw.strip():
         raise BadRequest("the request body is empty")
     try:
-        return json.loads(raw)
+        return loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(
             f"the request body is not valid JSON ({getattr(exc, 'msg', 'undecodable')})"

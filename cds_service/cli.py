@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from .catalog import services
 from .errors import ServiceError
+from .jsonio import dumps, loads
 from .observability import configure_logging
-from .protocol import dumps
 from .settings import Settings
 
 
@@ -186,7 +186,7 @@ def _read_json(path: str) -> Any:
     except OSError as exc:
         raise CliError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        return json.loads(text)
+        return loads(text)
     except json.JSONDecodeError as exc:
         raise CliError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 

@@ -8,7 +8,6 @@ whose message names the search and the cause, and never carries the access token
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
 import time
@@ -26,6 +25,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from cds_service.errors import BadRequest, DataUnavailable
+from cds_service.jsonio import loads
 from cds_service.settings import Settings
 from cds_service.urls import is_loopback
 
@@ -347,7 +347,7 @@ class _Fetcher:
         status = response.status_code
         content_type = response.headers.get("Content-Type", "").lower()
         try:
-            body: Any = json.loads(body_bytes)
+            body: Any = loads(body_bytes)
         except ValueError:
             body = None
         looks_html = body is None and ("html" in content_type or body_bytes.lstrip()[:1] == b"<")

@@ -8,7 +8,6 @@ clients must never see `null`, `""`, `[]` or `{}` (only `"cards": []`).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 from typing import Any, Literal
 
@@ -236,8 +235,3 @@ def prune(value: Any) -> Any:
 def answer_json(response: CardsResponse) -> dict[str, Any]:
     cards = [prune(card.model_dump(mode="json")) for card in response.cards]
     return {"cards": cards}
-
-
-def dumps(document: Any) -> str:
-    """The one serialisation of every answer: HTTP and `cds-service evaluate` print the same bytes."""
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
