@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 from .protocol import DiscoveryService
 from .terminology import terminology
@@ -35,7 +35,7 @@ class Service:
                 return key
         return None
 
-    @property
+    @cached_property  # read for every prefetch key of every call: computed once per service
     def search_keys(self) -> tuple[str, ...]:
         return tuple(k for k, t in self.prefetch.items() if "?" in t)
 

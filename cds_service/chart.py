@@ -31,6 +31,8 @@ class Chart:
     patient_full_url: str | None = None
     _verdicts: dict[int, bool] = field(default_factory=dict, repr=False)
     _seen: set[tuple[str, str]] = field(default_factory=set, repr=False)
+    # The references that name this patient, built on the first claim rather than on every one.
+    _refs: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     def of_type(self, resource_type: str) -> list[dict[str, Any]]:
         return self.resources.get(resource_type, [])
@@ -48,9 +50,9 @@ class Chart:
         return verdict
 
     def _decide(self, resource: dict[str, Any]) -> bool:
-        if not belongs_to(
-            resource, patient_references(self.patient_id, self.patient_full_url), self.patient_id
-        ):
+        if self._refs is None:
+            self._refs = patient_references(self.patient_id, self.patient_full_url)
+        if not belongs_to(resource, self._refs, self.patient_id):
             self.foreign_dropped += 1
             # An EHR data error worth knowing about; never the data itself (no PHI in logs).
             log.warning("ignored a %s that belongs to another patient", resource.get("resourceType"))

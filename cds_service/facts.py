@@ -208,8 +208,10 @@ def _observation_date(observation: Observation) -> dt.date | None:
 # --- conditions --------------------------------------------------------------------------------
 
 
-def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
+def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> list[Condition]:
+    """Primaries and metastases; returns the primary's Conditions that carry a stage (validated)."""
     primary_dates: list[dt.date] = []
+    staged: list[Condition] = []
     for raw in chart.of_type("Condition"):
         found = raw_codings(raw.get("code"))
         concept = term.condition_concept(found)
@@ -229,6 +231,8 @@ def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> No
         if concept.kind == "primary":
             if source:
                 facts.primaries.append(source)
+                if raw.get("stage"):
+                    staged.append(condition)
             if when:
                 primary_dates.append(when)
             continue
@@ -267,6 +271,7 @@ def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> No
     facts.primary_diagnosis = min(primary_dates, default=None)
     facts.primaries.sort()
     facts.metastases.sort(key=lambda m: (m.organ or "~", m.detected or dt.date.max, m.source or ""))
+    return staged
 
 
 # --- procedures --------------------------------------------------------------------------------
@@ -279,11 +284,7 @@ def _read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> No
         if not tags:
             continue
         resection, excision = "resection" in tags, "excision" in tags
-        kinds = {
-            f"{organ}:{k.kind}": (organ, k)
-            for organ, group in (("lung", term.lung_local_therapy), ("liver", term.liver_local_therapy))
-            for k in group
-        }
+        kinds = term.local_therapy_by_tag
         therapy = [kinds[t] for t in tags if t in kinds]
         if not chart.claim(raw):
             continue
@@ -593,11 +594,7 @@ def _read_systemic_therapy(chart: Chart, term: Terminology, facts: PatientFacts)
 def _read_planned_local_therapy(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
     """ServiceRequests for lung (or liver) ablation / SBRT not yet done: treatment planned."""
     lung_sources = {m.source for m in facts.sites("lung") if m.source}
-    kinds = {
-        f"{organ}:{k.kind}": (organ, k)
-        for organ, group in (("lung", term.lung_local_therapy), ("liver", term.liver_local_therapy))
-        for k in group
-    }
+    kinds = term.local_therapy_by_tag
     for raw in chart.of_type("ServiceRequest"):
         if raw.get("status") not in term.planned_request_statuses:
             continue
@@ -646,13 +643,13 @@ def _validate_used_cea(facts: PatientFacts, cutoffs: set[dt.date | None]) -> Non
             checked.add(id(facts.cea[index]))
 
 
-def _read_condition_stages(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
-    """Condition.stage.summary of the colorectal primary (plain US Core data)."""
-    primaries = set(facts.primaries)
-    for raw in chart.of_type("Condition"):
-        if ref_of(raw) not in primaries or not raw.get("stage") or not chart.claim(raw):
-            continue
-        condition = Condition.model_validate(raw)  # already validated once when picked
+def _read_condition_stages(staged: list[Condition], term: Terminology, facts: PatientFacts) -> None:
+    """Condition.stage.summary of the colorectal primary (plain US Core data).
+
+    `staged`: the primary's Conditions as validated by _read_conditions, in chart order (they are
+    not validated a second time).
+    """
+    for condition in staged:
         for stage in condition.stage or []:
             value_kind, group, shown = _stage_value(stage.summary, term)
             if group is None:
@@ -673,7 +670,7 @@ def _deceased(patient: dict[str, Any] | None) -> bool:
 def derive_facts(chart: Chart, term: Terminology | None = None) -> PatientFacts:
     term = term or terminology()
     facts = PatientFacts(patient_id=chart.patient_id, deceased=_deceased(chart.patient))
-    _read_conditions(chart, term, facts)
+    staged = _read_conditions(chart, term, facts)
     if not facts.in_scope:
         return facts  # quiet and fast: nothing more to read
     _read_procedures(chart, term, facts)
@@ -682,7 +679,7 @@ def derive_facts(chart: Chart, term: Terminology | None = None) -> PatientFacts:
     _read_systemic_therapy(chart, term, facts)
     _read_observations(chart, term, facts, facts.other_conditions)
     _validate_used_cea(facts, {None} | {facts.treatment_cutoff(o)[0] for o in ("lung", "liver")})
-    _read_condition_stages(chart, term, facts)
+    _read_condition_stages(staged, term, facts)
     _read_tumors(chart, term, facts)
     facts.tumor_sizes.sort(key=lambda s: (s.date or dt.date.min, s.source or ""))
     facts.nodal.sort(key=lambda n: (n.date or dt.date.min, n.source or ""))

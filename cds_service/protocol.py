@@ -219,16 +219,21 @@ class Discovery(_Model):
 
 def prune(value: Any) -> Any:
     """Drop keys whose value is None, "", [] or {} (recursively)."""
+    # Only containers are recursed into: a card has ~150 leaves, and a call per leaf was most of the
+    # cost. A pruned container is empty exactly when it equals [] or {}.
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            item = prune(item)
-            if item is None or item == "" or item == [] or item == {}:
+            if isinstance(item, (dict, list)):
+                item = prune(item)
+                if not item:
+                    continue
+            elif item is None or item == "":
                 continue
             out[key] = item
         return out
     if isinstance(value, list):
-        return [prune(v) for v in value]
+        return [prune(v) if isinstance(v, (dict, list)) else v for v in value]
     return value
 
 

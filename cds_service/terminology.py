@@ -125,6 +125,13 @@ class Terminology:
             for coding in code_set.exact:
                 self._procedure_exact.setdefault(coding, []).append(tag)
         self._procedure_patterns = [(tag, s) for tag, s in tagged if s.pcs_pattern is not None]
+        # A local-therapy tag (`lung:<kind>`, `liver:<kind>`) → (organ, kind), for Procedures and
+        # ServiceRequests alike.
+        self.local_therapy_by_tag: dict[str, tuple[str, LocalTherapyKind]] = {
+            f"{organ}:{k.kind}": (organ, k)
+            for organ, group in (("lung", self.lung_local_therapy), ("liver", self.liver_local_therapy))
+            for k in group
+        }
         self._pcs_systems = frozenset(self._systems["icd10pcs"])
 
         cea = obs["cea"]
