@@ -14,12 +14,13 @@ from typing import Any
 import orjson
 
 
-def dumps(document: Any) -> str:
+def dumps(document: Any, *, sort_keys: bool = False) -> str:
     """The one serialisation of every answer: HTTP and `cds-service evaluate` print the same bytes."""
+    option = orjson.OPT_NON_STR_KEYS | (orjson.OPT_SORT_KEYS if sort_keys else 0)
     try:
-        return orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS).decode()
+        return orjson.dumps(document, option=option).decode()
     except TypeError:  # what orjson cannot write (an integer beyond 64 bits) the standard library can
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
 
 
 def loads(raw: bytes | str) -> Any:

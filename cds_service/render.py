@@ -7,7 +7,6 @@ before it reaches a template, so a hostile chart cannot inject links or HTML int
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import yaml
 
 from .factors import UNKNOWN, Assessment, CeaPick, Factor
 from .facts import PatientFacts
+from .jsonio import dumps
 from .liver import LiverAssessment
 from .lung import LungAssessment
 from .models import group_of, lung_params
@@ -290,7 +290,7 @@ def _card(
         ],
         extension={ASSESSMENT_KEY: assessment},
     )
-    content = json.dumps(card.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    content = dumps(card.model_dump(mode="json", exclude_none=True), sort_keys=True)
     card.uuid = _derived_uuid(hook_instance, content)
     wanted = ["mdt", "cea"] if suggest_cea else ["mdt"]
     card.suggestions = [
