@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # How long an unknown card is looked for before the 422: well above the few milliseconds another
 # worker takes to commit the audit of a card it has just answered.
 UNKNOWN_CARD_GRACE_S = 0.25
+# How long feedback waits for this process's queued audit records before answering 503.
+FLUSH_TIMEOUT_S = 5.0
 
 
 class UnknownReference(ServiceError):
@@ -70,7 +72,11 @@ def _known_cards(audit: AuditTrail, service_id: str, cards: set[str]) -> dict[st
     a card still missing is looked for again for a moment, since the worker that answered it may be
     another process committing it right now (an EHR can post feedback milliseconds after a card).
     """
-    audit.flush()
+    if not audit.flush(FLUSH_TIMEOUT_S):
+        # Our own audit records are stuck (database locked or down): "unknown card" would be wrong.
+        metrics.store_error("record_feedback")
+        log.error("feedback for %s refused: %d audit record(s) still unwritten", service_id, audit.pending)
+        raise StoreUnavailable("the audit store is busy; nothing was stored, try again later")
     known = audit.store.card_suggestions(service_id, cards)
     deadline = time.monotonic() + UNKNOWN_CARD_GRACE_S
     while known.keys() < cards and time.monotonic() < deadline:

@@ -20,6 +20,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 from sqlalchemy import event
 
+from cds_service import feedback as feedback_module
 from cds_service.app import create_app
 from cds_service.audit import AuditTrail
 from cds_service.settings import Settings
@@ -169,3 +170,21 @@ def test_a_card_nobody_answered_is_still_422_after_the_grace(client):
     started = time.monotonic()
     resp = client.post(f"{SERVICE_URL}/feedback", json=entry)
     assert resp.status_code == 422 and 0.2 <= time.monotonic() - started < 2
+
+
+def test_feedback_is_a_503_while_its_workers_audit_records_cannot_be_written(tmp_path, monkeypatch):
+    db = tmp_path / "cds.db"
+    app = _app(db)
+    client = app.test_client()
+    monkeypatch.setattr(feedback_module, "FLUSH_TIMEOUT_S", 0.2)
+    with write_lock(db):
+        card = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).get_json()["cards"][0]
+        resp = client.post(f"{SERVICE_URL}/feedback", json={"card": card["uuid"], "outcome": "accepted"})
+        assert resp.status_code == 503 and "try again" in resp.get_json()["issue"][0]["diagnostics"]
+    assert app.extensions["cds.audit"].flush()
+    assert _count(db) == 1 and _count(db, "feedback") == 0
+    # Once written, the same feedback is taken.
+    assert (
+        client.post(f"{SERVICE_URL}/feedback", json={"card": card["uuid"], "outcome": "accepted"}).status_code
+        == 200
+    )
