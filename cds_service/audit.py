@@ -29,6 +29,8 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from . import metrics
 from .engine import Outcome
 from .store import CallRecord, Store, cards_of
@@ -79,6 +81,10 @@ class AuditTrail:
         except Exception as exc:  # a bug in building the record: log it and answer anyway
             _lost(service_id, 1, exc)
             return
+        self.submit(call)
+
+    def submit(self, call: CallRecord) -> None:
+        """Queue one audit record for the writer thread; dropped (logged, counted) when the queue is full."""
         with self._cond:
             if len(self._pending) >= self._max_pending:
                 full = True
@@ -89,7 +95,7 @@ class AuditTrail:
                 self._ensure_writer()
                 self._cond.notify_all()
         if full:
-            _lost(service_id, 1, OverflowError(f"{self._max_pending} audit records already waiting"))
+            _lost(call.service_id, 1, OverflowError(f"{self._max_pending} audit records already waiting"))
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every record queued so far is written (or given up on); False on timeout."""
@@ -115,13 +121,26 @@ class AuditTrail:
                     self._thread = None
                     return
                 batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
-            try:
-                self.store.record_calls(batch)
-            except Exception as exc:  # database down, disk full…: the records are lost, the answers were not
-                _lost(batch[0].service_id, len(batch), exc)
+            self._write(batch)
             with self._cond:
                 self._settled += len(batch)
                 self._cond.notify_all()
+
+    def _write(self, batch: list[CallRecord]) -> None:
+        try:
+            self.store.record_calls(batch)
+        except OperationalError as exc:
+            # Database down, locked too long, disk full: the records are lost, the answers were not.
+            # Retrying them one by one would only wait on the same database again.
+            _lost(batch[0].service_id, len(batch), exc)
+        except Exception:
+            # A record the database refuses (say a NUL byte PostgreSQL will not store) must not
+            # cost the other records of its batch theirs.
+            for call in batch:
+                try:
+                    self.store.record_calls([call])
+                except Exception as exc:
+                    _lost(call.service_id, 1, exc)
 
     def _after_fork(self) -> None:
         # The child starts with the parent's queue copied but no writer thread, and a lock that may

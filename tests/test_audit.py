@@ -18,12 +18,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prometheus_client import REGISTRY
-from sqlalchemy import event
+from sqlalchemy import create_engine, event, select
 
 from cds_service import feedback as feedback_module
 from cds_service.app import create_app
 from cds_service.audit import AuditTrail
 from cds_service.settings import Settings
+from cds_service.store import hook_call, normalise_url
 
 from .conftest import FIXTURES, ROOT, SERVICE_URL, TODAY, hook_body, load
 
@@ -188,3 +189,43 @@ def test_feedback_is_a_503_while_its_workers_audit_records_cannot_be_written(tmp
         client.post(f"{SERVICE_URL}/feedback", json={"card": card["uuid"], "outcome": "accepted"}).status_code
         == 200
     )
+
+
+@contextmanager
+def database_busy(url: str) -> Iterator[None]:
+    """Hold off every audit write (SQLite: the write lock; PostgreSQL: a lock on hook_call)."""
+    if url.startswith("sqlite"):
+        with write_lock(Path(url.removeprefix("sqlite:///"))):
+            yield
+        return
+    engine = create_engine(normalise_url(url))
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("LOCK TABLE hook_call IN EXCLUSIVE MODE")
+            yield
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_a_record_the_database_refuses_costs_only_itself(database_url, caplog):
+    app = create_app(
+        Settings(auth_required=False, database_url=database_url, audit_key="a" * 32), today=lambda: TODAY
+    )
+    audit: AuditTrail = app.extensions["cds.audit"]
+    client = app.test_client()
+    good = hook_body(load(HIGH_RISK))
+    # PostgreSQL stores no NUL character in text (SQLite does): that record fails, its batch-mates not.
+    nul = hook_body(load(HIGH_RISK), hook_instance="bad\x00instance")
+    with database_busy(database_url):  # the writer takes the first call; the other three queue as one batch
+        statuses = [client.post(SERVICE_URL, json=b).status_code for b in (good, good, nul, good)]
+        time.sleep(0.05)
+    assert statuses == [200, 200, 200, 200]
+    assert audit.flush()
+    with audit.store.read() as conn:
+        stored = [r[0] for r in conn.execute(select(hook_call.c.hook_instance))]
+    assert stored.count(good["hookInstance"]) == 3
+    lost = [r for r in caplog.records if "could not audit" in r.getMessage()]
+    assert len(stored) + len(lost) == 4 and "bad" not in caplog.text
+    if database_url.startswith("postgresql"):
+        assert len(lost) == 1
