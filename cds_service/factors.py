@@ -242,7 +242,9 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
     )
     if before is not None:
         candidates = [r for r in readable if r.date < before]
-        rule = f"latest CEA before the {before_what or 'start of treatment'} on {before.isoformat()}"
+        # dt.date.min: treatment began on a day nobody recorded (facts.treatment_cutoff).
+        on = f" on {before.isoformat()}" if before > dt.date.min else ""
+        rule = f"latest CEA before the {before_what or 'start of treatment'}{on}"
     else:
         candidates = readable
         rule = "latest CEA in the chart"
@@ -258,8 +260,8 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
     if picked is None:
         if before is not None and readable:
             reason = (
-                f"no CEA before the {before_what} on {before.isoformat()} "
-                f"(the {len(readable)} later result(s) are after treatment began)"
+                f"no CEA before the {before_what}{on} "
+                f"(the {len(readable)} later result(s) may reflect treatment)"
             )
         elif not_used:
             reason = "no CEA result that can be read: " + "; ".join(

@@ -156,9 +156,24 @@ class PatientFacts:
 
     def treatment_cutoff(self, organ: str) -> tuple[dt.date | None, str]:
         """When treatment of the organ's metastases began, and what began (clinical-logic §8.4, §8.19):
-        the first local therapy done, or the start of systemic therapy for the metastases."""
+        the first local therapy done, or the start of systemic therapy for the metastases.
+
+        A therapy with no date may have begun any day since the metastases were found, so then
+        their detection is the cutoff: only a CEA from before it is surely not on treatment
+        (dt.date.min when the detection is undated too: no CEA can be placed before treatment).
+        """
         candidates = [(t.date, f"first {t.display}") for t in self.therapies(organ, done=True) if t.date]
         candidates += [(t.start, "start of systemic therapy") for t in self.systemic_since(organ) if t.start]
+        undated = [t.display for t in self.therapies(organ, done=True) if t.date is None]
+        undated += ["systemic therapy" for t in self.systemic if t.start is None]
+        if undated:
+            detected, _ = self.detected(organ)
+            candidates.append(
+                (
+                    detected or dt.date.min,
+                    f"undated {undated[0]}, taken as no earlier than the {organ} metastases' detection",
+                )
+            )
         if not candidates:
             return None, ""
         return min(candidates)
@@ -568,8 +583,6 @@ def _therapy_start(resource: Any) -> dt.date | None:
         dates.append(resource.effectiveDateTime)
         if resource.effectivePeriod is not None:
             dates.append(resource.effectivePeriod.start)
-        if rtype == "MedicationStatement":
-            dates.append(resource.dateAsserted)
     found = [d for d in (as_date(v) for v in dates) if d is not None]
     return min(found, default=None)
 

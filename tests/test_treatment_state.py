@@ -193,7 +193,7 @@ def test_on_treatment_cea_cannot_make_a_patient_look_low_risk():
 def test_only_on_treatment_cea_leaves_the_factor_unknown():
     a = lung(cea(3.4, date="2021-05-01"), med(date="2021-02-01"))
     factor = next(f for f in a.factors if f.id == "cea_gt_5")
-    assert factor.status == "unknown" and "after treatment began" in factor.reason
+    assert factor.status == "unknown" and "may reflect treatment" in factor.reason
 
 
 def test_the_earlier_of_local_and_systemic_therapy_is_the_cutoff():
@@ -291,3 +291,59 @@ def test_liver_cea_is_the_last_before_liver_ablation():
     a = assess_liver(facts, None)
     assert a is not None and a.cea.result.source == "Observation/pre"
     assert next(f for f in a.factors if f.id == "cea_gt_200").status == "present"
+
+
+# --- therapies with no date (§8.4's safety rule still holds) ------------------------------------------
+
+
+def _undated(resource: dict[str, Any]) -> dict[str, Any]:
+    for key in ("authoredOn", "effectiveDateTime", "performedDateTime"):
+        resource.pop(key, None)
+    return resource
+
+
+def _cea_factor(a):
+    return next(f for f in a.factors if f.id == "cea_gt_5")
+
+
+UNDATED_WEDGE = procedure(SNOMED, "232632009", id="wedge")
+
+
+def test_an_undated_local_therapy_makes_the_detection_the_cea_cutoff():
+    # The wedge could have been any day since the metastasis was found (2021-01-10): the low
+    # result of May may be post-operative, the high one of January 5 cannot be.
+    a = lung(cea(12, date="2021-01-05", id="before"), cea(2, date="2021-05-01", id="after"), UNDATED_WEDGE)
+    assert a.cea.result is not None and a.cea.result.source == "Observation/before"
+    assert _cea_factor(a).status == "present"
+    assert "undated" in a.cea.rule and "2021-01-10" in a.cea.rule
+
+
+def test_an_undated_local_therapy_with_only_later_cea_leaves_it_unknown():
+    a = lung(cea(2, date="2021-05-01"), UNDATED_WEDGE)
+    factor = _cea_factor(a)
+    assert factor.status == "unknown" and "may reflect treatment" in factor.reason
+    assert a.recommendation != "upfront-local-therapy"
+
+
+def test_undated_systemic_therapy_cannot_let_an_on_treatment_cea_through():
+    a = lung(cea(2, date="2021-05-01"), _undated(med()))
+    assert _cea_factor(a).status == "unknown"
+    assert "undated systemic therapy" in a.cea.rule
+
+
+def test_undated_therapy_and_undated_metastasis_use_no_cea_and_print_no_placeholder_date():
+    undated_met = lung_met(onset=None)
+    a = assess_lung(derive_facts(chart(*BASE[:3], undated_met, cea(2, date="2021-05-01"), UNDATED_WEDGE)))
+    assert a is not None
+    factor = _cea_factor(a)
+    assert factor.status == "unknown" and "0001" not in factor.reason + a.cea.rule
+
+
+def test_a_statement_is_dated_by_its_effective_time_not_when_it_was_asserted():
+    # Recorded before the metastasis (dateAsserted) but taken from February: therapy for it.
+    statement = med("MedicationStatement", date="2021-02-01")
+    statement["dateAsserted"] = "2020-12-15"
+    a = lung(cea(12, date="2021-01-20"), cea(2, date="2021-05-01"), statement)
+    assert a.recommendation == "assess-nat-response"
+    assert "start of systemic therapy" in a.cea.rule and "2021-02-01" in a.cea.rule
+    assert _cea_factor(a).status == "present"
