@@ -160,6 +160,22 @@ def test_two_extrapulmonary_organs_are_not_oligometastatic():
     assert assessment.recommendation == "systemic-therapy-first"
 
 
+def test_kidney_and_skin_are_two_organs_though_terminology_groups_both_as_other():
+    kidney = condition(ICD10CM, "C79.00", id="kidney")
+    skin = condition(ICD10CM, "C79.2", id="skin")
+    assessment = assess(*low_risk(kidney, skin))
+    assert assessment.extrapulmonary_organs == ("kidney", "skin")
+    assert assessment.recommendation == "systemic-therapy-first"
+
+
+def test_two_other_specified_site_conditions_count_as_one_organ():
+    first = condition(ICD10CM, "C79.89", id="other-1")
+    second = condition(ICD10CM, "C79.89", id="other-2", onset="2022-06-01")
+    assessment = assess(*low_risk(first, second))
+    assert assessment.extrapulmonary_organs == ("other",)
+    assert assessment.recommendation == "consider-nat"
+
+
 @pytest.mark.parametrize("body_site", [LUNG_BODY_SITE, None])
 def test_lymphangitic_carcinomatosis_means_systemic_therapy_first(body_site):
     lymphangitic = condition(SNOMED, LYMPHANGITIC_SNOMED, body_site=body_site, id="lymph")
