@@ -24,6 +24,7 @@ from .lung import LungAssessment
 from .models import group_of, lung_params
 from .paths import data_dir
 from .protocol import Action, Card, Coding, Link, Source, Suggestion
+from .terminology import terminology
 
 # Card and suggestion uuids are derived (uuid5) from hookInstance and content: a retried call gets
 # the same uuids, and feedback traces back to the call that produced the card.
@@ -165,7 +166,13 @@ def _lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.dat
             "group_at_max": at_max,
             "lung_detected": a.lung_detected.isoformat() if a.lung_detected else None,
             "timing": a.timing,
-            "extrapulmonary_organs": ", ".join(a.extrapulmonary_organs),
+            "extrapulmonary_organs": ", ".join(_organ_display(o) for o in a.extrapulmonary_organs),
+            # Seed 003 applies its lung-and-liver staging to one extrapulmonary site other than liver.
+            "staged_site": (
+                _organ_display(a.extrapulmonary_organs[0])
+                if not a.liver_involved and len(a.extrapulmonary_organs) == 1
+                else None
+            ),
             "thoracic": [f"{md(m.display)} ({md(m.source or 'no id')})" for m in a.thoracic],
             "uncoded": [md(m.source or "a Condition without id") for m in a.uncoded_sites],
             "local_therapy": "; ".join(
@@ -237,6 +244,11 @@ def _service_request(patient_id: str, code: dict[str, Any], reasons: list[str], 
 
 # Same as \n{3,}, but its literal prefix lets the regex engine skip ahead: ~10x faster on a card.
 _BLANK_LINES = re.compile(r"\n\n\n+")
+
+
+def _organ_display(organ: str) -> str:
+    site = terminology().sites.get(organ)
+    return site.display if site else organ
 
 
 def _tidy(markdown: str) -> str:

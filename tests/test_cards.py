@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 import pytest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from cds_service.facts import derive_facts
+from cds_service.lung import assess_lung
+from cds_service.render import lung_card as render_lung_card
 from cds_service.render import md
 
+from .builders import BONE_MET_SNOMED, BRAIN_MET_SNOMED, ICD10CM, LIVER_MET_SNOMED, SNOMED, chart, condition
 from .conftest import FIXTURES, SERVICE_URL, demo_files, hook_body, load, lung_card
+from .test_lung_model import low_risk
 
 CAI_DOI = "https://doi.org/10.1007/s00384-025-04986-8"
 MODEL_DOI = {"cai-2025-lung": CAI_DOI, "fong-crs-liver": "https://doi.org/10.1177/17588359251328457"}
@@ -142,3 +148,32 @@ def test_hostile_text_that_reaches_the_card_is_escaped(client):
         "a live Markdown link reached the card"
     )
     assert r"\<img src=x onerror=alert(1)\>" in card["detail"]
+
+
+# --- seed 003's staged treatment: lung and liver, or lung and one other site -----------------------
+
+
+def _detail(*extra):
+    facts = derive_facts(chart(*low_risk(*extra)))
+    assessment = assess_lung(facts)
+    assert assessment is not None
+    card = render_lung_card(
+        assessment, facts, hook_instance="h", today=dt.date(2024, 1, 1), cea_max_age_days=90
+    )
+    return card.detail
+
+
+def test_one_non_liver_site_gets_the_staged_treatment_paragraph_with_its_name():
+    detail = _detail(condition(ICD10CM, "C77.2", onset="2022-05-01", id="nodes"))
+    assert "Extrapulmonary organs: distant lymph nodes." in detail  # the organ's name, not its key
+    assert "**Lung and one other site (distant lymph nodes)**" in detail
+    assert "Lung and liver metastases" not in detail
+
+
+def test_two_other_sites_or_a_liver_site_get_no_other_site_paragraph():
+    two = _detail(
+        condition(SNOMED, BONE_MET_SNOMED, id="bone"), condition(SNOMED, BRAIN_MET_SNOMED, id="brain")
+    )
+    assert "one other site" not in two
+    liver = _detail(condition(SNOMED, LIVER_MET_SNOMED, id="liver"))
+    assert "Lung and liver metastases" in liver and "one other site" not in liver
