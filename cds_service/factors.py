@@ -139,11 +139,14 @@ def node_positive_primary(facts: PatientFacts, factor_id: str = "node_positive_p
 
     if e := latest("pathologic", "N"):
         return n_factor(e)
+    pnx = latest("pathologic", "N", informative=False)
     if e := latest("pathologic", "stage"):
         if e.value == "III":
             return stage_factor(e, PRESENT)
-        if e.value in ("I", "II"):
-            return stage_factor(e, ABSENT)  # a pathologic stage I/II is N0 by definition
+        # A pathologic stage I/II is N0 by definition (§8.5), unless the pathology says the nodes
+        # were not assessed (pNX): then §8.14 holds, clinical N or unknown.
+        if e.value in ("I", "II") and pnx is None:
+            return stage_factor(e, ABSENT)
     clinical_n = latest("clinical", "N")
     stage_iii = [e for e in evidence if e.what == "stage" and e.value == "III"]
     if clinical_n and clinical_n.value != "0":
@@ -154,7 +157,6 @@ def node_positive_primary(facts: PatientFacts, factor_id: str = "node_positive_p
         return n_factor(clinical_n)
     if e := latest("unspecified", "N"):
         return n_factor(e)
-    pnx = latest("pathologic", "N", informative=False)
     if pnx:
         return Factor(
             factor_id,

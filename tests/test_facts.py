@@ -690,6 +690,16 @@ def nodal(*resources):
         pytest.param([stage_group("clinical", STAGE_IIIB)], PRESENT, id="clinical-stage-IIIB"),
         pytest.param([stage_group("unspecified", "IIIA")], PRESENT, id="ajcc-stage-IIIA"),
         pytest.param([stage_group("pathologic", STAGE_II)], ABSENT, id="pathologic-stage-II"),
+        pytest.param(
+            [n_category("pathologic", PNX), stage_group("pathologic", STAGE_II)],
+            UNKNOWN,
+            id="pNX-makes-pathologic-stage-II-uninformative",
+        ),
+        pytest.param(
+            [n_category("pathologic", PNX), stage_group("pathologic", STAGE_II), n_category("clinical", CN1)],
+            PRESENT,
+            id="pNX-and-pathologic-stage-II-then-cN1",
+        ),
     ],
 )
 def test_nodal_status(resources, status):
