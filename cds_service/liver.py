@@ -93,17 +93,37 @@ def _liver_lesions(facts: PatientFacts) -> tuple[list[Tumor], list[TumorSize]]:
     return tumors, sizes
 
 
+def _measured_together(sizes: list[TumorSize], tumors: list[Tumor]) -> list[TumorSize]:
+    """The most TumorSize Observations taken on one day of the liver metastases with no Tumor record.
+
+    Several sizes on one day are several lesions; one a day may be one lesion followed over time,
+    so sizes on different days are never added up (and undated ones not counted).
+    """
+    tumor_refs = {t.source for t in tumors}
+    by_day: dict[dt.date, list[TumorSize]] = {}
+    for size in sizes:
+        if size.date is not None and not size.focus & tumor_refs:
+            by_day.setdefault(size.date, []).append(size)
+    return max(by_day.values(), key=len, default=[])
+
+
 def lesion_count_factor(facts: PatientFacts) -> Factor:
-    """More than one liver metastasis: counted from distinct liver Tumor BodyStructures, or liver
-    metastasis Conditions with different body sites; one Condition says nothing (§8.16)."""
+    """More than one liver metastasis: counted from distinct liver Tumor BodyStructures, TumorSize
+    Observations of one day, or liver metastasis Conditions with different body sites; one Condition
+    says nothing (§8.16)."""
     fid = "multiple_liver_metastases"
-    tumors, _ = _liver_lesions(facts)
+    tumors, sizes = _liver_lesions(facts)
     conditions = facts.sites("liver")
     sites = {m.body_sites for m in conditions if m.body_sites}
-    # Either kind of evidence of a second lesion wins: one Tumor record must not outvote two sites.
-    if len(sites) > 1 and len(sites) >= len(tumors):
+    measured = _measured_together(sizes, tumors)
+    # Whichever evidence shows more lesions wins: one Tumor record must not outvote two sites.
+    if len(sites) > 1 and len(sites) >= max(len(tumors), len(measured)):
         refs = tuple(sorted(m.source for m in conditions if m.source))
         return Factor(fid, PRESENT, f"liver metastases at {len(sites)} different sites", None, refs)
+    if len(measured) > 1 and len(measured) >= len(tumors):
+        refs = tuple(sorted(s.source for s in measured if s.source))
+        when = measured[0].date
+        return Factor(fid, PRESENT, f"{len(measured)} liver lesions measured on {when}", when, refs)
     if tumors:
         refs = tuple(t.source for t in tumors)
         status = PRESENT if len(tumors) > 1 else ABSENT

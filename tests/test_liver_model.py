@@ -336,6 +336,22 @@ def test_one_tumor_does_not_outvote_two_liver_sites():
     assert factor(assess(*resources), "multiple_liver_metastases").status == PRESENT
 
 
+@pytest.mark.parametrize(
+    "dates,status",
+    [(("2021-01-12", "2021-01-12"), PRESENT), (("2021-01-12", "2021-04-12"), UNKNOWN)],
+    ids=["two-lesions-measured-one-day", "one-lesion-followed-over-time"],
+)
+def test_tumor_sizes_on_the_liver_metastasis_count_lesions_measured_the_same_day(dates, status):
+    sizes = [
+        tumor_size(2.0, focus="Condition/liver-met", date=dates[0], id="size-a"),
+        tumor_size(3.0, focus="Condition/liver-met", date=dates[1], id="size-b"),
+    ]
+    f = factor(assess(*low_crs(*sizes, without=NO_LESIONS)), "multiple_liver_metastases")
+    assert f.status == status
+    if status == PRESENT:
+        assert f.sources == ("Observation/size-a", "Observation/size-b")
+
+
 # --- largest liver metastasis > 5 cm (TumorSize longest dimension) -------------------------------------
 
 
