@@ -6,6 +6,7 @@ Shared by the lung model and the liver score. Pure functions; every threshold is
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field, replace
 
 from .facts import CeaResult, PatientFacts
@@ -38,6 +39,11 @@ class Factor:
 
 def months_between(start: dt.date, end: dt.date) -> float:
     return (end - start).days / DAYS_PER_MONTH
+
+
+def months_text(months: float) -> str:
+    """Months to one decimal, rounded down: 730 days (23.98 months, under 24) must not read "24.0"."""
+    return f"{math.floor(months * 10 + 1e-9) / 10:.1f} months"
 
 
 def threshold_status(value: float, comparator: str | None, threshold: float) -> str:
@@ -101,7 +107,7 @@ def disease_free_interval(facts: PatientFacts, organ: str, factor_id: str, limit
         )
     status = PRESENT if months < limit_months else ABSENT
     return Factor(
-        factor_id, status, f"{months:.1f} months (resection {resection.date.isoformat()})", detected, sources
+        factor_id, status, f"{months_text(months)} (resection {resection.date.isoformat()})", detected, sources
     )
 
 

@@ -18,6 +18,7 @@ from .factors import (
     cea_factor,
     cite_assessed,
     months_between,
+    months_text,
     node_positive_primary,
     pick_cea,
     score_range,
@@ -65,7 +66,7 @@ def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
                 refs,
             )
         status = PRESENT if months < params.dfi_limit_months else ABSENT
-        return Factor(fid, status, f"{months:.1f} months after the primary resection", detected, refs)
+        return Factor(fid, status, f"{months_text(months)} after the primary resection", detected, refs)
     if facts.primary_diagnosis is not None:
         months = months_between(facts.primary_diagnosis, detected)
         refs = tuple(s for s in (*facts.primaries[:1], *sources) if s)
@@ -73,7 +74,7 @@ def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
         return Factor(
             fid,
             status,
-            f"{max(months, 0):.1f} months after the primary diagnosis (no resection date)",
+            f"{months_text(max(months, 0))} after the primary diagnosis (no resection date)",
             detected,
             refs,
         )

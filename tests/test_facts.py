@@ -11,7 +11,15 @@ import datetime as dt
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from cds_service.factors import ABSENT, PRESENT, UNKNOWN, pick_cea, threshold_status
+from cds_service.factors import (
+    ABSENT,
+    DAYS_PER_MONTH,
+    PRESENT,
+    UNKNOWN,
+    months_text,
+    pick_cea,
+    threshold_status,
+)
 from cds_service.facts import derive_facts
 from cds_service.lung import assess_lung
 
@@ -757,3 +765,17 @@ def test_ajcc_string_under_a_non_ajcc_system_is_not_read():
     assert nodal(observation).status == UNKNOWN
     observation["valueCodeableConcept"] = {"coding": [{"system": AJCC, "code": "pN1"}]}
     assert nodal(observation).status == PRESENT
+
+
+@pytest.mark.parametrize(
+    "days,text",
+    [
+        (730, "23.9 months"),
+        (731, "24.0 months"),
+        (365, "11.9 months"),
+        (434, "14.2 months"),
+        (0, "0.0 months"),
+    ],
+)
+def test_months_are_shown_rounded_down_so_a_value_under_a_limit_never_reads_as_the_limit(days, text):
+    assert months_text(days / DAYS_PER_MONTH) == text
