@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from . import auth, ops
 from .audit import AuditTrail
 from .catalog import Service, services
-from .engine import answer
+from .engine import answer, warm_up
 from .errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, operation_outcome
 from .feedback import receive_feedback
 from .jsonio import dumps, loads
@@ -178,6 +178,7 @@ def create_app(
     demo_resources: list[dict[str, Any]] | None = None,
 ) -> Flask:
     settings = settings or Settings()
+    warm_up()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["cds.settings"] = settings

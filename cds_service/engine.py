@@ -18,9 +18,12 @@ from .facts import derive_facts
 from .fhir_data import ChartSource, resolve_chart
 from .liver import assess_liver
 from .lung import assess_lung
+from .models import liver_params, lung_params
 from .protocol import Card, CardsResponse, HookRequest, answer_json, parse_hook_request
 from .render import liver_card, lung_card
+from .render import preload as preload_cards
 from .settings import Settings
+from .terminology import terminology
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,18 @@ def evaluate(request: HookRequest, service: Service, settings: Settings, today: 
     recommendations = [a.recommendation for a in assessments]
     answer = answer_json(CardsResponse(cards=cards))
     return Outcome(answer, source, chart.size, time.perf_counter() - started, tuple(recommendations))
+
+
+def warm_up() -> None:
+    """Load now what a first call would (value sets, thresholds, card templates and evidence).
+
+    The first clinician is not kept waiting, and `serve` loads it once in the gunicorn master,
+    where it is shared by every worker and frozen with the startup heap.
+    """
+    terminology()
+    lung_params()
+    liver_params()
+    preload_cards()
 
 
 def answer(body: Any, service: Service, settings: Settings, today: dt.date) -> Outcome:

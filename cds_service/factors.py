@@ -107,7 +107,11 @@ def disease_free_interval(facts: PatientFacts, organ: str, factor_id: str, limit
         )
     status = PRESENT if months < limit_months else ABSENT
     return Factor(
-        factor_id, status, f"{months_text(months)} (resection {resection.date.isoformat()})", detected, sources
+        factor_id,
+        status,
+        f"{months_text(months)} (resection {resection.date.isoformat()})",
+        detected,
+        sources,
     )
 
 

@@ -329,6 +329,18 @@ def _needs_cea(cea: CeaPick, factor: Factor, stale: bool) -> bool:
     return stale or (factor.status == UNKNOWN and cea.result is None and cea.picked_latest)
 
 
+_CARDS = (("lung.yaml", "lung_detail.md.j2"), ("liver.yaml", "liver_detail.md.j2"))
+
+
+def preload() -> None:
+    """Read every card spec and compile every template now rather than on a first call."""
+    evidence()
+    for spec_file, template in _CARDS:
+        _detail_template(template)
+        for recommendation in _yaml(spec_file)["recommendations"]:
+            _summary_template(spec_file, recommendation)
+
+
 def lung_card(
     a: LungAssessment,
     facts: PatientFacts,

@@ -8,6 +8,8 @@ import re
 import pytest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from cds_service import render
+from cds_service.app import create_app
 from cds_service.facts import derive_facts
 from cds_service.lung import assess_lung
 from cds_service.render import lung_card as render_lung_card
@@ -177,3 +179,12 @@ def test_two_other_sites_or_a_liver_site_get_no_other_site_paragraph():
     assert "one other site" not in two
     liver = _detail(condition(SNOMED, LIVER_MET_SNOMED, id="liver"))
     assert "Lung and liver metastases" in liver and "one other site" not in liver
+
+
+def test_the_app_loads_card_templates_before_its_first_call(settings):
+    render._detail_template.cache_clear()
+    render._summary_template.cache_clear()
+    create_app(settings)
+    # Both detail templates and every summary are compiled: `serve` loads them once in the master.
+    assert render._detail_template.cache_info().currsize == 2
+    assert render._summary_template.cache_info().currsize >= 10
