@@ -537,13 +537,7 @@ def fetch_queries(
     _check_token(token)
     if not queries:
         return {}, FetchReport([], 0.0)
-    fetcher = _Fetcher(
-        base,
-        token,
-        settings,
-        session or shared_session(),
-        deadline if deadline is not None else started + settings.fhir_timeout_s,
-    )
+    fetcher = _open_fetcher(base, token, settings, session, deadline, started)
 
     def task_for(query: str) -> Callable[[], tuple[dict | None, int]]:
         url = urljoin(base + "/", query.lstrip("/"))
@@ -557,6 +551,27 @@ def fetch_queries(
         return run
 
     return _run(fetcher, {key: (query, task_for(query)) for key, query in queries.items()}, started)
+
+
+def has_next_link(bundle: dict) -> bool:
+    """True when a Bundle says more pages follow (a `link` with relation `next`)."""
+    links = bundle.get("link") or []
+    return isinstance(links, list) and any(
+        isinstance(link, dict) and link.get("relation") == "next" for link in links
+    )
+
+
+def _open_fetcher(
+    base: str,
+    token: str | None,
+    settings: Settings,
+    session: requests.Session | None,
+    deadline: float | None,
+    started: float,
+) -> _Fetcher:
+    # One budget for the whole call unless the caller shares its own deadline.
+    budget_end = deadline if deadline is not None else started + settings.fhir_timeout_s
+    return _Fetcher(base, token, settings, session or shared_session(), budget_end)
 
 
 def follow_next_links(
@@ -573,20 +588,12 @@ def follow_next_links(
 
     A Bundle without a next link comes back unchanged (no HTTP call, fhir_server not needed).
     """
-    if not any(
-        isinstance(link, dict) and link.get("relation") == "next" for link in bundle.get("link") or []
-    ):
+    if not has_next_link(bundle):
         return bundle
     started = time.monotonic()
     base = check_fhir_server(fhir_server, settings)
     _check_token(token)
-    fetcher = _Fetcher(
-        base,
-        token,
-        settings,
-        session or shared_session(),
-        deadline if deadline is not None else started + settings.fhir_timeout_s,
-    )
+    fetcher = _open_fetcher(base, token, settings, session, deadline, started)
     key = key or "prefetch"
     entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
     resource_type = next(

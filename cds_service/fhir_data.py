@@ -16,7 +16,7 @@ from typing import Any
 from .catalog import Service, fill_template
 from .chart import Chart, build_chart, bundle_resources
 from .errors import BadRequest, DataUnavailable
-from .fhir_client import FetchReport, check_fhir_server, fetch_queries, follow_next_links
+from .fhir_client import FetchReport, check_fhir_server, fetch_queries, follow_next_links, has_next_link
 from .fhirutil import raw_codings
 from .protocol import HookRequest
 from .settings import Settings
@@ -38,13 +38,6 @@ class ChartSource:
         if not self.fetched:
             return "prefetch"
         return "fhir" if not self.prefetched else "partial-prefetch"
-
-
-def _next_link(bundle: dict[str, Any]) -> bool:
-    links = bundle.get("link") or []
-    return isinstance(links, list) and any(
-        isinstance(lk, dict) and lk.get("relation") == "next" for lk in links
-    )
 
 
 def _check_shape(key: str, value: dict[str, Any], is_search: bool) -> list[dict[str, Any]] | None:
@@ -104,7 +97,7 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
             items = _check_shape(key, value, key in service.search_keys)
             if items is not None:
                 entries[key] = items
-                if _next_link(value):
+                if has_next_link(value):
                     paged.append(key)
         resolved[key] = value
 

@@ -329,13 +329,15 @@ def _needs_cea(cea: CeaPick, factor: Factor, stale: bool) -> bool:
     return stale or (factor.status == UNKNOWN and cea.result is None and cea.picked_latest)
 
 
-_CARDS = (("lung.yaml", "lung_detail.md.j2"), ("liver.yaml", "liver_detail.md.j2"))
+# Each card: its spec (wording, links, override reasons) and its detail template, in cards/.
+_LUNG = ("lung.yaml", "lung_detail.md.j2")
+_LIVER = ("liver.yaml", "liver_detail.md.j2")
 
 
 def preload() -> None:
     """Read every card spec and compile every template now rather than on a first call."""
     evidence()
-    for spec_file, template in _CARDS:
+    for spec_file, template in (_LUNG, _LIVER):
         _detail_template(template)
         for recommendation in _yaml(spec_file)["recommendations"]:
             _summary_template(spec_file, recommendation)
@@ -349,12 +351,11 @@ def lung_card(
     today: dt.date,
     cea_max_age_days: int,
 ) -> Card:
-    spec = _yaml("lung.yaml")
+    spec = _yaml(_LUNG[0])
     view = _lung_view(a, facts, spec, today, cea_max_age_days)
     assessment = _assessment_json(spec["model"], a)
     return _card(
-        "lung.yaml",
-        "lung_detail.md.j2",
+        *_LUNG,
         view,
         assessment,
         facts,
@@ -372,13 +373,12 @@ def liver_card(
     today: dt.date,
     cea_max_age_days: int,
 ) -> Card:
-    spec = _yaml("liver.yaml")
+    spec = _yaml(_LIVER[0])
     view = _liver_view(a, facts, spec, today, cea_max_age_days)
     assessment = _assessment_json(spec["model"], a)
     cea_factor = next(f for f in a.factors if f.id == "cea_gt_200")
     return _card(
-        "liver.yaml",
-        "liver_detail.md.j2",
+        *_LIVER,
         view,
         assessment,
         facts,
