@@ -108,7 +108,13 @@ def hook(service_id: str) -> Response:
         outcome.seconds * 1000,
     )
     _audit().record(body, service.id, outcome, ops.elapsed())  # queued, written behind; never raises
-    return _json(outcome.answer)
+    response = _json(outcome.answer)
+    # Freeing a parsed chart costs ~0.3 µs a resource (0.15 ms at 500, 2 ms at 5,000). The server
+    # closes the response once its last byte is sent, so the EHR no longer waits for that.
+    held = [body]
+    del body
+    response.call_on_close(held.clear)
+    return response
 
 
 @bp.post("/cds-services/<service_id>/feedback")
