@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from cds_service.app import create_app  # noqa: E402
 from cds_service.audit import AuditTrail  # noqa: E402
-from cds_service.cli import freeze_startup_heap, request_from_bundle  # noqa: E402
+from cds_service.cli import prepare_heap_for_serving, request_from_bundle  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "fhir-external"
@@ -326,7 +326,7 @@ def main() -> int:
     rows += [(f"synthea {name}", len(chart["entry"]), _body(chart)) for name, chart in _real_charts()]
     flask_app = create_app(settings)
     floor = floor_app()
-    freeze_startup_heap()  # as `cds-service serve` does before its workers start
+    prepare_heap_for_serving()  # as `cds-service serve` does before its workers start
     app, audit = Wsgi(flask_app), flask_app.extensions["cds.audit"]
     print(
         f"{'chart':<24}{'resources':>10}{'body KB':>8}{'median ms':>10}{'p95 ms':>8}"

@@ -73,20 +73,30 @@ def _gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> Non
         def load(self) -> Any:
             return app
 
-    freeze_startup_heap()
+    prepare_heap_for_serving()
     _App().run()
 
 
-def freeze_startup_heap() -> None:
-    """Move everything loaded so far (modules, FHIR models, schemas, templates) out of the GC's reach.
+# Young-generation collections start after this many new container objects (CPython's default is
+# 700). Parsing one 500-resource chart creates ~12,000 dicts and lists that are freed by reference
+# counting anyway; at 700, a call paid for ~15 young collections that found nothing to free
+# (~0.1 ms of a 2.6 ms call). Cyclic garbage still goes, in a batch that stays a few MB at most.
+YOUNG_GC_THRESHOLD = 10_000
 
-    The loaded app is some 120,000 long-lived objects; every full collection would walk them all
-    (~45 ms, a pause any request then waits out, and caches left cold). Frozen before gunicorn
-    forks, they are also never written to by a worker's collector, so their memory pages stay
-    shared between the workers (the pattern the `gc.freeze` documentation describes).
+
+def prepare_heap_for_serving() -> None:
+    """Freeze the startup heap and space out young collections, before gunicorn forks.
+
+    Freezing moves everything loaded so far (modules, FHIR models, schemas, templates) out of the
+    GC's reach. The loaded app is some 120,000 long-lived objects; every full collection would
+    walk them all (~45 ms, a pause any request then waits out, and caches left cold). Frozen before
+    gunicorn forks, they are also never written to by a worker's collector, so their memory pages
+    stay shared between the workers (the pattern the `gc.freeze` documentation describes).
     """
     gc.collect()
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, middle, old)
 
 
 def _create_app(settings: Settings, **kwargs: Any) -> Any:

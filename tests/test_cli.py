@@ -153,3 +153,20 @@ def test_demo_serves_discovery_and_prints_example_calls(tmp_path):
     finally:
         out = _stop(proc)
     assert "DEMO MODE" in out and "curl -s -X POST" in out
+
+
+def test_serving_heap_is_frozen_and_young_collections_spaced_out():
+    # In a child interpreter: freezing the heap of the test process would outlive this test.
+    script = (
+        "import gc, json\n"
+        "from cds_service.cli import prepare_heap_for_serving, YOUNG_GC_THRESHOLD\n"
+        "before = gc.get_threshold()\n"
+        "prepare_heap_for_serving()\n"
+        "print(json.dumps([gc.get_freeze_count(), gc.get_threshold(), before, YOUNG_GC_THRESHOLD]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    frozen, after, before, young = json.loads(out.stdout)
+    assert frozen > 10_000  # the imported service's modules and models
+    assert after == [young, before[1], before[2]] and young > before[0]
