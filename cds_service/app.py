@@ -126,33 +126,49 @@ def feedback(service_id: str) -> Response:
     return _json({})
 
 
+# Set on every answer of the service endpoints (CORS) and of the whole app (security). Added in one
+# pass: werkzeug's `headers[...] = ` rescans the whole header list on each assignment.
+_CORS_HEADERS = (
+    ("Vary", "Origin"),  # the answer depends on Origin: caches must not mix them
+    ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+    ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+    ("Access-Control-Max-Age", "600"),
+)
+_SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
+# JSON is data: should a browser ever render it, nothing may load or run, nor be framed.
+_DATA_CSP = ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+
+
 def _cors(response: Response) -> Response:
     # Browser-based CDS clients (the sandbox) call the service endpoints only; /healthz, /metrics
     # and the preview page get no CORS headers. Preflight is Flask's automatic OPTIONS answer.
-    if not any(request.path == p or request.path.startswith(p + "/") for p in _CORS_PREFIXES):
+    path = request.path
+    if not any(path == p or path.startswith(p + "/") for p in _CORS_PREFIXES):
         return response
     allowed = _settings().cors_origins
-    origin = request.headers.get("Origin")
+    headers = response.headers
     if "*" in allowed:
-        response.headers["Access-Control-Allow-Origin"] = "*"
-    elif origin in allowed:
-        response.headers["Access-Control-Allow-Origin"] = origin
-    response.headers.add("Vary", "Origin")  # the answer depends on Origin: caches must not mix them
-    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
-    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-    response.headers["Access-Control-Max-Age"] = "600"
+        headers["Access-Control-Allow-Origin"] = "*"
+    else:
+        origin = request.headers.get("Origin")
+        if origin in allowed:
+            headers["Access-Control-Allow-Origin"] = origin
+    headers.extend(_CORS_HEADERS)
     return response
 
 
 def _security_headers(response: Response) -> Response:
-    # setdefault: a blueprint serving HTML (the preview page) sets its own, stricter-for-it policy.
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Cache-Control", "no-store")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    if response.mimetype != "text/html":
-        # JSON is data: should a browser ever render it, nothing may load or run, nor be framed.
-        response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+    # Only where not set already: a blueprint serving HTML (the preview page) sets its own,
+    # stricter-for-it policy.
+    headers = response.headers
+    present = {name.lower() for name, _ in headers}
+    wanted = _SECURITY_HEADERS if response.mimetype == "text/html" else (*_SECURITY_HEADERS, _DATA_CSP)
+    headers.extend([(name, value) for name, value in wanted if name.lower() not in present])
     return response
 
 

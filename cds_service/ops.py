@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 
-from flask import Flask, Response, request
+from flask import Flask, Request, Response, request
 
 from . import metrics
 from .catalog import services
@@ -46,22 +46,23 @@ def _start() -> None:
 
 
 def _finish(response: Response) -> Response:
-    request_id = request.environ.get(_REQUEST_ID)
+    req = request._get_current_object()  # type: ignore[attr-defined]  # one context lookup, not eight
+    request_id = req.environ.get(_REQUEST_ID)
     if request_id:
         response.headers["X-Request-Id"] = request_id
     seconds = elapsed()
-    service, endpoint = _labels()
+    service, endpoint = _labels(req)
     metrics.observe_request(service, endpoint, response.status_code, seconds)
-    route = request.url_rule.rule if request.url_rule is not None else "-"
+    route = req.url_rule.rule if req.url_rule is not None else "-"
     log.log(
         logging.DEBUG if endpoint in _QUIET_ENDPOINTS else logging.INFO,
         "%s %s %d %.1f ms",
-        request.method,
+        req.method,
         route,
         response.status_code,
         seconds * 1000,
         extra={
-            "method": request.method,
+            "method": req.method,
             "route": route,
             "status": response.status_code,
             "duration_ms": round(seconds * 1000, 1),
@@ -78,10 +79,10 @@ def _forget(_exc: BaseException | None) -> None:
         REQUEST_ID.reset(token)
 
 
-def _labels() -> tuple[str, str]:
-    service_id = (request.view_args or {}).get("service_id")
+def _labels(req: Request) -> tuple[str, str]:
+    service_id = (req.view_args or {}).get("service_id")
     service = service_id if service_id in services() else "-"
-    endpoint = request.endpoint.rsplit(".", 1)[-1] if request.endpoint else "unmatched"
+    endpoint = req.endpoint.rsplit(".", 1)[-1] if req.endpoint else "unmatched"
     return service, endpoint
 
 
