@@ -346,32 +346,36 @@ def _fmt(number: float) -> str:
 _COMPARATORS = {"<", "<=", ">", ">="}
 
 
+def _unit_text(value: Any) -> str | None:
+    return value.strip() or None if type(value) is str else None
+
+
 def _cea_from_raw(raw: dict[str, Any], term: Terminology, unconvertible: bool) -> CeaResult:
-    source = ref_of(raw)
-    period = raw.get("effectivePeriod") if isinstance(raw.get("effectivePeriod"), dict) else {}
+    # Runs once per CEA result of the chart (hundreds in a long follow-up): kept to plain dict reads.
+    rid = raw.get("id")
+    source = f"Observation/{rid}" if rid else None
+    period = raw.get("effectivePeriod")
     when = as_date(
         raw.get("effectiveDateTime")
-        or period.get("start")
+        or (period.get("start") if type(period) is dict else None)
         or raw.get("effectiveInstant")
         or raw.get("issued")
     )
     quantity = raw.get("valueQuantity")
-    value = quantity.get("value") if isinstance(quantity, dict) else None
+    value = quantity.get("value") if type(quantity) is dict else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         text = raw.get("valueString")
         shown = text if isinstance(text, str) else "no value"
         return CeaResult(source, when, None, None, shown, "not a numeric result", raw)
     comparator = quantity.get("comparator")
     comparator = comparator if comparator in _COMPARATORS else None
-    unit = None
-    for candidate in (
-        quantity.get("code") if quantity.get("system") in term.ucum_systems else None,
-        quantity.get("unit"),
-        quantity.get("code"),
-    ):
-        if isinstance(candidate, str) and candidate.strip():
-            unit = candidate.strip()
-            break
+    code = _unit_text(quantity.get("code"))
+    # A UCUM code says exactly what the unit is; otherwise the human-readable unit, then any code.
+    unit = (
+        (code if quantity.get("system") in term.ucum_systems else None)
+        or _unit_text(quantity.get("unit"))
+        or code
+    )
     shown = f"{comparator or ''}{_fmt(float(value))} {unit or '(no unit)'}"
     if unconvertible:
         why = (
@@ -430,8 +434,17 @@ def _kind_of(found: list, sets: dict) -> str | None:
 
 
 def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non_crc: set[str]) -> None:
+    index = term.observation_index
     for raw in chart.of_type("Observation"):
-        concept = term.observation_concept_raw(raw.get("code"))
+        # The hot loop of large charts (every Observation passes here): one dict lookup per coding,
+        # inline, since a call per Observation costs a quarter of the loop.
+        code, concept = raw.get("code"), None
+        if type(code) is dict:
+            for coding in code.get("coding") or ():
+                if type(coding) is dict:
+                    concept = index.get((coding.get("system"), coding.get("code")))
+                    if concept is not None:
+                        break
         if concept is None:
             continue
         what, kind = concept

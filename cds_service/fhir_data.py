@@ -40,8 +40,8 @@ class ChartSource:
         return "fhir" if not self.prefetched else "partial-prefetch"
 
 
-def _check_shape(key: str, value: dict[str, Any], is_search: bool) -> list[dict[str, Any]] | None:
-    """The Bundle's resources (None for a plain resource); BadRequest when it is not FHIR."""
+def _check_shape(key: str, value: dict[str, Any], is_search: bool) -> dict[str, list[dict[str, Any]]] | None:
+    """The Bundle's resources by type (None for a plain resource); BadRequest when it is not FHIR."""
     rtype = value["resourceType"]
     if is_search and rtype != "Bundle":
         raise BadRequest(f"prefetch {key!r} must be a searchset Bundle, not {rtype}")
@@ -51,15 +51,13 @@ def _check_shape(key: str, value: dict[str, Any], is_search: bool) -> list[dict[
 
 
 def _out_of_scope_by_conditions(conditions: list[dict[str, Any]]) -> bool:
-    """True when the conditions alone show no colorectal cancer with lung or liver metastases.
+    """True when the Conditions alone show no colorectal cancer with lung or liver metastases.
 
     Lets an out-of-scope call answer at once, without fetching anything else.
     """
     term = terminology()
     crc = met = False
     for resource in conditions:
-        if resource.get("resourceType") != "Condition":
-            continue
         concept = term.condition_concept(raw_codings(resource.get("code")))
         if concept is None:
             continue
@@ -80,7 +78,7 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
     resolved: dict[str, dict[str, Any] | None] = {}
     missing: dict[str, str] = {}
     paged: list[str] = []
-    entries: dict[str, list[dict[str, Any]]] = {}  # each Bundle's resources, extracted once
+    entries: dict[str, dict[str, list[dict[str, Any]]]] = {}  # each Bundle's resources, extracted once
     for key, template in service.prefetch.items():
         value = given.get(key, ...)
         if value is not ... and value is not None and value["resourceType"] == "OperationOutcome":
@@ -105,7 +103,7 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
     if (
         "conditions" in resolved
         and "conditions" not in paged
-        and _out_of_scope_by_conditions(entries.get("conditions", []))
+        and _out_of_scope_by_conditions(entries.get("conditions", {}).get("Condition", []))
     ):
         return build_chart(patient_id, None, []), source
 
@@ -152,22 +150,22 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
 def _chart_from(
     patient_id: str,
     resolved: dict[str, dict[str, Any] | None],
-    entries: dict[str, list[dict[str, Any]]],
+    entries: dict[str, dict[str, list[dict[str, Any]]]],
     service: Service,
 ) -> Chart:
     patient: dict[str, Any] | None = None
-    resources: list[dict[str, Any]] = []
+    groups: list[dict[str, list[dict[str, Any]]]] = []
     for key, value in resolved.items():
         if value is None:
             continue
         if value.get("resourceType") == "Bundle":
             items = entries[key] if key in entries else bundle_resources(value, key)
             if key in service.search_keys:
-                resources.extend(items)
-            else:
-                patient = next((r for r in items if r.get("resourceType") == "Patient"), patient)
+                groups.append(items)
+            elif items.get("Patient"):
+                patient = items["Patient"][0]
         elif value.get("resourceType") == "Patient":
             patient = value
         else:
             raise DataUnavailable(f"the FHIR server answered {key!r} with a {value.get('resourceType')}")
-    return build_chart(patient_id, patient, resources)
+    return build_chart(patient_id, patient, groups)

@@ -158,7 +158,8 @@ class Terminology:
         }
         self.tnm_statuses = frozenset(obs["tnm_statuses"])
         self._read_medications(meds)
-        # One dict lookup per coding classifies an Observation: charts hold thousands of them.
+        # (system, code) → ("cea", "mass" | "unconvertible") | ("n" | "stage", kind) | ("size", ""):
+        # one dict lookup per coding classifies an Observation (charts hold thousands of them).
         index: dict[Coding, tuple[str, str]] = {}
         for concept, spec_by_kind in (("n", obs["n_category"]), ("stage", obs["stage_group"])):
             for kind, spec in spec_by_kind.items():
@@ -282,21 +283,6 @@ class Terminology:
             if coding[0] in self._pcs_systems:
                 tags.extend(tag for tag, s in self._procedure_patterns if s.matches(coding))
         return tags
-
-    def observation_concept_raw(self, code: Any) -> tuple[str, str] | None:
-        """("cea", "mass" | "unconvertible" | …) or ("n" | "stage", kind) for a raw JSON `Observation.code`.
-
-        The hot loop of large charts: one dict lookup per coding, no intermediate lists.
-        """
-        if type(code) is not dict:
-            return None
-        index = self.observation_index
-        for c in code.get("coding") or ():
-            if type(c) is dict:
-                hit = index.get((c.get("system"), c.get("code")))
-                if hit:
-                    return hit
-        return None
 
 
 @cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from cds_service.chart import Chart, build_chart
+from cds_service.chart import Chart, build_chart, by_type
 
 PATIENT_ID = "p1"
 
@@ -256,7 +256,7 @@ def chart(*resources: dict[str, Any]) -> Chart:
     """A Chart for Patient/p1 via build_chart: the first Patient given (else a living p1) is the patient."""
     patients = [r for r in resources if r["resourceType"] == "Patient"]
     others = [r for r in resources if r["resourceType"] != "Patient"]
-    return build_chart(PATIENT_ID, patients[0] if patients else patient(), others)
+    return build_chart(PATIENT_ID, patients[0] if patients else patient(), [by_type(others)])
 
 
 # --- liver score (issue 6): liver metastases, mCODE Tumor BodyStructures and TumorSize, therapy ---------
