@@ -100,12 +100,13 @@ class TumorSize:
 
 @dataclass(frozen=True)
 class SystemicTherapy:
-    """One order / administration / statement of a colorectal systemic-therapy drug."""
+    """One order / administration / statement of a colorectal systemic-therapy drug, or one
+    chemotherapy procedure."""
 
     source: str | None
     drug: str
     start: dt.date | None  # its earliest date in the chart (clinical-logic §8.4)
-    matched_by: str  # "RxNorm code" | "Medication ingredient" | "drug name"
+    matched_by: str  # "RxNorm code" | "Medication ingredient" | "drug name" | "chemotherapy procedure code"
 
 
 @dataclass
@@ -298,7 +299,7 @@ def _read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> No
         tags = term.procedure_tags(raw_codings(raw.get("code")))
         if not tags:
             continue
-        resection, excision = "resection" in tags, "excision" in tags
+        resection, excision, systemic = "resection" in tags, "excision" in tags, "systemic" in tags
         kinds = term.local_therapy_by_tag
         therapy = [kinds[t] for t in tags if t in kinds]
         if not chart.claim(raw):
@@ -309,6 +310,13 @@ def _read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> No
         source, when = ref_of(procedure), _procedure_date(procedure)
         label = display_of(procedure.code) or "procedure"
         done = procedure.status == "completed"
+        if systemic:
+            # Chemotherapy charted as given (terminology.md §7): dates systemic therapy like an
+            # administration does (§8.4). In preparation, it has not been given yet.
+            if procedure.status != "preparation":
+                drug = _chemotherapy_label(procedure.code)
+                facts.systemic.append(SystemicTherapy(source, drug, when, "chemotherapy procedure code"))
+            continue
         if resection or excision:
             if done:  # only a completed resection dates the DFI
                 target = facts.resections if resection else facts.local_excisions
@@ -329,6 +337,14 @@ def _read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> No
     facts.resections.sort(key=lambda p: (p.date or dt.date.max, p.source or ""))
     facts.local_excisions.sort(key=lambda p: (p.date or dt.date.max, p.source or ""))
     facts.local_therapies.sort(key=lambda p: (p.date or dt.date.max, p.source or ""))
+
+
+def _chemotherapy_label(code: Any) -> str:
+    display = code.text or next((c.display for c in code.coding or [] if c.display), None) if code else None
+    if display:
+        return display
+    coded = codings(code)
+    return f"chemotherapy ({coded[0][1]})" if coded else "chemotherapy"
 
 
 # --- observations ------------------------------------------------------------------------------

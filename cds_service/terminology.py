@@ -117,6 +117,7 @@ class Terminology:
         tagged: list[tuple[str, CodeSet]] = [
             ("resection", self.primary_resection),
             ("excision", self.local_excision),
+            ("systemic", self.code_set(proc["systemic_therapy"])),
         ]
         tagged += [(f"lung:{k.kind}", k.codes) for k in self.lung_local_therapy]
         tagged += [(f"liver:{k.kind}", k.codes) for k in self.liver_local_therapy]
@@ -276,7 +277,7 @@ class Terminology:
         return min(hits, key=lambda c: _CONDITION_PRIORITY.index(c.kind))
 
     def procedure_tags(self, codings: Iterable[Coding]) -> list[str]:
-        """Tags (`resection`, `excision`, `lung:<kind>`, `liver:<kind>`) of a Procedure code."""
+        """Tags (`resection`, `excision`, `systemic`, `lung:<kind>`, `liver:<kind>`) of a Procedure code."""
         tags: list[str] = []
         for coding in codings:
             tags.extend(self._procedure_exact.get(coding, ()))

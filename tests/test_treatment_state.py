@@ -165,6 +165,59 @@ def test_another_patients_medication_is_ignored():
     assert derive_facts(chart(*BASE, other)).systemic == []
 
 
+# --- chemotherapy charted as a Procedure (terminology.md §7, procedure-side evidence) ----------------
+
+
+@pytest.mark.parametrize(
+    "system,code",
+    [
+        (CPT, "96413"),  # infusion, first hour
+        (CPT, "96409"),  # IV push (the eCQM oncology charts' only chemotherapy record)
+        (CPT, "96416"),  # prolonged infusion with a pump: FOLFOX 5-FU
+        (SNOMED, "461391000124102"),  # FOLFOX regimen
+        (SNOMED, "870249004"),  # FOLFIRI
+    ],
+)
+def test_chemotherapy_procedure_after_the_lung_metastasis_means_nat_under_way(system, code):
+    a = lung(cea(14, date="2021-01-20"), procedure(system, code, performed="2021-02-01", id="chemo"))
+    assert a.recommendation == "assess-nat-response"
+    assert [(t.source, t.matched_by) for t in a.systemic] == [
+        ("Procedure/chemo", "chemotherapy procedure code")
+    ]
+
+
+def test_on_treatment_cea_after_a_chemotherapy_procedure_is_not_used():
+    chemo = procedure(CPT, "96413", performed="2021-02-01", id="chemo")
+    a = lung(cea(14, date="2021-01-20", id="before"), cea(3.1, date="2021-05-01", id="after"), chemo)
+    factor = next(f for f in a.factors if f.id == "cea_gt_5")
+    assert factor.status == "present" and a.cea.result.source == "Observation/before"
+    assert "start of systemic therapy on 2021-02-01" in a.cea.rule
+
+
+@pytest.mark.parametrize("status", ["not-done", "entered-in-error", "preparation"])
+def test_chemotherapy_procedure_not_given_does_not_count(status):
+    chemo = procedure(CPT, "96413", status, performed="2021-02-01")
+    assert lung(cea(12, date="2021-01-20"), chemo).recommendation == "consider-nat"
+
+
+@pytest.mark.parametrize(
+    "system,code",
+    [
+        (SNOMED, "703423002"),  # Synthea's combined chemotherapy and radiation therapy: not in the value set
+        (CPT, "96523"),  # irrigation of an implanted venous access device
+        (CPT, "51720"),  # bladder instillation
+    ],
+)
+def test_procedures_that_are_not_systemic_therapy_of_the_metastases(system, code):
+    facts = derive_facts(chart(*BASE, procedure(system, code, performed="2021-02-01")))
+    assert facts.systemic == []
+
+
+def test_adjuvant_chemotherapy_procedure_before_the_lung_metastasis_does_not_count():
+    chemo = procedure(CPT, "96413", performed="2019-03-01")
+    assert lung(cea(12, date="2021-01-20"), chemo).recommendation == "consider-nat"
+
+
 # --- the CEA rule (§8.4) ---------------------------------------------------------------------------
 
 
