@@ -23,7 +23,7 @@ from .factors import (
     pick_cea,
     score_range,
 )
-from .facts import PatientFacts, Tumor, TumorSize
+from .facts import DatedProcedure, PatientFacts, Tumor, TumorSize
 from .lung import LungAssessment
 from .models import LiverParams, group_of, liver_params
 
@@ -42,6 +42,7 @@ class LiverAssessment(Assessment):
     liver_detected: dt.date | None
     liver_sources: tuple[str, ...]
     lung_involved: bool
+    local_therapy_done: tuple[DatedProcedure, ...]
 
 
 def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
@@ -163,7 +164,19 @@ def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
     return Factor(fid, ABSENT, value, largest.date, refs)
 
 
-def recommend(*, not_oligometastatic: bool, score_min: int, score_max: int, params: LiverParams) -> str:
+def recommend(
+    *,
+    local_therapy_done: bool = False,
+    not_oligometastatic: bool,
+    score_min: int,
+    score_max: int,
+    params: LiverParams,
+) -> str:
+    """Treatment state first, as on the lung card (service contract §4): once the liver metastases
+    were resected or ablated, advice on what to do before hepatectomy no longer applies; the score
+    is then shown for information (an extension value, README)."""
+    if local_therapy_done:
+        return "post-local-therapy-follow-up"
     if not_oligometastatic:
         return "systemic-therapy-first"
     high_from = params.groups["high"][0]
@@ -181,6 +194,7 @@ def assess_liver(
     if not facts.sites("liver"):
         return None
     detected, sources = facts.detected("liver")
+    done = tuple(facts.therapies("liver", done=True))
     cutoff, what = facts.treatment_cutoff("liver")
     cea = pick_cea(facts.cea, cutoff, what)
     factors = (
@@ -229,7 +243,11 @@ def assess_liver(
         score_max=score_max,
         group=group_of(score_min, score_max, params.groups),
         recommendation=recommend(
-            not_oligometastatic=bool(reasons), score_min=score_min, score_max=score_max, params=params
+            local_therapy_done=bool(done),
+            not_oligometastatic=bool(reasons),
+            score_min=score_min,
+            score_max=score_max,
+            params=params,
         ),
         cea=cea,
         extrahepatic_organs=extrahepatic,
@@ -237,4 +255,5 @@ def assess_liver(
         liver_detected=detected,
         liver_sources=tuple(sources),
         lung_involved=bool(facts.sites("lung")),
+        local_therapy_done=done,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -17,7 +18,7 @@ import jinja2
 import yaml
 
 from .factors import UNKNOWN, Assessment, CeaPick, Factor
-from .facts import PatientFacts
+from .facts import DatedProcedure, PatientFacts
 from .jsonio import dumps
 from .liver import LiverAssessment
 from .lung import LungAssessment
@@ -175,10 +176,7 @@ def _lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.dat
             ),
             "thoracic": [f"{md(m.display)} ({md(m.source or 'no id')})" for m in a.thoracic],
             "uncoded": [md(m.source or "a Condition without id") for m in a.uncoded_sites],
-            "local_therapy": "; ".join(
-                f"{md(t.display)} {t.date.isoformat() if t.date else '(no date)'} ({md(t.source or 'no id')})"
-                for t in a.local_therapy_done
-            ),
+            "local_therapy": _procedures_text(a.local_therapy_done),
             "liver_involved": a.liver_involved,
             "systemic": "; ".join(
                 f"{t.drug} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')}; "
@@ -197,6 +195,13 @@ def _lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.dat
         }
     )
     return view
+
+
+def _procedures_text(procedures: Iterable[DatedProcedure]) -> str:
+    return "; ".join(
+        f"{md(t.display)} {t.date.isoformat() if t.date else '(no date)'} ({md(t.source or 'no id')})"
+        for t in procedures
+    )
 
 
 def _lung_lesion_size(facts: PatientFacts) -> str:
@@ -222,6 +227,7 @@ def _liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.d
                 f"{t.drug} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')})"
                 for t in facts.systemic_since("liver")
             ),
+            "local_therapy": _procedures_text(a.local_therapy_done),
         }
     )
     return view

@@ -60,6 +60,7 @@ LIVER_RECOMMENDATIONS = (
     "upfront-hepatectomy",
     "complete-risk-data",
     "systemic-therapy-first",
+    "post-local-therapy-follow-up",  # an extension value (README): the liver metastases are treated
 )
 
 
@@ -614,6 +615,48 @@ def test_recommend(not_oligo, score_min, score_max, recommendation):
     assert got == recommendation
 
 
+@pytest.mark.parametrize("not_oligo,score_min,score_max", [(False, 3, 5), (False, 0, 0), (True, 2, 3)])
+def test_recommend_after_liver_local_therapy_is_follow_up_whatever_the_score(not_oligo, score_min, score_max):
+    got = recommend(
+        local_therapy_done=True,
+        not_oligometastatic=not_oligo,
+        score_min=score_min,
+        score_max=score_max,
+        params=liver_params(),
+    )
+    assert got == "post-local-therapy-follow-up"
+
+
+HEPATECTOMY = procedure(CPT, "47120", performed="2019-10-15", id="hepatectomy")
+
+
+@pytest.mark.parametrize(
+    "therapy",
+    [
+        HEPATECTOMY,
+        procedure(SNOMED, "448781006", performed="2019-10-15", id="liver-rfa"),  # liver ablation
+    ],
+    ids=["hepatectomy", "ablation"],
+)
+def test_after_liver_local_therapy_no_advice_before_hepatectomy(therapy):
+    # The high-CRS chart (pre-hepatectomy CEA 250) once the liver metastasis has been treated.
+    a = assess(*high_crs(therapy, cea(4, date="2019-12-01", id="cea-after")))
+    assert a.recommendation == "post-local-therapy-follow-up"
+    assert [t.source for t in a.local_therapy_done] == [f"Procedure/{therapy['id']}"]
+    assert a.cea.result.source == "Observation/cea-250"  # the CEA from before it (§8.19)
+    assert (a.score_min, a.score_max, a.group) == (3, 3, "high")  # shown for information
+    c = card(*high_crs(therapy))
+    assert c["indicator"] == "info"
+    assert "before hepatectomy" not in c["summary"] + c["detail"]
+    assert "Local therapy done" in c["detail"] and therapy["id"] in c["detail"]
+
+
+@pytest.mark.parametrize("status", ["preparation", "not-done", "entered-in-error"])
+def test_liver_local_therapy_not_done_changes_nothing(status):
+    planned = procedure(CPT, "47120", status, performed="2019-10-15")
+    assert assess(*high_crs(planned)).recommendation == "consider-neoadjuvant-chemotherapy"
+
+
 def test_crs_3_means_consider_neoadjuvant_chemotherapy():
     a = assess(*high_crs())
     assert statuses(a) == {
@@ -722,6 +765,7 @@ CHARTS = {
         n_category("pathologic", PN1), liver_met(onset="2019-09-09"), without=(*NO_LESIONS, "nodal", "liver")
     ),
     "systemic-therapy-first": high_crs(*other_organs(BONE_MET_SNOMED, PERITONEUM_MET_SNOMED)),
+    "post-local-therapy-follow-up": high_crs(HEPATECTOMY),
 }
 
 
