@@ -139,6 +139,21 @@ def lesion_count_factor(facts: PatientFacts) -> Factor:
     )
 
 
+def _unmeasured_lesions(facts: PatientFacts, tumors: list[Tumor], sizes: list[TumorSize]) -> list[str]:
+    """Known liver lesions no TumorSize measures: Tumor records, and liver-metastasis Conditions at
+    distinct body sites (distinct lesions, §8.16) measured neither directly nor through a Tumor."""
+    measured = set().union(*(s.focus for s in sizes))
+    measured |= {ref for t in tumors if t.source in measured for ref in t.related}
+    lesions = [t.source for t in tumors if t.source not in measured]
+    by_site: dict[frozenset, set[str]] = {}
+    for m in facts.sites("liver"):
+        if m.body_sites and m.source:
+            by_site.setdefault(m.body_sites, set()).add(m.source)
+    if len(by_site) > 1:
+        lesions += [min(refs) for refs in by_site.values() if not refs & measured]
+    return lesions
+
+
 def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
     """Largest liver metastasis > 5 cm, from mCODE TumorSize longest dimensions."""
     fid = "largest_liver_metastasis_gt_5cm"
@@ -150,7 +165,7 @@ def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
     refs = (largest.source,) if largest.source else ()
     if largest.longest_cm > params.largest_lesion_limit_cm:
         return Factor(fid, PRESENT, value, largest.date, refs)
-    unmeasured = [t for t in tumors if not any(t.source in s.focus for s in sizes)]
+    unmeasured = len(_unmeasured_lesions(facts, tumors, sizes))
     if unmeasured:
         return Factor(
             fid,
@@ -158,7 +173,7 @@ def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
             value,
             largest.date,
             refs,
-            reason=f"{len(unmeasured)} liver lesion(s) without a size; the measured ones are ≤ "
+            reason=f"{unmeasured} liver lesion(s) without a size; the measured ones are ≤ "
             f"{params.largest_lesion_limit_cm:g} cm",
         )
     return Factor(fid, ABSENT, value, largest.date, refs)

@@ -430,6 +430,40 @@ def test_an_unmeasured_liver_lesion_leaves_a_small_largest_size_unknown():
     assert "1 liver lesion(s) without a size" in f.reason
 
 
+def _two_site_lesions(*sizes: dict) -> list[dict]:
+    # Liver metastases in the right and left lobes (two lesions, §8.16), no Tumor records.
+    sites = (
+        liver_met(body_site=RIGHT_LIVER_LOBE, id="right"),
+        liver_met(body_site=LEFT_LIVER_LOBE, id="left"),
+    )
+    return low_crs(*sites, *sizes, without=(*NO_LESIONS, "liver"))
+
+
+def test_a_lesion_known_from_its_own_site_but_not_measured_leaves_a_small_size_unknown():
+    a = assess(*_two_site_lesions(tumor_size(3.0, focus="Condition/right")))
+    assert factor(a, "multiple_liver_metastases").status == PRESENT
+    f = factor(a, "largest_liver_metastasis_gt_5cm")
+    assert f.status == UNKNOWN and "1 liver lesion(s) without a size" in f.reason
+
+
+def test_every_site_measured_small_makes_the_size_absent():
+    sizes = (
+        tumor_size(3.0, focus="Condition/right", id="s1"),
+        tumor_size(4.0, focus="Condition/left", id="s2"),
+    )
+    f = factor(assess(*_two_site_lesions(*sizes)), "largest_liver_metastasis_gt_5cm")
+    assert (f.status, f.value) == (ABSENT, "4.0 cm")
+
+
+def test_a_site_measured_through_its_tumor_record_counts_as_measured():
+    sizes = (
+        tumor(id="t-left", related="Condition/left"),
+        tumor_size(3.0, focus="Condition/right", id="s1"),
+        tumor_size(4.0, focus="BodyStructure/t-left", id="s2"),
+    )
+    assert factor(assess(*_two_site_lesions(*sizes)), "largest_liver_metastasis_gt_5cm").status == ABSENT
+
+
 def test_one_measured_lesion_over_5_cm_is_enough_even_with_unmeasured_ones():
     resources = low_crs(tumor(id="t2"), tumor_size(6.0, focus="BodyStructure/t1"), without=("size",))
     assert factor(assess(*resources), "largest_liver_metastasis_gt_5cm").status == PRESENT
