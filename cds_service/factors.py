@@ -150,14 +150,14 @@ def node_positive_primary(facts: PatientFacts, factor_id: str = "node_positive_p
     if e := latest("pathologic", "N"):
         return n_factor(e)
     pnx = latest("pathologic", "N", informative=False)
+    clinical_n = latest("clinical", "N")
     if e := latest("pathologic", "stage"):
         if e.value == "III":
             return stage_factor(e, PRESENT)
-        # A pathologic stage I/II is N0 by definition (§8.5), unless the pathology says the nodes
-        # were not assessed (pNX): then §8.14 holds, clinical N or unknown.
-        if e.value in ("I", "II") and pnx is None:
+        # §8.5: a stage I/II means node-negative only "with no N category" (and when pathologic):
+        # a recorded clinical N decides instead, and a pNX says the nodes were not assessed (§8.14).
+        if e.value in ("I", "II") and pnx is None and not clinical_n and not latest("unspecified", "N"):
             return stage_factor(e, ABSENT)
-    clinical_n = latest("clinical", "N")
     stage_iii = [e for e in evidence if e.what == "stage" and e.value == "III"]
     if clinical_n and clinical_n.value != "0":
         return n_factor(clinical_n)

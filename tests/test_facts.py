@@ -698,6 +698,22 @@ def nodal(*resources):
         pytest.param([stage_group("clinical", STAGE_IIIB)], PRESENT, id="clinical-stage-IIIB"),
         pytest.param([stage_group("unspecified", "IIIA")], PRESENT, id="ajcc-stage-IIIA"),
         pytest.param([stage_group("pathologic", STAGE_II)], ABSENT, id="pathologic-stage-II"),
+        # §8.5: stage I/II is negative only "with no N category"; a recorded N category decides.
+        pytest.param(
+            [stage_group("pathologic", STAGE_II), n_category("clinical", CN1)],
+            PRESENT,
+            id="pathologic-stage-II-with-cN1",
+        ),
+        pytest.param(
+            [stage_group("pathologic", STAGE_II), n_category("clinical", "1229967007")],
+            ABSENT,
+            id="pathologic-stage-II-with-cN0",
+        ),
+        pytest.param(
+            [stage_group("pathologic", STAGE_II), n_category("unspecified", "N1")],
+            PRESENT,
+            id="pathologic-stage-II-with-unspecified-N1",
+        ),
         pytest.param(
             [n_category("pathologic", PNX), stage_group("pathologic", STAGE_II)],
             UNKNOWN,
