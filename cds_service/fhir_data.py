@@ -100,8 +100,11 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
         resolved[key] = value
 
     source = ChartSource(prefetched=tuple(sorted(resolved)))
+    # Only worth checking when something would be fetched: with the whole chart prefetched,
+    # derive_facts stops after the Conditions anyway.
     if (
-        "conditions" in resolved
+        (missing or paged)
+        and "conditions" in resolved
         and "conditions" not in paged
         and _out_of_scope_by_conditions(entries.get("conditions", {}).get("Condition", []))
     ):
