@@ -19,7 +19,7 @@ from .fhir_data import ChartSource, resolve_chart
 from .liver import assess_liver
 from .lung import assess_lung
 from .models import liver_params, lung_params
-from .protocol import Card, CardsResponse, HookRequest, answer_json, parse_hook_request
+from .protocol import Card, HookRequest, answer_json, parse_hook_request
 from .render import liver_card, lung_card
 from .render import preload as preload_cards
 from .settings import Settings
@@ -58,7 +58,7 @@ def evaluate(request: HookRequest, service: Service, settings: Settings, today: 
                 assessments.append(assessment)
                 cards.append(render(assessment, facts, **context))
     recommendations = [a.recommendation for a in assessments]
-    answer = answer_json(CardsResponse(cards=cards))
+    answer = answer_json(cards)
     return Outcome(answer, source, chart.size, time.perf_counter() - started, tuple(recommendations))
 
 

@@ -237,6 +237,6 @@ def prune(value: Any) -> Any:
     return value
 
 
-def answer_json(response: CardsResponse) -> dict[str, Any]:
-    cards = [prune(card.model_dump(mode="json")) for card in response.cards]
-    return {"cards": cards}
+def answer_json(cards: list[Card]) -> dict[str, Any]:
+    """The CardsResponse document of already-built cards, with no empty optional fields."""
+    return {"cards": [prune(card.model_dump(mode="json")) for card in cards]}

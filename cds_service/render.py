@@ -308,7 +308,9 @@ def _card(
         ],
         extension={ASSESSMENT_KEY: assessment},
     )
-    content = dumps(card.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    # What makes this card this card: its words and its assessment (source, links and override
+    # reasons follow from the card spec and the recommendation, both named).
+    content = dumps([spec_file, card.indicator, card.summary, card.detail, assessment], sort_keys=True)
     card.uuid = _derived_uuid(hook_instance, content)
     wanted = ["mdt", "cea"] if suggest_cea else ["mdt"]
     card.suggestions = [

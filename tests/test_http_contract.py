@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cds_service.catalog import services
+from cds_service.protocol import CardsResponse
 
 from .conftest import FIXTURES, SERVICE_URL, hook_body, load
 
@@ -74,6 +75,7 @@ def test_hook_answers_cards_following_the_json_rule(client):
     assert resp.content_type.startswith("application/json")
     doc = resp.get_json()
     assert list(_empties(doc)) == []
+    CardsResponse.model_validate(doc)  # the CDS Hooks 2.0 wire model
     (card,) = doc["cards"]
     assert len(card["summary"]) < 140
     assert card["indicator"] in {"info", "warning", "critical"}

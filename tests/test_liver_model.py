@@ -19,7 +19,7 @@ from cds_service.facts import derive_facts
 from cds_service.liver import FACTOR_IDS, assess_liver, recommend
 from cds_service.lung import assess_lung
 from cds_service.models import group_of, liver_params
-from cds_service.protocol import CardsResponse, answer_json
+from cds_service.protocol import answer_json
 from cds_service.render import liver_card
 
 from .builders import (
@@ -114,7 +114,7 @@ def card(*resources) -> dict:
     assessment = assess_liver(facts, assess_lung(facts))
     assert assessment is not None
     rendered = liver_card(assessment, facts, hook_instance="fixed-instance", today=TODAY, cea_max_age_days=90)
-    return answer_json(CardsResponse(cards=[rendered]))["cards"][0]
+    return answer_json([rendered])["cards"][0]
 
 
 def assessment_json(c: dict) -> dict:
