@@ -314,11 +314,21 @@ def test_a_refuted_liver_metastasis_is_not_a_second_site():
             ],
             PRESENT,
         ),
+        # Located at a liver lobe, with no related Condition: still the liver.
+        ([tumor(id="t1", location=RIGHT_LIVER_LOBE), tumor(id="t2", location=LEFT_LIVER_LOBE)], PRESENT),
         ([tumor(id="t1"), tumor(id="t2", active=False)], ABSENT),
         ([tumor(id="t1"), tumor(id="t2", location=LUNG_BODY_SITE)], ABSENT),
         ([tumor(id="t1"), tumor(id="t2", patient="Patient/other")], ABSENT),  # §8.17
     ],
-    ids=["one", "two", "two-by-related-condition", "one-inactive", "one-in-the-lung", "another-patient"],
+    ids=[
+        "one",
+        "two",
+        "two-by-related-condition",
+        "two-at-liver-lobes",
+        "one-inactive",
+        "one-in-the-lung",
+        "another-patient",
+    ],
 )
 def test_liver_tumor_body_structures_count_the_lesions(tumors, status):
     f = factor(assess(*low_crs(*tumors, without=NO_LESIONS)), "multiple_liver_metastases")

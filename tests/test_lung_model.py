@@ -197,8 +197,11 @@ def test_pleural_dissemination_means_systemic_therapy_first(system, code):
     assert assessment.recommendation == "systemic-therapy-first"
 
 
-def test_generic_metastasis_code_with_liver_body_site_counts_as_liver():
-    generic = condition(SNOMED, GENERIC_MET_SNOMED, body_site=LIVER_BODY_SITE, id="generic")
+@pytest.mark.parametrize(
+    "site", [LIVER_BODY_SITE, "48521005", "69842003"], ids=["liver", "right-lobe", "left-lobe"]
+)
+def test_generic_metastasis_code_with_liver_body_site_counts_as_liver(site):
+    generic = condition(SNOMED, GENERIC_MET_SNOMED, body_site=site, id="generic")
     assessment = assess(*low_risk(generic))
     assert assessment.factors[3].status == PRESENT
     assert assessment.extrapulmonary_organs == ("liver",)
