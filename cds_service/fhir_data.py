@@ -8,6 +8,7 @@ CDS Hooks 2.0 prefetch states, per key: absent, or an OperationOutcome (the EHR 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,7 +148,56 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
             report=report,
         )
 
-    return _chart_from(patient_id, resolved, entries, service), source
+    chart = _chart_from(patient_id, resolved, entries, service)
+    wanted = _unresolved_medications(chart, request.fhirServer)
+    if wanted and request.fhirServer and not _out_of_scope_by_conditions(chart.of_type("Condition")):
+        source = _fetch_medications(chart, wanted, request, settings, source)
+    return chart, source
+
+
+_MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")
+# FHIR's id type.
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# Reads per call at most: one for each drug a patient is on is a handful.
+MAX_MEDICATION_READS = 20
+
+
+def _unresolved_medications(chart: Chart, fhir_server: str | None) -> list[str]:
+    """Ids of the Medications the patient's medication resources point to but the chart lacks.
+
+    The prefetch asks for them with `_include`, which a FHIR server may ignore (CDS Hooks does not
+    require it); without them an order coded only through its Medication names no drug, and an
+    on-treatment CEA could make the patient look low-risk (§8.4).
+    """
+    have = {m.get("id") for m in chart.of_type("Medication")}
+    base = (fhir_server or "").rstrip("/") + "/"
+    wanted: set[str] = set()
+    for rtype in _MEDICATION_TYPES:
+        for raw in chart.of_type(rtype):
+            ref = raw.get("medicationReference")
+            target = ref.get("reference") if isinstance(ref, dict) else None
+            if not isinstance(target, str) or not chart.claim(raw):
+                continue
+            target = target.split("/_history/")[0]
+            if target.startswith(base):
+                target = target[len(base) :]
+            rtype_, _, rid = target.partition("/")
+            if rtype_ == "Medication" and _FHIR_ID.fullmatch(rid) and rid not in have:
+                wanted.add(rid)
+    return sorted(wanted)[:MAX_MEDICATION_READS]
+
+
+def _fetch_medications(
+    chart: Chart, ids: list[str], request: HookRequest, settings: Settings, source: ChartSource
+) -> ChartSource:
+    token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
+    reads = {f"Medication/{rid}": f"Medication/{rid}" for rid in ids}
+    fetched, report = fetch_queries(request.fhirServer or "", token, reads, settings)
+    found = [r for r in fetched.values() if r is not None and r.get("resourceType") == "Medication"]
+    chart.resources.setdefault("Medication", []).extend(found)
+    if source.report is not None:
+        report = FetchReport(source.report.searches + report.searches, source.report.seconds + report.seconds)
+    return ChartSource(source.prefetched, (*source.fetched, "medications"), report)
 
 
 def _chart_from(

@@ -192,3 +192,103 @@ def test_evaluate_against_a_closed_port_exits_2_with_one_line(tmp_path):
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "secret-t" not in proc.stderr
+
+
+# --- Medications an EHR left out of the prefetch (it may ignore `_include`) ------------------------
+
+
+def _chart_on_folfox() -> dict:
+    """A lung-metastasis chart whose chemotherapy order names its drug only through a Medication."""
+    from .builders import PATIENT_ID, cea, crc, lung_met, n_category, patient, resection
+
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "folfox-order",
+        "status": "active",
+        "intent": "order",
+        "medicationReference": {"reference": "Medication/folfox"},
+        "subject": {"reference": f"Patient/{PATIENT_ID}"},
+        "authoredOn": "2021-02-01",
+    }
+    resources = [
+        patient(),
+        crc(),
+        resection(),
+        n_category("pathologic", "1229951001"),
+        lung_met(onset="2021-01-10"),
+        cea(12, date="2021-01-20", id="before"),
+        cea(3, date="2021-05-01", id="on-treatment"),
+        order,
+    ]
+    return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
+
+
+FOLFOX = {
+    "resourceType": "Medication",
+    "id": "folfox",
+    "code": {"text": "FOLFOX"},
+    "ingredient": [
+        {
+            "itemCodeableConcept": {
+                "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "32592"}]
+            }
+        }
+    ],
+}
+
+
+def _lung_assessment(resp) -> dict:
+    (card,) = [
+        c
+        for c in resp.get_json()["cards"]
+        if c["extension"]["crc-cds-assessment"]["model"] == "cai-2025-lung"
+    ]
+    return card["extension"]["crc-cds-assessment"]
+
+
+def test_a_medication_missing_from_the_prefetch_is_read_from_the_fhir_server(client, httpserver):
+    httpserver.expect_request("/fhir/Medication/folfox").respond_with_json(FOLFOX)
+    body = hook_body(_chart_on_folfox())
+    body["fhirServer"] = httpserver.url_for("/fhir")
+    resp = client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 200
+    a = _lung_assessment(resp)
+    # The order is oxaliplatin, started after the metastasis: NAT under way, and the CEA from before it.
+    assert a["recommendation"] == "assess-nat-response"
+    cea = next(f for f in a["factors"] if f["id"] == "cea_gt_5")
+    assert cea["status"] == "present" and cea["sources"] == ["Observation/before"]
+    assert len(httpserver.log) == 1
+
+
+def test_a_medication_the_fhir_server_does_not_know_leaves_the_order_unnamed(client, httpserver):
+    httpserver.expect_request("/fhir/Medication/folfox").respond_with_json(
+        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]},
+        status=404,
+    )
+    body = hook_body(_chart_on_folfox())
+    body["fhirServer"] = httpserver.url_for("/fhir")
+    resp = client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 200
+    assert _lung_assessment(resp)["recommendation"] != "assess-nat-response"
+
+
+def test_no_medication_read_without_a_fhir_server_or_when_the_prefetch_holds_it(client, httpserver):
+    bundle = _chart_on_folfox()
+    without_server = client.post(SERVICE_URL, json=hook_body(bundle))
+    assert without_server.status_code == 200
+    bundle["entry"].append({"resource": FOLFOX})
+    body = hook_body(bundle)
+    body["fhirServer"] = httpserver.url_for("/fhir")
+    resp = client.post(SERVICE_URL, json=body)
+    assert _lung_assessment(resp)["recommendation"] == "assess-nat-response"
+    assert httpserver.log == []
+
+
+def test_a_failing_medication_read_is_412_like_any_fetch(client, httpserver):
+    # Without the drug the CEA rule could pick an on-treatment value (§8.4): no guessing.
+    httpserver.expect_request("/fhir/Medication/folfox").respond_with_data("down", status=500)
+    body = hook_body(_chart_on_folfox())
+    body["fhirServer"] = httpserver.url_for("/fhir")
+    resp = client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 412
+    assert resp.get_json()["resourceType"] == "OperationOutcome"
