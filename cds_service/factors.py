@@ -183,7 +183,9 @@ def node_positive_primary(facts: PatientFacts, factor_id: str = "node_positive_p
             sources=(e.source,) if e.source else (),
             reason=f"no N category; a {e.kind} stage group {e.value} does not settle nodal status",
         )
-    return Factor(factor_id, UNKNOWN, reason="no N category or stage group in the chart")
+    return Factor(
+        factor_id, UNKNOWN, reason="no N category or stage group of the colorectal cancer in the chart"
+    )
 
 
 def _kind_prefix(kind: str) -> str:

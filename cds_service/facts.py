@@ -454,6 +454,7 @@ def _kind_of(found: list, sets: dict) -> str | None:
 
 def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non_crc: set[str]) -> None:
     index = term.observation_index
+    staging: list[tuple[Observation, str, str]] = []
     for raw in chart.of_type("Observation"):
         # The hot loop of large charts (every Observation passes here): one dict lookup per coding,
         # inline, since a call per Observation costs a quarter of the loop.
@@ -480,11 +481,37 @@ def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non
                 facts.cea.append(_cea_from_raw(raw, term, unconvertible=kind == "unconvertible"))
             continue
         observation = _validated(Observation, raw, facts)
-        if observation is None or observation.status not in term.tnm_statuses:
-            continue
-        if non_crc & set(reference_targets(observation.focus)):
-            continue  # staging of another cancer
+        if observation is not None and observation.status in term.tnm_statuses:
+            staging.append((observation, what, kind))
+    facts.cea.sort(key=lambda c: (c.date or dt.date.min, c.source or ""))
+    _read_staging(staging, term, facts, non_crc)
+
+
+# Staging dated this long before the colorectal cancer was diagnosed cannot be its staging.
+_STAGING_BEFORE_DIAGNOSIS = dt.timedelta(days=90)
+
+
+def _read_staging(
+    staging: list[tuple[Observation, str, str]], term: Terminology, facts: PatientFacts, non_crc: set[str]
+) -> None:
+    """N categories and stage groups of the colorectal primary, not of another cancer in the chart.
+
+    An mCODE TNM category names no `focus` of its own: it is a `hasMember` of the stage group
+    Observation whose `focus` is the cancer staged, so it takes that focus. One that is tied to no
+    cancer either way and dated well before the colorectal diagnosis stages an earlier cancer.
+    """
+    parents: dict[str, list[str]] = {}
+    for observation, _, _ in staging:
+        for member in reference_targets(observation.hasMember):
+            parents.setdefault(member, []).extend(reference_targets(observation.focus))
+    earliest = facts.primary_diagnosis - _STAGING_BEFORE_DIAGNOSIS if facts.primary_diagnosis else None
+    for observation, what, kind in staging:
         source, when = ref_of(observation), _observation_date(observation)
+        focus = set(reference_targets(observation.focus)) or set(parents.get(source or "", ()))
+        if non_crc & focus:
+            continue  # staging of another cancer
+        if not focus and earliest and when and when < earliest:
+            continue
         if what == "n":
             value_kind, value, shown = _n_value(observation, term)
             if value is not None:
@@ -493,7 +520,6 @@ def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non
             value_kind, group, shown = _stage_value(observation.valueCodeableConcept, term)
             if group is not None:
                 facts.nodal.append(NodalEvidence(source, when, value_kind or kind, "stage", group, shown))
-    facts.cea.sort(key=lambda c: (c.date or dt.date.min, c.source or ""))
 
 
 _CM_PER_UNIT = {"cm": 1.0, "mm": 0.1}

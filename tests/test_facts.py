@@ -765,6 +765,34 @@ def test_staging_focused_on_another_cancer_is_ignored():
     assert nodal(lung_primary, own).status == PRESENT
 
 
+def _member_of(group: dict, *members: dict) -> dict:
+    group["hasMember"] = [{"reference": f"Observation/{m['id']}"} for m in members]
+    return group
+
+
+def test_an_mcode_n_category_takes_the_focus_of_its_stage_group():
+    # mCODE: the TNM categories name no focus; their stage group names the cancer staged.
+    breast = condition(SNOMED, "254837009", id="breast-primary")  # malignant neoplasm of breast
+    pn0 = n_category("pathologic", PN0, focus=None, id="breast-pn")
+    group = _member_of(stage_group("pathologic", STAGE_II, focus="Condition/breast-primary", id="bg"), pn0)
+    assert nodal(breast, pn0, group).status == UNKNOWN
+    pn1 = n_category("pathologic", PN2A, focus=None, id="crc-pn")
+    own_group = _member_of(stage_group("pathologic", STAGE_III, focus="Condition/crc", id="cg"), pn1)
+    factor = nodal(breast, pn1, own_group)
+    assert factor.status == PRESENT and factor.sources in (("Observation/crc-pn",), ("Observation/cg",))
+
+
+@pytest.mark.parametrize(
+    "date,status",
+    [
+        ("2016-03-16", UNKNOWN),  # years before the colorectal cancer (2019-01-10): another cancer's
+        ("2018-12-01", ABSENT),  # a few weeks before: its own staging
+    ],
+)
+def test_staging_tied_to_no_cancer_and_long_before_the_diagnosis_is_not_the_colorectal_cancers(date, status):
+    assert nodal(n_category("clinical", "1229967007", date, focus=None)).status == status
+
+
 @pytest.mark.parametrize("status", ["preliminary", "entered-in-error", "cancelled"])
 def test_staging_with_unusable_status_is_ignored(status):
     assert nodal(n_category("pathologic", PN1C, status=status)).status == UNKNOWN
