@@ -326,11 +326,7 @@ def _read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> No
                 target.append(DatedProcedure(source, when, label))
             continue
         for organ, kind in therapy:
-            if kind.requires_lung_site and not (
-                term.lung_body_sites.any(codings_of_list(procedure.bodySite))
-                or term.site_of(codings_of_list(procedure.bodySite)) is term.sites["lung"]
-                or lung_sources & set(reference_targets(procedure.reasonReference))
-            ):
+            if kind.requires_lung_site and not _aimed_at_lung(procedure, term, lung_sources):
                 continue  # radiotherapy with no sign that it treated the lung
             if done or procedure.status in _PLANNED_PROCEDURE:
                 facts.local_therapies.append(
@@ -340,6 +336,17 @@ def _read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> No
     facts.resections.sort(key=lambda p: (p.date or dt.date.max, p.source or ""))
     facts.local_excisions.sort(key=lambda p: (p.date or dt.date.max, p.source or ""))
     facts.local_therapies.sort(key=lambda p: (p.date or dt.date.max, p.source or ""))
+
+
+def _aimed_at_lung(resource: Procedure | ServiceRequest, term: Terminology, lung_sources: set[str]) -> bool:
+    """A radiotherapy code names no site: its body site, or the reason it was given, must be the lung."""
+    body_site = codings_of_list(resource.bodySite)
+    if term.organ_of_body_site(body_site) == "lung" or term.site_of(body_site) is term.sites["lung"]:
+        return True
+    if lung_sources & set(reference_targets(resource.reasonReference)):
+        return True
+    reason = term.condition_concept(codings_of_list(resource.reasonCode))
+    return reason is not None and reason.site is term.sites["lung"]
 
 
 def _chemotherapy_label(code: Any) -> str:
@@ -677,10 +684,7 @@ def _read_planned_local_therapy(chart: Chart, term: Terminology, facts: PatientF
             continue
         for tag in tags:
             organ, kind = kinds[tag]
-            if kind.requires_lung_site and not (
-                term.lung_body_sites.any(codings_of_list(request.bodySite))
-                or lung_sources & set(reference_targets(request.reasonReference))
-            ):
+            if kind.requires_lung_site and not _aimed_at_lung(request, term, lung_sources):
                 continue
             when = as_date(request.occurrenceDateTime) or as_date(request.authoredOn)
             facts.local_therapies.append(

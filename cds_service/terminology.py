@@ -89,9 +89,16 @@ class Terminology:
         self.site_unspecified = self.code_set(cond["site_unspecified"])
         self.body_site_organs = {
             (s, str(code)): organ
-            for code, organ in cond["body_sites"].items()
+            for organ, spec in cond["body_sites"].items()
+            for code in spec.get("snomed") or ()
             for s in self._systems["snomed"]
         }
+        self._icdo3_systems = frozenset(self._systems["icdo3"])
+        self._icdo3_organs = tuple(
+            (normalise_icd10(str(prefix)), organ)
+            for organ, spec in cond["body_sites"].items()
+            for prefix in spec.get("icdo3") or ()
+        )
         self.lymphangitic = self.code_set(cond["lymphangitic"])
         self.malignant_pleural_effusion = self.code_set(cond["malignant_pleural_effusion"])
 
@@ -112,7 +119,6 @@ class Terminology:
         self.local_excision = self.code_set(proc["local_excision"])
         self.lung_local_therapy = self._therapy_kinds(proc["lung_local_therapy"])
         self.liver_local_therapy = self._therapy_kinds(proc["liver_local_therapy"])
-        self.lung_body_sites = self.code_set(proc["lung_body_sites"])
         # Procedure codes → tags, so that unrelated procedures cost one dict lookup per coding.
         tagged: list[tuple[str, CodeSet]] = [
             ("resection", self.primary_resection),
@@ -253,10 +259,16 @@ class Terminology:
         return None
 
     def organ_of_body_site(self, codings: Iterable[Coding]) -> str | None:
+        """The organ a body site names: a SNOMED body structure, or an ICD-O-3 topography by prefix."""
         for coding in codings:
             organ = self.body_site_organs.get(coding)
             if organ:
                 return organ
+            if coding[0] in self._icdo3_systems:
+                code = normalise_icd10(coding[1])
+                for prefix, organ in self._icdo3_organs:
+                    if code.startswith(prefix):
+                        return organ
         return None
 
     def condition_concept(self, codings: Iterable[Coding]) -> ConditionConcept | None:

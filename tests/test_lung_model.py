@@ -28,6 +28,7 @@ from .builders import (
     WEDGE_SNOMED,
     cea,
     chart,
+    concept,
     condition,
     crc,
     lung_met,
@@ -208,10 +209,37 @@ def test_generic_metastasis_code_with_liver_body_site_counts_as_liver(site):
     assert assessment.liver_involved
 
 
-def test_generic_metastasis_code_with_lung_body_site_is_a_lung_metastasis():
-    generic = condition(SNOMED, GENERIC_MET_SNOMED, body_site=LUNG_BODY_SITE, onset="2022-06-01")
+ICDO3 = "http://terminology.hl7.org/CodeSystem/icd-o-3"
+
+
+@pytest.mark.parametrize(
+    "system,site",
+    [
+        (SNOMED, LUNG_BODY_SITE),
+        (SNOMED, "3341006"),  # right lung
+        (SNOMED, "44029006"),  # left lung
+        (SNOMED, "31094006"),  # a lung lobe (mCODE's own example)
+        (ICDO3, "C34.9"),  # ICD-O-3 topography, with or without the dot
+        (ICDO3, "C341"),
+    ],
+)
+def test_generic_metastasis_code_with_lung_body_site_is_a_lung_metastasis(system, site):
+    generic = condition(SNOMED, GENERIC_MET_SNOMED, onset="2022-06-01")
+    generic["bodySite"] = [concept(system, site)]
     facts = derive_facts(chart(crc(), generic))
     assert facts.in_scope and [m.organ for m in facts.metastases] == ["lung"]
+
+
+@pytest.mark.parametrize(
+    "system,site,organ",
+    [(SNOMED, "272673000", "bone"), (SNOMED, "12738006", "brain"), (ICDO3, "C74.0", "adrenal")],
+)
+def test_generic_metastasis_code_with_another_organ_body_site_is_extrapulmonary(system, site, organ):
+    generic = condition(SNOMED, GENERIC_MET_SNOMED, id="generic")
+    generic["bodySite"] = [concept(system, site)]
+    assessment = assess(*low_risk(generic))
+    assert assessment.factors[3].status == PRESENT
+    assert assessment.extrapulmonary_organs == (organ,)
 
 
 def test_generic_metastasis_code_without_body_site_makes_extrapulmonary_unknown():
@@ -398,6 +426,18 @@ def test_systemic_therapy_first_beats_consider_nat():
         pytest.param(
             procedure(CPT, "77373", performed="2022-07-01", reason="Condition/lung-met"),
             id="sbrt-reason-lung-met",
+        ),
+        pytest.param(
+            procedure(CPT, "77373", performed="2022-07-01", body_site="3341006"), id="sbrt-right-lung"
+        ),
+        pytest.param(
+            {
+                **procedure(CPT, "77373", performed="2022-07-01"),
+                "reasonCode": [
+                    {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C78.01"}]}
+                ],
+            },
+            id="sbrt-reason-code-lung-met",
         ),
     ],
 )
