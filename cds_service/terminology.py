@@ -202,10 +202,9 @@ class Terminology:
         self.drug_excluded = frozenset(
             (system, str(code)) for code in meds["exclude_rxnorm"] for system in systems
         )
-        names = sorted(
-            ((n, drug) for drug, spec in meds["drugs"].items() for n in spec["names"]),
-            key=lambda item: -len(item[0]),
-        )
+        named = [(str(n), drug) for drug, spec in meds["drugs"].items() for n in spec["names"]]
+        named += [(str(r), str(r)) for r in meds.get("regimens") or ()]
+        names = sorted(named, key=lambda item: -len(item[0]))
         self.drug_name_pattern = re.compile(
             r"(?<![\w-])(" + "|".join(re.escape(n) for n, _ in names) + r")(?![\w-])", re.IGNORECASE
         )

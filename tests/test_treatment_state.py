@@ -115,6 +115,28 @@ def test_drug_matching_routes(coding, text, matched_by):
 
 
 @pytest.mark.parametrize(
+    "text,drug",
+    [
+        ("mFOLFOX6 day 1", "mFOLFOX6"),  # a regimen, as oncologists write it
+        ("folfiri", "FOLFIRI"),
+        ("CAPOX cycle 1", "CAPOX"),
+        ("5-FU 2400 mg/m2 over 46 h", "fluorouracil"),
+        ("Avastin 5 mg/kg", "bevacizumab"),  # a brand name
+        ("Xeloda 1000 mg/m2 bid", "capecitabine"),
+    ],
+)
+def test_regimens_and_brand_names_in_an_orders_text_are_systemic_therapy(text, drug):
+    facts = derive_facts(chart(*BASE, med(code=None, text=text)))
+    assert [(t.drug, t.matched_by) for t in facts.systemic] == [(drug, "drug name")]
+
+
+def test_a_regimen_order_keeps_the_on_treatment_cea_out():
+    a = lung(cea(12, date="2021-01-20"), cea(3, date="2021-05-01"), med(code=None, text="mFOLFOX6"))
+    assert a.recommendation == "assess-nat-response"
+    assert next(f for f in a.factors if f.id == "cea_gt_5").status == "present"
+
+
+@pytest.mark.parametrize(
     "coding,text",
     [
         (TOPICAL_5FU_SCD, None),
