@@ -179,7 +179,7 @@ def _lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.dat
             "local_therapy": _procedures_text(a.local_therapy_done),
             "liver_involved": a.liver_involved,
             "systemic": "; ".join(
-                f"{t.drug} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')}; "
+                f"{md(t.drug)} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')}; "
                 f"matched by {t.matched_by})"
                 for t in a.systemic
             ),
@@ -221,10 +221,10 @@ def _liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.d
     view.update(
         {
             "liver_detected": a.liver_detected.isoformat() if a.liver_detected else None,
-            "extrahepatic": ", ".join(a.extrahepatic_organs),
+            "extrahepatic": ", ".join(_organ_display(o) for o in a.extrahepatic_organs),
             "lung_involved": a.lung_involved,
             "systemic": "; ".join(
-                f"{t.drug} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')})"
+                f"{md(t.drug)} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')})"
                 for t in facts.systemic_since("liver")
             ),
             "local_therapy": _procedures_text(a.local_therapy_done),

@@ -188,3 +188,32 @@ def test_the_app_loads_card_templates_before_its_first_call(settings):
     # Both detail templates and every summary are compiled: `serve` loads them once in the master.
     assert render._detail_template.cache_info().currsize == 2
     assert render._summary_template.cache_info().currsize >= 10
+
+
+def test_a_chemotherapy_procedures_own_text_reaches_the_card_inert(client):
+    """The drug shown for a chemotherapy Procedure is the chart's own code text."""
+    bundle = load(FIXTURES / "21-lung-hostile-text.json")
+    patient_ref = next(
+        e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    bundle["entry"].append(
+        {
+            "resource": {
+                "resourceType": "Procedure",
+                "id": "hostile-chemo",
+                "status": "completed",
+                "code": {
+                    "coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "96413"}],
+                    "text": "FOLFOX [click](http://evil.example) <img src=x> **bold**",
+                },
+                "subject": {"reference": f"Patient/{patient_ref}"},
+                "performedDateTime": "2030-01-01",
+            }
+        }
+    )
+    resp = client.post(SERVICE_URL, json=hook_body(bundle))
+    detail = lung_card(resp.get_json()["cards"])["detail"]
+    assert "FOLFOX" in detail
+    assert not re.search(r"(?<!\\)<img", detail), "raw HTML reached the card"
+    assert not re.search(r"(?<!\\)\[[^\]]*(?<!\\)\]\(", detail), "a live Markdown link reached the card"
+    assert "**bold**" not in detail
