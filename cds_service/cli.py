@@ -186,6 +186,7 @@ def request_from_bundle(bundle: dict[str, Any]) -> dict[str, Any]:
     patients = [r for r in resources if r.get("resourceType") == "Patient"]
     if not patients or not isinstance(patients[0].get("id"), str):
         raise CliError("the Bundle holds no Patient with an id")
+    _resolve_full_urls(entries)
     patient = patients[0]
     by_key: dict[str, list[dict[str, Any]]] = {k: [] for k in service.search_keys}
     for resource in resources:
@@ -202,6 +203,43 @@ def request_from_bundle(bundle: dict[str, Any]) -> dict[str, Any]:
         "context": {"patientId": patient["id"]},
         "prefetch": prefetch,
     }
+
+
+def _resolve_full_urls(entries: list[Any]) -> None:
+    """Point references at `Type/id`, as a FHIR server's search results do.
+
+    A transaction or document Bundle (Synthea's, say) links its resources by `fullUrl`, often
+    `urn:uuid:…`, which a prefetch search never holds: without this, `subject: urn:uuid:…` would
+    name no patient of the chart, and a TumorSize's focus no Tumor.
+    """
+    by_url = {
+        e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}"
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("fullUrl"), str)
+        and isinstance(e.get("resource"), dict)
+        and isinstance(e["resource"].get("id"), str)
+        and isinstance(e["resource"].get("resourceType"), str)
+    }
+    if not by_url:
+        return
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            ref = value.get("reference")
+            if isinstance(ref, str) and ref in by_url:
+                value["reference"] = by_url[ref]
+            for item in value.values():
+                if isinstance(item, dict | list):
+                    visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict | list):
+                    visit(item)
+
+    for entry in entries:
+        if isinstance(entry, dict):
+            visit(entry.get("resource"))
 
 
 def _read_json(path: str) -> Any:

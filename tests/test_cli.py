@@ -49,6 +49,29 @@ def test_evaluate_two_bundles_prints_one_document_each(tmp_path):
     assert docs[1] == {"cards": []}
 
 
+def test_evaluate_reads_a_bundle_linked_by_urn_uuid_full_urls(tmp_path):
+    # A transaction-style Bundle (Synthea's shape): resources point at each other by fullUrl.
+    import uuid
+
+    bundle = load(HIGH_RISK)
+    urls = {}
+    for entry in bundle["entry"]:
+        r = entry["resource"]
+        entry["fullUrl"] = urls[f"{r['resourceType']}/{r['id']}"] = f"urn:uuid:{uuid.uuid4()}"
+    text = json.dumps(bundle)
+    for ref, url in urls.items():
+        text = text.replace(f'"reference": "{ref}"', f'"reference": "{url}"')
+    assert '"reference": "urn:uuid:' in text and '"reference": "Patient/' not in text
+    path = tmp_path / "urn.json"
+    path.write_text(text)
+    linked = run("evaluate", str(path), cwd=tmp_path)
+    plain = run("evaluate", str(HIGH_RISK), cwd=tmp_path)
+    assert linked.returncode == 0, linked.stderr
+    assert json.loads(linked.stdout)["cards"] and strip_uuids(json.loads(linked.stdout)) == strip_uuids(
+        json.loads(plain.stdout)
+    )
+
+
 def test_evaluate_request_prints_exactly_the_http_answer(tmp_path):
     from cds_service.app import create_app
     from cds_service.settings import Settings
