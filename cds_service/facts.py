@@ -118,6 +118,8 @@ class PatientFacts:
     deceased: bool = False
     primaries: list[str] = field(default_factory=list)
     primary_diagnosis: dt.date | None = None
+    # The earliest onset of the primary (not its recordedDate, which may come long after).
+    primary_onset: dt.date | None = None
     metastases: list[Metastasis] = field(default_factory=list)
     resections: list[DatedProcedure] = field(default_factory=list)
     local_excisions: list[DatedProcedure] = field(default_factory=list)
@@ -205,9 +207,14 @@ def _verification(condition: Condition) -> set[str]:
     return {code for _, code in codings(condition.verificationStatus)}
 
 
+def _condition_onset(condition: Condition) -> dt.date | None:
+    return as_date(
+        condition.onsetDateTime or (condition.onsetPeriod.start if condition.onsetPeriod else None)
+    )
+
+
 def _condition_date(condition: Condition) -> dt.date | None:
-    onset = condition.onsetDateTime or (condition.onsetPeriod.start if condition.onsetPeriod else None)
-    return as_date(onset) or as_date(condition.recordedDate)
+    return _condition_onset(condition) or as_date(condition.recordedDate)
 
 
 def _procedure_date(procedure: Procedure) -> dt.date | None:
@@ -230,6 +237,7 @@ def _observation_date(observation: Observation) -> dt.date | None:
 def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> list[Condition]:
     """Primaries and metastases; returns the primary's Conditions that carry a stage (validated)."""
     primary_dates: list[dt.date] = []
+    onsets: list[dt.date] = []
     staged: list[Condition] = []
     for raw in chart.of_type("Condition"):
         found = raw_codings(raw.get("code"))
@@ -254,6 +262,9 @@ def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> li
                     staged.append(condition)
             if when:
                 primary_dates.append(when)
+            onset = _condition_onset(condition)
+            if onset:
+                onsets.append(onset)
             continue
         body_organ = term.organ_of_body_site(codings_of_list(condition.bodySite))
         site = concept.site
@@ -288,6 +299,7 @@ def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> li
                 )
             )
     facts.primary_diagnosis = min(primary_dates, default=None)
+    facts.primary_onset = min(onsets, default=None)
     facts.primaries.sort()
     facts.metastases.sort(key=lambda m: (m.organ or "~", m.detected or dt.date.max, m.source or ""))
     return staged
@@ -505,13 +517,14 @@ def _read_staging(
 
     An mCODE TNM category names no `focus` of its own: it is a `hasMember` of the stage group
     Observation whose `focus` is the cancer staged, so it takes that focus. One that is tied to no
-    cancer either way and dated well before the colorectal diagnosis stages an earlier cancer.
+    cancer either way and dated well before the colorectal cancer's onset stages an earlier cancer.
     """
     parents: dict[str, list[str]] = {}
     for observation, _, _ in staging:
         for member in reference_targets(observation.hasMember):
             parents.setdefault(member, []).extend(reference_targets(observation.focus))
-    earliest = facts.primary_diagnosis - _STAGING_BEFORE_DIAGNOSIS if facts.primary_diagnosis else None
+    # From the onset only: a recordedDate may postdate the diagnosis (and its staging) by years.
+    earliest = facts.primary_onset - _STAGING_BEFORE_DIAGNOSIS if facts.primary_onset else None
     for observation, what, kind in staging:
         source, when = ref_of(observation), _observation_date(observation)
         focus = set(reference_targets(observation.focus)) or set(parents.get(source or "", ()))

@@ -793,6 +793,15 @@ def test_staging_tied_to_no_cancer_and_long_before_the_diagnosis_is_not_the_colo
     assert nodal(n_category("clinical", "1229967007", date, focus=None)).status == status
 
 
+def test_a_primary_known_only_by_its_recorded_date_keeps_earlier_staging():
+    # Recorded in 2021, diagnosed who knows when: its 2019 staging may well be its own.
+    recorded_only = crc(onset=None, recorded="2021-06-01")
+    factor = lung_factor(
+        "node_positive_primary", recorded_only, lung_met(), n_category("pathologic", PN2A, focus=None)
+    )
+    assert factor.status == PRESENT
+
+
 @pytest.mark.parametrize("status", ["preliminary", "entered-in-error", "cancelled"])
 def test_staging_with_unusable_status_is_ignored(status):
     assert nodal(n_category("pathologic", PN1C, status=status)).status == UNKNOWN
