@@ -123,26 +123,27 @@ def test_md_escapes_chart_text(raw, safe):
     assert md(raw) == safe
 
 
-def test_hostile_text_that_reaches_the_card_is_escaped(client):
-    """Chart text the card does show (a unit it cannot read) arrives inert."""
+def _hostile_chart_with(resource: dict) -> dict:
+    """The hostile-text demo chart with one more resource of its patient's."""
     bundle = load(FIXTURES / "21-lung-hostile-text.json")
-    patient_ref = next(
+    patient_id = next(
         e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
     )
-    bundle["entry"].append(
-        {
-            "resource": {
-                "resourceType": "Observation",
-                "id": "hostile-unit",
-                "status": "final",
-                "code": {"coding": [{"system": "http://loinc.org", "code": "2039-6"}]},
-                "subject": {"reference": f"Patient/{patient_ref}"},
-                "effectiveDateTime": "2023-01-02",
-                "valueQuantity": {"value": 9, "unit": "<img src=x onerror=alert(1)>[x](http://evil.example)"},
-            }
-        }
-    )
-    resp = client.post(SERVICE_URL, json=hook_body(bundle))
+    bundle["entry"].append({"resource": {**resource, "subject": {"reference": f"Patient/{patient_id}"}}})
+    return bundle
+
+
+def test_hostile_text_that_reaches_the_card_is_escaped(client):
+    """Chart text the card does show (a unit it cannot read) arrives inert."""
+    unreadable_unit = {
+        "resourceType": "Observation",
+        "id": "hostile-unit",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2039-6"}]},
+        "effectiveDateTime": "2023-01-02",
+        "valueQuantity": {"value": 9, "unit": "<img src=x onerror=alert(1)>[x](http://evil.example)"},
+    }
+    resp = client.post(SERVICE_URL, json=hook_body(_hostile_chart_with(unreadable_unit)))
     card = lung_card(resp.get_json()["cards"])
     assert "Not used: CEA" in card["detail"]
     assert not re.search(r"(?<!\\)<img", card["detail"]), "raw HTML reached the card"
@@ -192,26 +193,17 @@ def test_the_app_loads_card_templates_before_its_first_call(settings):
 
 def test_a_chemotherapy_procedures_own_text_reaches_the_card_inert(client):
     """The drug shown for a chemotherapy Procedure is the chart's own code text."""
-    bundle = load(FIXTURES / "21-lung-hostile-text.json")
-    patient_ref = next(
-        e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
-    )
-    bundle["entry"].append(
-        {
-            "resource": {
-                "resourceType": "Procedure",
-                "id": "hostile-chemo",
-                "status": "completed",
-                "code": {
-                    "coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "96413"}],
-                    "text": "FOLFOX [click](http://evil.example) <img src=x> **bold**",
-                },
-                "subject": {"reference": f"Patient/{patient_ref}"},
-                "performedDateTime": "2030-01-01",
-            }
-        }
-    )
-    resp = client.post(SERVICE_URL, json=hook_body(bundle))
+    chemo = {
+        "resourceType": "Procedure",
+        "id": "hostile-chemo",
+        "status": "completed",
+        "code": {
+            "coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "96413"}],
+            "text": "FOLFOX [click](http://evil.example) <img src=x> **bold**",
+        },
+        "performedDateTime": "2030-01-01",
+    }
+    resp = client.post(SERVICE_URL, json=hook_body(_hostile_chart_with(chemo)))
     detail = lung_card(resp.get_json()["cards"])["detail"]
     assert "FOLFOX" in detail
     assert not re.search(r"(?<!\\)<img", detail), "raw HTML reached the card"
