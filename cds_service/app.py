@@ -77,7 +77,7 @@ def _body() -> Any:
         raise BadRequest("the request body is empty")
     try:
         return loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise BadRequest(
             f"the request body is not valid JSON ({getattr(exc, 'msg', 'undecodable')})"
         ) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -193,14 +194,44 @@ class PatientFacts:
 
 def _validated(model: Any, resource: dict[str, Any], facts: PatientFacts) -> Any | None:
     try:
-        return model.model_validate(resource)
+        problems = _dates_not_strings(resource)
+        if not problems:
+            return model.model_validate(resource)
     except ValidationError as exc:
-        where = ref_of(resource) or resource.get("resourceType", "resource")
         # Field paths only: the offending values may be PHI.
-        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})[:3]
-        log.warning("skipped %s: not valid FHIR R4 (%s)", where, ", ".join(fields))
-        facts.skipped.append(where)
-        return None
+        problems = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})[:3]
+    except (KeyError, TypeError, ValueError) as exc:
+        # fhir.resources itself trips over some shapes (a contained resource of no known type).
+        problems = [type(exc).__name__]
+    where = ref_of(resource) or _text(resource.get("resourceType")) or "resource"
+    log.warning("skipped %s: not valid FHIR R4 (%s)", where, ", ".join(problems))
+    facts.skipped.append(where)
+    return None
+
+
+# The date elements the facts are read from. FHIR JSON writes dates as strings; fhir.resources
+# would take a number as seconds since 1970 (a date 20210101 would become 1970-08-22).
+_DATE_ELEMENTS = (
+    "onsetDateTime",
+    "recordedDate",
+    "abatementDateTime",
+    "performedDateTime",
+    "effectiveDateTime",
+    "effectiveInstant",
+    "issued",
+    "authoredOn",
+    "occurrenceDateTime",
+)
+_PERIOD_ELEMENTS = ("onsetPeriod", "performedPeriod", "effectivePeriod", "occurrencePeriod")
+
+
+def _dates_not_strings(resource: dict[str, Any]) -> list[str]:
+    bad = [k for k in _DATE_ELEMENTS if k in resource and type(resource[k]) is not str]
+    for key in _PERIOD_ELEMENTS:
+        period = resource.get(key)
+        if type(period) is dict:
+            bad += [f"{key}.{k}" for k in ("start", "end") if k in period and type(period[k]) is not str]
+    return bad
 
 
 def _verification(condition: Condition) -> set[str]:
@@ -384,14 +415,34 @@ def _fmt(number: float) -> str:
 _COMPARATORS = {"<", "<=", ">", ">="}
 
 
+def _text(value: Any) -> str | None:
+    """A raw JSON value that must be a string (a code, a status), else None."""
+    return value if type(value) is str else None
+
+
+def _list(value: Any) -> list:
+    """A raw JSON value that must be an array, else empty."""
+    return value if type(value) is list else []
+
+
+def _measured_number(value: Any) -> float | None:
+    """A concentration or a size: a finite number, not negative (a JSON boolean is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
 def _unit_text(value: Any) -> str | None:
     return value.strip() or None if type(value) is str else None
 
 
 def _cea_from_raw(raw: dict[str, Any], term: Terminology, unconvertible: bool) -> CeaResult:
     # Runs once per CEA result of the chart (hundreds in a long follow-up): kept to plain dict reads.
-    rid = raw.get("id")
-    source = f"Observation/{rid}" if rid else None
+    source = ref_of(raw)
     period = raw.get("effectivePeriod")
     when = as_date(
         raw.get("effectiveDateTime")
@@ -400,21 +451,22 @@ def _cea_from_raw(raw: dict[str, Any], term: Terminology, unconvertible: bool) -
         or raw.get("issued")
     )
     quantity = raw.get("valueQuantity")
-    value = quantity.get("value") if type(quantity) is dict else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    value = _measured_number(quantity.get("value") if type(quantity) is dict else None)
+    if value is None:
         text = raw.get("valueString")
         shown = text if isinstance(text, str) else "no value"
         return CeaResult(source, when, None, None, shown, "not a numeric result", raw)
     comparator = quantity.get("comparator")
-    comparator = comparator if comparator in _COMPARATORS else None
+    comparator = comparator if type(comparator) is str and comparator in _COMPARATORS else None
     code = _unit_text(quantity.get("code"))
+    system = quantity.get("system")
     # A UCUM code says exactly what the unit is; otherwise the human-readable unit, then any code.
     unit = (
-        (code if quantity.get("system") in term.ucum_systems else None)
+        (code if type(system) is str and system in term.ucum_systems else None)
         or _unit_text(quantity.get("unit"))
         or code
     )
-    shown = f"{comparator or ''}{_fmt(float(value))} {unit or '(no unit)'}"
+    shown = f"{comparator or ''}{_fmt(value)} {unit or '(no unit)'}"
     if unconvertible:
         why = (
             f"reported in {unit or 'molar or arbitrary units'}: converting it to ng/mL needs a molar "
@@ -427,7 +479,7 @@ def _cea_from_raw(raw: dict[str, Any], term: Terminology, unconvertible: bool) -
         return CeaResult(source, when, None, comparator, shown, why, raw)
     if when is None:
         return CeaResult(source, None, None, comparator, shown, "no date", raw)
-    return CeaResult(source, when, float(value) * factor, comparator, shown, None, raw)
+    return CeaResult(source, when, value * factor, comparator, shown, None, raw)
 
 
 def _n_value(observation: Observation, term: Terminology) -> tuple[str | None, str | None, str]:
@@ -478,10 +530,14 @@ def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non
         # The hot loop of large charts (every Observation passes here): one dict lookup per coding,
         # inline, since a call per Observation costs a quarter of the loop.
         code, concept = raw.get("code"), None
-        if type(code) is dict:
-            for coding in code.get("coding") or ():
+        codings_ = code.get("coding") if type(code) is dict else None
+        if type(codings_) is list:
+            for coding in codings_:
                 if type(coding) is dict:
-                    concept = index.get((coding.get("system"), coding.get("code")))
+                    try:
+                        concept = index.get((coding.get("system"), coding.get("code")))
+                    except TypeError:  # a list or an object where a string belongs
+                        continue
                     if concept is not None:
                         break
         if concept is None:
@@ -496,7 +552,7 @@ def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non
             continue
         if what == "cea":
             # Read from the raw JSON: a long CEA history is validated lazily (_validate_used_cea).
-            if raw.get("status") in term.cea_statuses:
+            if _text(raw.get("status")) in term.cea_statuses:
                 facts.cea.append(_cea_from_raw(raw, term, unconvertible=kind == "unconvertible"))
             continue
         observation = _validated(Observation, raw, facts)
@@ -524,7 +580,12 @@ def _read_staging(
         for member in reference_targets(observation.hasMember):
             parents.setdefault(member, []).extend(reference_targets(observation.focus))
     # From the onset only: a recordedDate may postdate the diagnosis (and its staging) by years.
-    earliest = facts.primary_onset - _STAGING_BEFORE_DIAGNOSIS if facts.primary_onset else None
+    onset = facts.primary_onset
+    earliest = (
+        onset - _STAGING_BEFORE_DIAGNOSIS
+        if onset and onset > dt.date.min + _STAGING_BEFORE_DIAGNOSIS
+        else None
+    )
     for observation, what, kind in staging:
         source, when = ref_of(observation), _observation_date(observation)
         focus = set(reference_targets(observation.focus)) or set(parents.get(source or "", ()))
@@ -550,24 +611,26 @@ def _tumor_size(raw: dict[str, Any], facts: PatientFacts, term: Terminology) -> 
     observation = _validated(Observation, raw, facts)
     if observation is None or observation.status not in term.tnm_statuses:
         return None
-    quantity = next(
+    index = next(
         (
-            c.valueQuantity
-            for c in observation.component or []
+            i
+            for i, c in enumerate(observation.component or [])
             if term.tumor_longest_dimension.any(codings(c.code)) and c.valueQuantity is not None
         ),
-        observation.valueQuantity,
+        None,
     )
+    quantity = observation.valueQuantity if index is None else observation.component[index].valueQuantity
     if quantity is None or quantity.value is None:
         return None
+    # The number as the chart wrote it: the model would also take "7.5" (a string) or a negative size.
+    raw_quantity = raw.get("valueQuantity") if index is None else raw["component"][index].get("valueQuantity")
+    size = _measured_number(raw_quantity.get("value") if type(raw_quantity) is dict else None)
     unit = quantity.code or quantity.unit
     factor = _CM_PER_UNIT.get(unit or "")
-    if factor is None:
-        return None  # mCODE allows only mm and cm
+    if factor is None or not size:
+        return None  # mCODE allows only mm and cm; a size is a positive number
     focus = frozenset(reference_targets(observation.focus))
-    return TumorSize(
-        ref_of(observation), _observation_date(observation), float(quantity.value) * factor, focus
-    )
+    return TumorSize(ref_of(observation), _observation_date(observation), size * factor, focus)
 
 
 def _read_tumors(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
@@ -616,7 +679,7 @@ def _drug(
         target = ref["reference"]
         if target.startswith("#"):
             medication = next(
-                (c for c in raw.get("contained") or [] if isinstance(c, dict) and c.get("id") == target[1:]),
+                (c for c in _list(raw.get("contained")) if isinstance(c, dict) and c.get("id") == target[1:]),
                 None,
             )
         else:
@@ -627,7 +690,7 @@ def _drug(
     if drug:
         return drug, "RxNorm code"
     if medication is not None:
-        for ingredient in medication.get("ingredient") or []:
+        for ingredient in _list(medication.get("ingredient")):
             if isinstance(ingredient, dict):
                 drug = term.drug_of_codings(raw_codings(ingredient.get("itemCodeableConcept")))
                 if drug:
@@ -635,7 +698,7 @@ def _drug(
     texts = []
     if isinstance(concept, dict):
         texts.append(concept.get("text") or "")
-        texts.extend(c.get("display") or "" for c in concept.get("coding") or [] if isinstance(c, dict))
+        texts.extend(c.get("display") or "" for c in _list(concept.get("coding")) if isinstance(c, dict))
     if isinstance(ref, dict):
         texts.append(ref.get("display") or "")
     for text in texts:
@@ -670,7 +733,7 @@ def _read_systemic_therapy(chart: Chart, term: Terminology, facts: PatientFacts)
     for rtype, model in _MEDICATION_MODELS.items():
         ignored = term.medication_statuses_ignored[rtype]
         for raw in chart.of_type(rtype):
-            if raw.get("status") in ignored:
+            if _text(raw.get("status")) in ignored:
                 continue
             hit = _drug(raw, medications, term)
             if hit is None or not chart.claim(raw):
@@ -687,7 +750,7 @@ def _read_planned_local_therapy(chart: Chart, term: Terminology, facts: PatientF
     lung_sources = {m.source for m in facts.sites("lung") if m.source}
     kinds = term.local_therapy_by_tag
     for raw in chart.of_type("ServiceRequest"):
-        if raw.get("status") not in term.planned_request_statuses:
+        if _text(raw.get("status")) not in term.planned_request_statuses:
             continue
         tags = [t for t in term.procedure_tags(raw_codings(raw.get("code"))) if t in kinds]
         if not tags or not chart.claim(raw):
@@ -752,7 +815,8 @@ def _read_condition_stages(staged: list[Condition], term: Terminology, facts: Pa
 def _deceased(patient: dict[str, Any] | None) -> bool:
     if not patient:
         return False
-    return patient.get("deceasedBoolean") is True or bool(patient.get("deceasedDateTime"))
+    # A deceasedDateTime counts only as a date: "unknown" or a stray object is not a death.
+    return patient.get("deceasedBoolean") is True or as_date(patient.get("deceasedDateTime")) is not None
 
 
 def derive_facts(chart: Chart, term: Terminology | None = None) -> PatientFacts:

@@ -396,7 +396,7 @@ class _Fetcher:
                     continue
                 # Offset paging over a changing result set can repeat an entry on two pages.
                 ident = (resource.get("resourceType"), resource.get("id"))
-                if ident[1] is not None:
+                if type(ident[0]) is str and type(ident[1]) is str:
                     if ident in seen_ids:
                         continue
                     seen_ids.add(ident)
@@ -417,12 +417,15 @@ class _Fetcher:
         assert first is not None
         merged = {k: v for k, v in first.items() if k not in ("link", "entry", "total")}
         merged["type"] = first.get("type") or "searchset"
-        merged["total"] = sum(
-            1 for e in entries if ((e.get("search") or {}).get("mode") or "match") == "match"
-        )
+        merged["total"] = sum(1 for e in entries if _search_mode(e) == "match")
         if entries:  # FHIR JSON has no empty arrays
             merged["entry"] = entries
         return merged, pages
+
+
+def _search_mode(entry: dict) -> Any:
+    search = entry.get("search")
+    return (search.get("mode") if isinstance(search, dict) else None) or "match"
 
 
 # --------------------------------------------------------------------------- public API

@@ -169,7 +169,7 @@ def _unresolved_medications(chart: Chart, fhir_server: str | None) -> list[str]:
     require it); without them an order coded only through its Medication names no drug, and an
     on-treatment CEA could make the patient look low-risk (§8.4).
     """
-    have = {m.get("id") for m in chart.of_type("Medication")}
+    have = {m.get("id") for m in chart.of_type("Medication") if type(m.get("id")) is str}
     base = (fhir_server or "").rstrip("/") + "/"
     wanted: set[str] = set()
     for rtype in _MEDICATION_TYPES:

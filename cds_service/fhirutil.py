@@ -31,7 +31,9 @@ def as_date(value: Any) -> dt.date | None:
         return value.date()
     if isinstance(value, dt.date):
         return value
-    match = _PARTIAL.match(str(value))
+    if not isinstance(value, str):
+        return None  # FHIR JSON writes dates as strings: a number is not a date
+    match = _PARTIAL.match(value)
     if not match:
         return None
     year, month, day = match.group(1), match.group(2) or "01", match.group(3) or "01"
@@ -89,13 +91,19 @@ def display_of(concept: Any) -> str | None:
     return None
 
 
+# FHIR's id type: what may follow `Type/` in a reference.
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
 def ref_of(resource: Any) -> str | None:
-    """`Type/id` of a model or raw resource; None without an id (it cannot be cited)."""
+    """`Type/id` of a model or raw resource; None without a valid id (it cannot be cited)."""
     if isinstance(resource, dict):
         rtype, rid = resource.get("resourceType"), resource.get("id")
     else:
         rtype, rid = resource.get_resource_type(), resource.id
-    return f"{rtype}/{rid}" if rid else None
+    if type(rid) is not str or type(rtype) is not str or not _FHIR_ID.fullmatch(rid):
+        return None
+    return f"{rtype}/{rid}"
 
 
 def reference_targets(references: Any) -> list[str]:

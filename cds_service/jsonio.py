@@ -19,16 +19,26 @@ def dumps(document: Any, *, sort_keys: bool = False) -> str:
     option = orjson.OPT_NON_STR_KEYS | (orjson.OPT_SORT_KEYS if sort_keys else 0)
     try:
         return orjson.dumps(document, option=option).decode()
-    except TypeError:  # what orjson cannot write (an integer beyond 64 bits) the standard library can
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
+    except TypeError:
+        # What orjson cannot write the standard library can: an integer beyond 64 bits, or chart text
+        # holding a lone UTF-16 surrogate (valid JSON as a \u escape, not encodable as UTF-8).
+        return json.dumps(document, ensure_ascii=True, separators=(",", ":"), sort_keys=sort_keys)
 
 
 def loads(raw: bytes | str) -> Any:
-    """Parse a JSON document; errors are `json.JSONDecodeError` (with `msg` and `lineno`).
+    """Parse a JSON document; every error is a `json.JSONDecodeError` (with `msg` and `lineno`).
 
     orjson refuses some valid JSON (integers beyond 64 bits, UTF-16, a BOM) that `json` reads.
     """
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
+        pass
+    try:
         return json.loads(raw)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except ValueError as exc:  # undecodable bytes, or an integer too long to convert
+        raise json.JSONDecodeError(str(exc).split(":")[0], "", 0) from None

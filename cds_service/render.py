@@ -7,6 +7,7 @@ before it reaches a template, so a hostile chart cannot inject links or HTML int
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import uuid
 from collections.abc import Iterable
@@ -263,7 +264,10 @@ def _tidy(markdown: str) -> str:
 
 
 def _derived_uuid(*parts: str) -> str:
-    return str(uuid.uuid5(_UUID_NAMESPACE, "|".join(parts)))
+    """uuid5 of the parts. Written out (not uuid.uuid5) so that chart text holding a lone UTF-16
+    surrogate, which JSON allows as a \\u escape, still hashes instead of failing to encode."""
+    digest = hashlib.sha1(_UUID_NAMESPACE.bytes + "|".join(parts).encode("utf-8", "surrogatepass")).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
 def _assessment_json(model: str, a: Assessment) -> dict[str, Any]:
