@@ -189,6 +189,10 @@ class PatientFacts:
         return [t for t in self.local_therapies if t.organ == organ and t.done is done]
 
 
+# The display of a metastasis Condition that could not be read (not valid FHIR).
+UNREADABLE = "not valid FHIR R4"
+
+
 # --- validation --------------------------------------------------------------------------------
 
 
@@ -282,7 +286,13 @@ def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> li
         if not chart.claim(raw):
             continue
         condition = _validated(Condition, raw, facts)
-        if condition is None or _verification(condition) & _EXCLUDED_VERIFICATION:
+        if condition is None:
+            if concept.kind != "primary" and concept.site is not term.sites["lung"]:
+                # Coded as a metastasis but not readable: it may be outside the lung, so the
+                # extrapulmonary factor must not read "none" (it reads unknown, naming it).
+                facts.metastases.append(Metastasis(ref_of(raw), None, UNREADABLE, "unknown", None))
+            continue
+        if _verification(condition) & _EXCLUDED_VERIFICATION:
             continue
         source = ref_of(condition)
         when = _condition_date(condition)
@@ -740,6 +750,11 @@ def _read_systemic_therapy(chart: Chart, term: Terminology, facts: PatientFacts)
                 continue
             resource = _validated(model, raw, facts)
             if resource is None:
+                # A drug order that cannot be read is still therapy of unknown start: the CEA rule
+                # then treats it as undated (§8.4), never as no therapy at all.
+                facts.systemic.append(
+                    SystemicTherapy(ref_of(raw), hit[0], None, f"{hit[1]} (not valid FHIR R4)")
+                )
                 continue
             facts.systemic.append(SystemicTherapy(ref_of(resource), hit[0], _therapy_start(resource), hit[1]))
     facts.systemic.sort(key=lambda t: (t.start or dt.date.max, t.source or ""))

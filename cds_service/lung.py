@@ -22,7 +22,7 @@ from .factors import (
     pick_cea,
     score_range,
 )
-from .facts import DatedProcedure, Metastasis, PatientFacts, SystemicTherapy
+from .facts import UNREADABLE, DatedProcedure, Metastasis, PatientFacts, SystemicTherapy
 from .models import LungParams, group_of, lung_params
 
 FACTOR_IDS = ("cea_gt_5", "dfi_lt_24m", "node_positive_primary", "extrapulmonary_metastases")
@@ -55,11 +55,13 @@ def extrapulmonary_factor(facts: PatientFacts) -> tuple[Factor, tuple[str, ...]]
         return Factor("extrapulmonary_metastases", PRESENT, ", ".join(displays), first, sources), organs
     uncoded = [m for m in facts.metastases if m.organ is None]
     if uncoded:
+        unreadable = any(m.display == UNREADABLE for m in uncoded)
         return Factor(
             "extrapulmonary_metastases",
             UNKNOWN,
             sources=tuple(m.source for m in uncoded if m.source),
-            reason="a metastasis Condition has no coded site, so it may lie outside the lung",
+            reason=f"a metastasis Condition {'is not valid FHIR R4' if unreadable else 'has no coded site'}, "
+            "so it may lie outside the lung",
         ), ()
     return Factor("extrapulmonary_metastases", ABSENT, "none in the chart"), ()
 

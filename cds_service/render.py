@@ -19,7 +19,7 @@ import jinja2
 import yaml
 
 from .factors import UNKNOWN, Assessment, CeaPick, Factor
-from .facts import DatedProcedure, PatientFacts
+from .facts import UNREADABLE, DatedProcedure, PatientFacts
 from .jsonio import dumps
 from .liver import LiverAssessment
 from .lung import LungAssessment
@@ -176,7 +176,10 @@ def _lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.dat
                 else None
             ),
             "thoracic": [f"{md(m.display)} ({md(m.source or 'no id')})" for m in a.thoracic],
-            "uncoded": [md(m.source or "a Condition without id") for m in a.uncoded_sites],
+            # Unreadable ones are listed with the other skipped resources.
+            "uncoded": [
+                md(m.source or "a Condition without id") for m in a.uncoded_sites if m.display != UNREADABLE
+            ],
             "local_therapy": _procedures_text(a.local_therapy_done),
             "liver_involved": a.liver_involved,
             "systemic": "; ".join(

@@ -205,3 +205,39 @@ def test_a_next_page_with_odd_entries_is_merged_without_a_crash(client, httpserv
     body["fhirServer"] = httpserver.url_for("/fhir")
     body["prefetch"]["procedures"]["link"] = [{"relation": "next", "url": httpserver.url_for("/fhir/page2")}]
     assert _lung(client.post(SERVICE_URL, json=body))["recommendation"] == "consider-nat"
+
+
+# --- a resource the clinical core recognises but cannot validate ----------------------------------
+
+
+def test_an_unreadable_metastasis_makes_the_extrapulmonary_factor_unknown_not_absent(client):
+    def mutate(bundle: Chart) -> None:
+        bundle["entry"].append(
+            {
+                "resource": {
+                    "resourceType": "Condition",
+                    "id": "d02-adrenal",
+                    "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C79.7"}]},
+                    "subject": {"reference": "Patient/demo-d02"},
+                    "clinicalStatus": {"coding": True},  # not valid FHIR
+                }
+            }
+        )
+
+    a = _lung(_post(client, mutate))
+    extrapulmonary = _factor(a, "extrapulmonary_metastases")
+    assert extrapulmonary["status"] == "unknown" and "not valid FHIR" in extrapulmonary["reason"]
+    assert extrapulmonary["sources"] == ["Condition/d02-adrenal"]
+
+
+def test_an_unreadable_drug_order_still_keeps_on_treatment_cea_out(client):
+    def mutate(bundle: Chart) -> None:
+        _on_oxaliplatin(dosageInstruction="daily")(bundle)  # not valid FHIR: a string for a list
+        later = json.loads(json.dumps(_cea(bundle)))
+        later.update(id="d02-cea-later", effectiveDateTime="2021-06-01")
+        later["valueQuantity"]["value"] = 2.0
+        bundle["entry"].append({"resource": later})
+
+    cea = _factor(_lung(_post(client, mutate)), "cea_gt_5")
+    # An order of unknown start: only a CEA from before the metastasis is surely not on treatment.
+    assert cea["status"] != "absent"
