@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import math
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -128,7 +129,6 @@ class PatientFacts:
     cea: list[CeaResult] = field(default_factory=list)
     nodal: list[NodalEvidence] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # picked resources that were not valid FHIR
-    other_conditions: set[str] = field(default_factory=set)  # Conditions that are not the CRC primary
     tumors: list[Tumor] = field(default_factory=list)
     tumor_sizes: list[TumorSize] = field(default_factory=list)
     systemic: list[SystemicTherapy] = field(default_factory=list)
@@ -275,12 +275,7 @@ def _read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> li
     onsets: list[dt.date] = []
     staged: list[Condition] = []
     for raw in chart.of_type("Condition"):
-        found = raw_codings(raw.get("code"))
-        concept = term.condition_concept(found)
-        if found and (concept is None or concept.kind != "primary"):
-            ref = ref_of(raw)
-            if ref:
-                facts.other_conditions.add(ref)  # staging focused on these is another disease's
+        concept = term.condition_concept(raw_codings(raw.get("code")))
         if concept is None:
             continue
         if not chart.claim(raw):
@@ -435,15 +430,15 @@ def _list(value: Any) -> list:
     return value if type(value) is list else []
 
 
+_LARGEST_INT = int(sys.float_info.max)
+
+
 def _measured_number(value: Any) -> float | None:
     """A concentration or a size: a finite number, not negative (a JSON boolean is not a number)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond any float
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
+    if type(value) is not float and (type(value) is not int or value > _LARGEST_INT):
+        return None  # a string, a boolean, or an integer beyond any float
+    # NaN fails both comparisons; infinity the second.
+    return float(value) if 0 <= value < math.inf else None
 
 
 def _unit_text(value: Any) -> str | None:
@@ -533,7 +528,7 @@ def _kind_of(found: list, sets: dict) -> str | None:
     return None
 
 
-def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non_crc: set[str]) -> None:
+def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
     index = term.observation_index
     staging: list[tuple[Observation, str, str]] = []
     for raw in chart.of_type("Observation"):
@@ -569,7 +564,30 @@ def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts, non
         if observation is not None and observation.status in term.tnm_statuses:
             staging.append((observation, what, kind))
     facts.cea.sort(key=lambda c: (c.date or dt.date.min, c.source or ""))
-    _read_staging(staging, term, facts, non_crc)
+    _read_staging(staging, term, facts, _OtherDiseases(chart, term))
+
+
+class _OtherDiseases:
+    """Which `Condition/<id>` references name a Condition of the chart coded as something other than
+    the colorectal primary. Indexed on first use: most staging names no focus at all."""
+
+    def __init__(self, chart: Chart, term: Terminology) -> None:
+        self._chart, self._term = chart, term
+        self._by_ref: dict[str, dict[str, Any]] | None = None
+
+    def any_of(self, refs: set[str]) -> bool:
+        if not refs:
+            return False
+        if self._by_ref is None:
+            self._by_ref = {ref: c for c in self._chart.of_type("Condition") if (ref := ref_of(c))}
+        for ref in refs:
+            condition = self._by_ref.get(ref)
+            if condition is not None:
+                found = raw_codings(condition.get("code"))
+                concept = self._term.condition_concept(found)
+                if found and (concept is None or concept.kind != "primary"):
+                    return True
+        return False
 
 
 # Staging dated this long before the colorectal cancer was diagnosed cannot be its staging.
@@ -577,7 +595,7 @@ _STAGING_BEFORE_DIAGNOSIS = dt.timedelta(days=90)
 
 
 def _read_staging(
-    staging: list[tuple[Observation, str, str]], term: Terminology, facts: PatientFacts, non_crc: set[str]
+    staging: list[tuple[Observation, str, str]], term: Terminology, facts: PatientFacts, other: _OtherDiseases
 ) -> None:
     """N categories and stage groups of the colorectal primary, not of another cancer in the chart.
 
@@ -599,7 +617,7 @@ def _read_staging(
     for observation, what, kind in staging:
         source, when = ref_of(observation), _observation_date(observation)
         focus = set(reference_targets(observation.focus)) or set(parents.get(source or "", ()))
-        if non_crc & focus:
+        if other.any_of(focus):
             continue  # staging of another cancer
         if not focus and earliest and when and when < earliest:
             continue
@@ -844,7 +862,7 @@ def derive_facts(chart: Chart, term: Terminology | None = None) -> PatientFacts:
     _read_planned_local_therapy(chart, term, facts)
     facts.local_therapies.sort(key=lambda p: (p.date or dt.date.max, p.source or ""))
     _read_systemic_therapy(chart, term, facts)
-    _read_observations(chart, term, facts, facts.other_conditions)
+    _read_observations(chart, term, facts)
     _validate_used_cea(facts, {None} | {facts.treatment_cutoff(o)[0] for o in ("lung", "liver")})
     _read_condition_stages(staged, term, facts)
     _read_tumors(chart, term, facts)
