@@ -84,9 +84,8 @@ def bundle_resources(bundle: dict[str, Any], key: str = "bundle") -> dict[str, l
         rtype = resource.get("resourceType") if type(resource) is dict else None
         if type(rtype) is not str:
             raise BadRequest(f"prefetch {key!r}: a Bundle entry holds something that is not a FHIR resource")
-        search = entry.get("search")
-        if search and type(search) is dict and search.get("mode") == "outcome":
-            continue  # OperationOutcome warnings a server adds to a searchset
+        if rtype == "OperationOutcome":
+            continue  # a warning a server adds to a searchset (search.mode "outcome"), never chart data
         group = by_type.get(rtype)
         if group is None:
             group = by_type[rtype] = []
