@@ -247,13 +247,11 @@ def score_range(factors: tuple[Factor, ...]) -> tuple[int, int]:
 def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str = "") -> CeaPick:
     """The latest readable CEA dated before `before` when given, else the latest (clinical-logic §8.4, §8.13).
 
-    Results are dated calendar days: a CEA on the day of the therapy is not "before" it.
-    Same-day ties go to the higher value, so a tie can never make a patient look lower-risk.
+    `results` in PatientFacts.cea's order: by date, then value, then source. Results are dated
+    calendar days: a CEA on the day of the therapy is not "before" it. Same-day ties go to the
+    higher value, so a tie can never make a patient look lower-risk.
     """
-    readable = sorted(
-        (r for r in results if r.ng_ml is not None and r.date),
-        key=lambda r: (r.date, r.ng_ml, r.source or ""),
-    )
+    readable = [r for r in results if r.ng_ml is not None and r.date]
     if before is not None:
         candidates = [r for r in readable if r.date < before]
         # dt.date.min: treatment began on a day nobody recorded (facts.treatment_cutoff).

@@ -126,7 +126,7 @@ class PatientFacts:
     resections: list[DatedProcedure] = field(default_factory=list)
     local_excisions: list[DatedProcedure] = field(default_factory=list)
     local_therapies: list[DatedProcedure] = field(default_factory=list)
-    cea: list[CeaResult] = field(default_factory=list)
+    cea: list[CeaResult] = field(default_factory=list)  # by date, then value, then source
     nodal: list[NodalEvidence] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # picked resources that were not valid FHIR
     tumors: list[Tumor] = field(default_factory=list)
@@ -563,7 +563,10 @@ def _read_observations(chart: Chart, term: Terminology, facts: PatientFacts) -> 
         observation = _validated(Observation, raw, facts)
         if observation is not None and observation.status in term.tnm_statuses:
             staging.append((observation, what, kind))
-    facts.cea.sort(key=lambda c: (c.date or dt.date.min, c.source or ""))
+    # By date, then value, then source: the CEA rule's order (factors.pick_cea picks the last).
+    facts.cea.sort(
+        key=lambda c: (c.date or dt.date.min, -1.0 if c.ng_ml is None else c.ng_ml, c.source or "")
+    )
     _read_staging(staging, term, facts, _OtherDiseases(chart, term))
 
 
@@ -816,7 +819,7 @@ def _validate_used_cea(facts: PatientFacts, cutoffs: set[dt.date | None]) -> Non
             ]
             if not candidates:
                 break
-            pick = max(candidates, key=lambda r: (r.date, r.ng_ml, r.source or ""))
+            pick = candidates[-1]  # facts.cea is in the rule's order
             if id(pick) in checked:
                 break
             checked.add(id(pick))

@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterable
-from typing import ParamSpec
+from typing import Any, ParamSpec
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -68,10 +68,22 @@ def _never_raises(observe: Callable[P, None]) -> Callable[P, None]:
     return guarded
 
 
+# The labelled series of each (service, endpoint, status): `labels()` takes a lock and builds its key
+# on every call, and this runs on every request. A handful of combinations exist.
+_request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 @_never_raises
 def observe_request(service: str, endpoint: str, status: int, seconds: float) -> None:
-    REQUESTS.labels(service=service, endpoint=endpoint, status=str(status)).inc()
-    REQUEST_SECONDS.labels(service=service, endpoint=endpoint).observe(seconds)
+    key = (service, endpoint, status)
+    series = _request_series.get(key)
+    if series is None:
+        series = _request_series[key] = (
+            REQUESTS.labels(service=service, endpoint=endpoint, status=str(status)),
+            REQUEST_SECONDS.labels(service=service, endpoint=endpoint),
+        )
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 @_never_raises
