@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .facts import CeaResult, PatientFacts
+from .fhirutil import ref_of
 
 DAYS_PER_MONTH = 30.4375
 
@@ -227,15 +228,18 @@ class Assessment:
         return tuple(f for f in self.factors if f.status == PRESENT)
 
 
-def cite_assessed(factors: tuple[Factor, ...], assessed: dict[str, tuple[str, ...]]) -> tuple[Factor, ...]:
+def cite_assessed(
+    factors: tuple[Factor, ...], assessed: dict[str, tuple[str, ...]], patient_id: str
+) -> tuple[Factor, ...]:
     """Every factor cites at least one resource (service contract §4: `sources` are Type/id).
 
     A factor that rests on an absence ("no CEA in the chart", "no site outside the lung") has no
-    evidence of its own: it cites what it was assessed for — the metastasis or primary Conditions.
+    evidence of its own: it cites what it was assessed for — the metastasis or primary Conditions,
+    or, when those carry no id to cite, the patient.
     """
-    return tuple(
-        f if f.sources or not assessed.get(f.id) else replace(f, sources=assessed[f.id]) for f in factors
-    )
+    patient = ref_of({"resourceType": "Patient", "id": patient_id})
+    fallback = (patient,) if patient else ()
+    return tuple(f if f.sources else replace(f, sources=assessed.get(f.id) or fallback) for f in factors)
 
 
 def score_range(factors: tuple[Factor, ...]) -> tuple[int, int]:

@@ -229,6 +229,7 @@ def assess_liver(
             "cea_gt_200": liver_sources,
             "largest_liver_metastasis_gt_5cm": liver_sources,
         },
+        facts.patient_id,
     )
     score_min, score_max = score_range(factors)
     # Every site outside the liver qualifies the liver-only evidence (§8.7); thoracic sites, as in the

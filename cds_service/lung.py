@@ -127,6 +127,7 @@ def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAs
             "node_positive_primary": tuple(facts.primaries),
             "extrapulmonary_metastases": metastases,
         },
+        facts.patient_id,
     )
     score_min, score_max = score_range(factors)
 

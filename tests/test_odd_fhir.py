@@ -241,3 +241,14 @@ def test_an_unreadable_drug_order_still_keeps_on_treatment_cea_out(client):
     cea = _factor(_lung(_post(client, mutate)), "cea_gt_5")
     # An order of unknown start: only a CEA from before the metastasis is surely not on treatment.
     assert cea["status"] != "absent"
+
+
+def test_a_factor_whose_conditions_have_no_id_cites_the_patient(client):
+    # Every factor cites a Type/id (contract §4, README): with nothing else citable, the patient.
+    def mutate(bundle: Chart) -> None:
+        del _resource(bundle, "d02-lungmet")["id"]
+
+    a = _lung(_post(client, mutate))
+    assert all(f.get("sources") for f in a["factors"])
+    # "none outside the lung" was assessed for the lung metastasis, which has no id to cite.
+    assert _factor(a, "extrapulmonary_metastases")["sources"] == ["Patient/demo-d02"]
