@@ -199,17 +199,11 @@ def test_evaluate_against_a_closed_port_exits_2_with_one_line(tmp_path):
 
 def _chart_on_folfox() -> dict:
     """A lung-metastasis chart whose chemotherapy order names its drug only through a Medication."""
-    from .builders import PATIENT_ID, cea, crc, lung_met, n_category, patient, resection
+    from .builders import cea, crc, lung_met, medication_request, n_category, patient, resection
 
-    order = {
-        "resourceType": "MedicationRequest",
-        "id": "folfox-order",
-        "status": "active",
-        "intent": "order",
-        "medicationReference": {"reference": "Medication/folfox"},
-        "subject": {"reference": f"Patient/{PATIENT_ID}"},
-        "authoredOn": "2021-02-01",
-    }
+    order = medication_request(authored="2021-02-01", id="folfox-order")
+    del order["medicationCodeableConcept"]
+    order["medicationReference"] = {"reference": "Medication/folfox"}
     resources = [
         patient(),
         crc(),

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from pytest_httpserver import HTTPServer
 
+from .builders import medication_request
 from .conftest import FIXTURES, SERVICE_URL, hook_body, load
 
 BASE = FIXTURES / "02-lung-moderate-cea-only.json"
@@ -139,15 +140,8 @@ def test_a_deceased_date_that_is_no_date_does_not_hide_the_cards(client, value):
 
 def _on_oxaliplatin(**fields: Any) -> Callable[[Chart], None]:
     def mutate(bundle: Chart) -> None:
-        order = {
-            "resourceType": "MedicationRequest",
-            "id": "d02-order",
-            "status": "active",
-            "intent": "order",
-            "subject": {"reference": "Patient/demo-d02"},
-            "authoredOn": "2021-03-01",
-            "medicationCodeableConcept": {"text": "oxaliplatin"},
-        }
+        order = medication_request(authored="2021-03-01", id="d02-order", subject="Patient/demo-d02")
+        order["medicationCodeableConcept"] = {"text": "oxaliplatin"}
         order.update(fields)
         bundle["entry"].append({"resource": order})
 
