@@ -671,7 +671,15 @@ def _read_tumors(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
         if raw.get("active") is False or not chart.claim(raw):
             continue
         structure = _validated(BodyStructure, raw, facts)
-        if structure is None or not structure.id:
+        if structure is None:
+            # A Tumor record that cannot be read is still a lesion where its location says: counted,
+            # with no size, so it can only raise the lesion count or leave the largest size unknown.
+            source = ref_of(raw)
+            organ = term.organ_of_body_site(raw_codings(raw.get("location")))
+            if source and organ:
+                facts.tumors.append(Tumor(source, organ, frozenset()))
+            continue
+        if not structure.id:
             continue
         related = frozenset(
             target

@@ -958,3 +958,13 @@ def test_systemic_therapy_first_card_shows_the_crs_for_information():
     )
     assert "shown for information" in c["detail"]
     assert assessment_json(c)["score"] == {"min": 3, "max": 3}
+
+
+def test_an_unreadable_tumor_record_still_counts_as_a_lesion_without_a_size():
+    # Two Tumors at the liver; one not valid FHIR (meta must be an object). Dropping it would read
+    # "one lesion, 3 cm": absent twice, and a low score the chart does not support.
+    broken = tumor(id="t2")
+    broken["meta"] = "x"
+    a = assess(*low_crs(broken))
+    assert factor(a, "multiple_liver_metastases").status == PRESENT
+    assert factor(a, "largest_liver_metastasis_gt_5cm").status == UNKNOWN
