@@ -21,7 +21,7 @@ from .catalog import Service, services
 from .engine import answer, warm_up
 from .errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, operation_outcome
 from .feedback import receive_feedback
-from .jsonio import dumps, loads
+from .jsonio import dump_bytes, loads
 from .protocol import Discovery, prune
 from .settings import Settings
 from .store import open_store
@@ -43,7 +43,7 @@ bp = Blueprint("cds", __name__)
 
 
 def _json(document: Any, status: int = 200, content_type: str = "application/json") -> Response:
-    return Response(dumps(document), status=status, content_type=f"{content_type}; charset=utf-8")
+    return Response(dump_bytes(document), status=status, content_type=f"{content_type}; charset=utf-8")
 
 
 def _error(status: int, diagnostics: str, issue_code: str) -> Response:

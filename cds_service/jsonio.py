@@ -14,15 +14,21 @@ from typing import Any
 import orjson
 
 
-def dumps(document: Any, *, sort_keys: bool = False) -> str:
-    """The one serialisation of every answer: HTTP and `cds-service evaluate` print the same bytes."""
+def dump_bytes(document: Any, *, sort_keys: bool = False) -> bytes:
+    """The one serialisation of every answer, as UTF-8: HTTP sends these bytes, `cds-service
+    evaluate` prints them (`dumps`)."""
     option = orjson.OPT_NON_STR_KEYS | (orjson.OPT_SORT_KEYS if sort_keys else 0)
     try:
-        return orjson.dumps(document, option=option).decode()
+        return orjson.dumps(document, option=option)
     except TypeError:
         # What orjson cannot write the standard library can: an integer beyond 64 bits, or chart text
         # holding a lone UTF-16 surrogate (valid JSON as a \u escape, not encodable as UTF-8).
-        return json.dumps(document, ensure_ascii=True, separators=(",", ":"), sort_keys=sort_keys)
+        return json.dumps(document, ensure_ascii=True, separators=(",", ":"), sort_keys=sort_keys).encode()
+
+
+def dumps(document: Any, *, sort_keys: bool = False) -> str:
+    """`dump_bytes` as text."""
+    return dump_bytes(document, sort_keys=sort_keys).decode()
 
 
 def loads(raw: bytes | str) -> Any:

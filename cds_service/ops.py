@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 
 from flask import Flask, Request, Response, request
 
@@ -40,7 +40,7 @@ def elapsed() -> float:
 
 def _start() -> None:
     request.environ[_STARTED] = time.perf_counter()
-    request_id = accepted_request_id(request.headers.get("X-Request-Id")) or uuid.uuid4().hex
+    request_id = accepted_request_id(request.headers.get("X-Request-Id")) or os.urandom(16).hex()
     request.environ[_REQUEST_ID] = request_id
     request.environ[_CONTEXT_TOKEN] = REQUEST_ID.set(request_id)
 
