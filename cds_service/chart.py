@@ -110,21 +110,13 @@ def belongs_to(resource: dict[str, Any], refs: frozenset[str], patient_id: str) 
     return True
 
 
-def by_type(resources: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """FHIR resources (dicts with a resourceType) grouped by type, in their order."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for resource in resources:
-        groups.setdefault(resource["resourceType"], []).append(resource)
-    return groups
-
-
 def build_chart(
     patient_id: str,
     patient: dict[str, Any] | None,
     groups: Iterable[Mapping[str, list[dict[str, Any]]]],
     patient_full_url: str | None = None,
 ) -> Chart:
-    """The chart of resources grouped by type (`bundle_resources`, `by_type`), merged in order."""
+    """The chart of resources grouped by type (as `bundle_resources` gives them), merged in order."""
     chart = Chart(patient_id=patient_id, patient_full_url=patient_full_url)
     if patient is not None and patient.get("resourceType") == "Patient":
         if patient.get("id") in (None, patient_id):

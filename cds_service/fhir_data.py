@@ -8,7 +8,6 @@ CDS Hooks 2.0 prefetch states, per key: absent, or an OperationOutcome (the EHR 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from .catalog import Service, fill_template
 from .chart import Chart, build_chart, bundle_resources
 from .errors import BadRequest, DataUnavailable
 from .fhir_client import FetchReport, check_fhir_server, fetch_queries, follow_next_links, has_next_link
-from .fhirutil import raw_codings
+from .fhirutil import is_fhir_id, raw_codings
 from .protocol import HookRequest
 from .settings import Settings
 from .terminology import terminology
@@ -156,8 +155,6 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
 
 
 _MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")
-# FHIR's id type.
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # Reads per call at most: one for each drug a patient is on is a handful.
 MAX_MEDICATION_READS = 20
 
@@ -182,7 +179,7 @@ def _unresolved_medications(chart: Chart, fhir_server: str | None) -> list[str]:
             if target.startswith(base):
                 target = target[len(base) :]
             rtype_, _, rid = target.partition("/")
-            if rtype_ == "Medication" and _FHIR_ID.fullmatch(rid) and rid not in have:
+            if rtype_ == "Medication" and is_fhir_id(rid) and rid not in have:
                 wanted.add(rid)
     return sorted(wanted)[:MAX_MEDICATION_READS]
 

@@ -95,13 +95,17 @@ def display_of(concept: Any) -> str | None:
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
+def is_fhir_id(value: Any) -> bool:
+    return type(value) is str and _FHIR_ID.fullmatch(value) is not None
+
+
 def ref_of(resource: Any) -> str | None:
     """`Type/id` of a model or raw resource; None without a valid id (it cannot be cited)."""
     if isinstance(resource, dict):
         rtype, rid = resource.get("resourceType"), resource.get("id")
     else:
         rtype, rid = resource.get_resource_type(), resource.id
-    if type(rid) is not str or type(rtype) is not str or not _FHIR_ID.fullmatch(rid):
+    if type(rtype) is not str or not is_fhir_id(rid):
         return None
     return f"{rtype}/{rid}"
 

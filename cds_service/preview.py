@@ -9,7 +9,6 @@ rules and audit record — which is also what lets feedback posted from the page
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,12 +24,12 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup
 
 from .catalog import Service, services
+from .fhirutil import is_fhir_id
 from .paths import data_dir
 
 ASSESSMENT_KEY = "crc-cds-assessment"
 _INDICATORS = frozenset({"info", "warning", "critical"})
 _STATUSES = frozenset({"present", "absent", "unknown"})
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _MAX_URL = 2048
 _MAX_TOKEN = 8192
 # The demo's FHIR endpoint (demo_fhir.create_fhir_blueprint's default prefix) and the blueprint name.
@@ -404,7 +403,7 @@ def create_preview_blueprint(resources: Sequence[dict[str, Any]] | None) -> Blue
         token = form.get("token", "").strip() or None
         if not fhir_server or len(fhir_server) > _MAX_URL:
             return page(400, problem="Give the FHIR server's base URL (e.g. https://sandbox.example/r4).")
-        if not _FHIR_ID.match(patient_id):
+        if not is_fhir_id(patient_id):
             return page(400, problem="Give the patient's FHIR id (letters, digits, '-' and '.', at most 64).")
         if token is not None and len(token) > _MAX_TOKEN:
             return page(400, problem="The token is too long.")

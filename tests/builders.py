@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from cds_service.chart import Chart, build_chart, by_type
+from cds_service.chart import Chart, build_chart
 
 PATIENT_ID = "p1"
 
@@ -250,6 +250,13 @@ def stage_group(
 ) -> dict[str, Any]:
     """TNM stage group; kind pathologic | clinical | unspecified (LOINC code)."""
     return _staging(_STAGE_CODE[kind], value, date, focus, status, id, subject)
+
+
+def by_type(resources: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for resource in resources:
+        groups.setdefault(resource["resourceType"], []).append(resource)
+    return groups
 
 
 def chart(*resources: dict[str, Any]) -> Chart:
