@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 from flask import Flask  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
-from cds_service.app import create_app  # noqa: E402
-from cds_service.catalog import fill_template, services  # noqa: E402
-from cds_service.cli import demo_resources  # noqa: E402
-from cds_service.demo_fhir import create_fhir_blueprint  # noqa: E402
+from cds_service.cli.main import demo_resources  # noqa: E402
+from cds_service.hooks.catalogue import fill_template, services  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
+from cds_service.web.app import create_app  # noqa: E402
+from cds_service.web.demo_fhir import create_fhir_blueprint  # noqa: E402
 
 PATIENTS = ["demo-d01", "demo-d14", "demo-d25"]
 

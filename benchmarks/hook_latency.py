@@ -40,10 +40,10 @@ from werkzeug.test import EnvironBuilder
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cds_service.app import create_app  # noqa: E402
-from cds_service.audit import AuditTrail  # noqa: E402
-from cds_service.cli import prepare_heap_for_serving, request_from_bundle  # noqa: E402
+from cds_service.cli.main import prepare_heap_for_serving, request_from_bundle  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
+from cds_service.store.audit import AuditTrail  # noqa: E402
+from cds_service.web.app import create_app  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "fhir-external"
 URL = "/cds-services/crc-metastases"

@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hook_latency import synthetic_chart  # noqa: E402
 
-from cds_service.cli import request_from_bundle  # noqa: E402
+from cds_service.cli.main import request_from_bundle  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
-from cds_service.store import open_store  # noqa: E402
+from cds_service.store.database import open_store  # noqa: E402
 
 SERVICE = "/cds-services/crc-metastases"
 _PLACEHOLDER = "00000000-0000-4000-8000-00000000beef"
@@ -88,7 +88,7 @@ def start_server(args: argparse.Namespace, database_url: str, workdir: Path) -> 
             [
                 sys.executable,
                 "-m",
-                "cds_service.cli",
+                "cds_service.cli.main",
                 "serve",
                 "--host",
                 "127.0.0.1",

@@ -14,11 +14,11 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import metrics
-from .audit import AuditTrail
-from .errors import ServiceError
-from .protocol import FeedbackEntry, parse_feedback
-from .store import FeedbackRecord, FeedbackResult
+from cds_service.errors import ServiceError
+from cds_service.hooks.models import FeedbackEntry, parse_feedback
+from cds_service.store.audit import AuditTrail
+from cds_service.store.database import FeedbackRecord, FeedbackResult
+from cds_service.telemetry import metrics
 
 log = logging.getLogger(__name__)
 

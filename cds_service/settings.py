@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .urls import is_loopback
+from cds_service.urls import is_loopback
 
 
 class Settings(BaseSettings):

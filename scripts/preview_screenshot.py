@@ -68,7 +68,7 @@ def screenshot(patient: str, out: Path) -> int:
             "CDS_LOG_LEVEL": "WARNING",
         }
         demo = subprocess.Popen(
-            [sys.executable, "-m", "cds_service.cli", "demo", "--port", str(port)],
+            [sys.executable, "-m", "cds_service.cli.main", "demo", "--port", str(port)],
             env=env,
             cwd=tmp,
             stdout=subprocess.DEVNULL,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from cds_service.chart import Chart, build_chart
+from cds_service.clinical.chart import Chart, build_chart
 
 PATIENT_ID = "p1"
 

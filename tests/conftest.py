@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from cds_service.app import create_app
-from cds_service.audit import close_all
-from cds_service.cli import request_from_bundle
+from cds_service.cli.main import request_from_bundle
 from cds_service.settings import Settings
-from cds_service.store import close_stores
+from cds_service.store.audit import close_all
+from cds_service.store.database import close_stores
+from cds_service.web.app import create_app
 
 from .postgres import PostgresCluster, server_binaries, start_cluster
 

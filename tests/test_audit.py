@@ -21,10 +21,10 @@ from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, event, select
 
 from cds_service import feedback as feedback_module
-from cds_service.app import create_app
-from cds_service.audit import AuditTrail
 from cds_service.settings import Settings
-from cds_service.store import hook_call, normalise_url
+from cds_service.store.audit import AuditTrail
+from cds_service.store.database import hook_call, normalise_url
+from cds_service.web.app import create_app
 
 from .conftest import FIXTURES, ROOT, SERVICE_URL, TODAY, hook_body, load
 

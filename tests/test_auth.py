@@ -29,10 +29,10 @@ from pydantic import ValidationError
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-from cds_service import auth
-from cds_service.app import create_app
+from cds_service.hooks import client_jwt as auth
 from cds_service.settings import Settings
-from cds_service.store import close_stores
+from cds_service.store.database import close_stores
+from cds_service.web.app import create_app
 
 from .conftest import FIXTURES, SERVICE_URL, TODAY, hook_body, load
 from .test_http_contract import assert_operation_outcome

@@ -8,12 +8,12 @@ import re
 import pytest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from cds_service import render
-from cds_service.app import create_app
-from cds_service.facts import derive_facts
-from cds_service.lung import assess_lung
-from cds_service.render import lung_card as render_lung_card
-from cds_service.render import md
+from cds_service.clinical.facts.derive import derive_facts
+from cds_service.clinical.scoring.lung import assess_lung
+from cds_service.render import cards as render
+from cds_service.render.cards import lung_card as render_lung_card
+from cds_service.render.cards import md
+from cds_service.web.app import create_app
 
 from .builders import BONE_MET_SNOMED, BRAIN_MET_SNOMED, ICD10CM, LIVER_MET_SNOMED, SNOMED, chart, condition
 from .conftest import FIXTURES, SERVICE_URL, demo_files, hook_body, load, lung_card
@@ -81,7 +81,7 @@ def test_known_cea_does_not_suggest_a_new_one_when_recent(client):
 
 
 def test_stale_cea_is_flagged(app, settings):
-    from cds_service.app import create_app
+    from cds_service.web.app import create_app
 
     later = create_app(settings, today=lambda: __import__("datetime").date(2030, 1, 1)).test_client()
     card = lung_card(

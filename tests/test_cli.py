@@ -35,9 +35,9 @@ def strip_uuids(value):
 
 
 def test_evaluate_two_bundles_prints_one_document_each(tmp_path):
-    from cds_service.app import create_app
-    from cds_service.cli import request_from_bundle
+    from cds_service.cli.main import request_from_bundle
     from cds_service.settings import Settings
+    from cds_service.web.app import create_app
 
     proc = run("evaluate", str(HIGH_RISK), str(OUT_OF_SCOPE), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -73,8 +73,8 @@ def test_evaluate_reads_a_bundle_linked_by_urn_uuid_full_urls(tmp_path):
 
 
 def test_evaluate_request_prints_exactly_the_http_answer(tmp_path):
-    from cds_service.app import create_app
     from cds_service.settings import Settings
+    from cds_service.web.app import create_app
 
     body = hook_body(load(HIGH_RISK))
     path = tmp_path / "request.json"
@@ -182,7 +182,7 @@ def test_serving_heap_is_frozen_and_young_collections_spaced_out():
     # In a child interpreter: freezing the heap of the test process would outlive this test.
     script = (
         "import gc, json\n"
-        "from cds_service.cli import prepare_heap_for_serving, YOUNG_GC_THRESHOLD\n"
+        "from cds_service.cli.main import prepare_heap_for_serving, YOUNG_GC_THRESHOLD\n"
         "before = gc.get_threshold()\n"
         "prepare_heap_for_serving()\n"
         "print(json.dumps([gc.get_freeze_count(), gc.get_threshold(), before, YOUNG_GC_THRESHOLD]))\n"

@@ -11,9 +11,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
-from cds_service.demo_fhir import create_fhir_blueprint
-from cds_service.fhir_client import fetch_queries, make_session
+from cds_service.fetch.client import fetch_queries, make_session
 from cds_service.settings import Settings
+from cds_service.web.demo_fhir import create_fhir_blueprint
 
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"

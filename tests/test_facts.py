@@ -11,7 +11,8 @@ import datetime as dt
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from cds_service.factors import (
+from cds_service.clinical.facts.derive import derive_facts
+from cds_service.clinical.scoring.factors import (
     ABSENT,
     DAYS_PER_MONTH,
     PRESENT,
@@ -20,8 +21,7 @@ from cds_service.factors import (
     pick_cea,
     threshold_status,
 )
-from cds_service.facts import derive_facts
-from cds_service.lung import assess_lung
+from cds_service.clinical.scoring.lung import assess_lung
 
 from .builders import (
     AJCC,

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from cds_service.app import create_app
 from cds_service.settings import Settings
-from cds_service.store import feedback, hook_call, hook_card
+from cds_service.store.database import feedback, hook_call, hook_card
+from cds_service.web.app import create_app
 
 from .conftest import FIXTURES, SERVICE_URL, TODAY, hook_body, load
 from .test_http_contract import assert_operation_outcome

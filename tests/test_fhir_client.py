@@ -14,7 +14,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from cds_service.errors import BadRequest, DataUnavailable
-from cds_service.fhir_client import (
+from cds_service.fetch.client import (
     FetchFailed,
     check_fhir_server,
     fetch_queries,

@@ -1,6 +1,6 @@
 """FHIR mode end to end: no prefetch, the service reads a real FHIR server over HTTP.
 
-The FHIR server is the demo's own read-only endpoint (cds_service.demo_fhir) over the demo
+The FHIR server is the demo's own read-only endpoint (cds_service.web.demo_fhir) over the demo
 patients, served by werkzeug on a loopback port, so paging and search are real HTTP.
 """
 
@@ -13,8 +13,8 @@ import pytest
 from flask import Flask, request
 from werkzeug.serving import make_server
 
-from cds_service.cli import demo_resources
-from cds_service.demo_fhir import create_fhir_blueprint
+from cds_service.cli.main import demo_resources
+from cds_service.web.demo_fhir import create_fhir_blueprint
 
 from .conftest import SERVICE_URL, demo_files, hook_body, load
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cds_service.catalog import services
-from cds_service.protocol import CardsResponse
+from cds_service.hooks.catalogue import services
+from cds_service.hooks.models import CardsResponse
 
 from .conftest import FIXTURES, SERVICE_URL, hook_body, load
 
@@ -198,8 +198,8 @@ def test_search_keys_with_no_data_give_no_cards_without_fetching(client, state):
 
 
 def test_body_over_the_limit_is_413(tmp_path):
-    from cds_service.app import create_app
     from cds_service.settings import Settings
+    from cds_service.web.app import create_app
 
     app = create_app(Settings(auth_required=False, max_body_bytes=1000))
     resp = app.test_client().post(
@@ -216,8 +216,8 @@ def test_unknown_route_and_method_get_operation_outcomes(client):
 def test_auth_required_refuses_calls_without_a_valid_client_jwt(tmp_path):
     # The default: a call needs a client JWT from a trusted issuer (tests/test_auth.py covers each
     # check); with no token, or a junk one, the answer is the same generic 401. Discovery stays open.
-    from cds_service.app import create_app
     from cds_service.settings import Settings
+    from cds_service.web.app import create_app
 
     app = create_app(Settings(auth_required=True))
     for headers in ({}, {"Authorization": "Bearer junk"}):
@@ -239,7 +239,7 @@ def test_cors_preflight_and_headers(client):
 
 
 def test_unexpected_error_is_a_plain_500_without_trace(client, monkeypatch):
-    import cds_service.engine as engine
+    import cds_service.pipeline as engine
 
     def boom(*args, **kwargs):
         raise RuntimeError("secret internals")

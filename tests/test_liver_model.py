@@ -14,13 +14,13 @@ import json
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from cds_service.factors import ABSENT, PRESENT, UNKNOWN
-from cds_service.facts import derive_facts
-from cds_service.liver import FACTOR_IDS, assess_liver, recommend
-from cds_service.lung import assess_lung
-from cds_service.models import group_of, liver_params
-from cds_service.protocol import answer_json
-from cds_service.render import liver_card
+from cds_service.clinical.facts.derive import derive_facts
+from cds_service.clinical.knowledge.thresholds import group_of, liver_params
+from cds_service.clinical.scoring.factors import ABSENT, PRESENT, UNKNOWN
+from cds_service.clinical.scoring.liver import FACTOR_IDS, assess_liver, recommend
+from cds_service.clinical.scoring.lung import assess_lung
+from cds_service.hooks.models import answer_json
+from cds_service.render.cards import liver_card
 
 from .builders import (
     BONE_MET_SNOMED,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from cds_service.factors import ABSENT, PRESENT, UNKNOWN
-from cds_service.facts import derive_facts
-from cds_service.lung import assess_lung, extrapulmonary_factor, recommend
-from cds_service.models import group_of, lung_params
+from cds_service.clinical.facts.derive import derive_facts
+from cds_service.clinical.knowledge.thresholds import group_of, lung_params
+from cds_service.clinical.scoring.factors import ABSENT, PRESENT, UNKNOWN
+from cds_service.clinical.scoring.lung import assess_lung, extrapulmonary_factor, recommend
 
 from .builders import (
     BONE_MET_SNOMED,

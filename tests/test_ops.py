@@ -15,7 +15,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from cds_service.observability import JsonFormatter, accepted_request_id
+from cds_service.telemetry.logs import JsonFormatter, accepted_request_id
 
 from .conftest import FIXTURES, SERVICE_URL, hook_body, load
 from .test_cli import _start, _stop
@@ -116,7 +116,7 @@ def test_logs_carry_the_request_id_and_no_patient_id_or_token(client, caplog):
 
 
 def test_json_formatter_adds_request_id_extra_fields_and_exceptions():
-    from cds_service.observability import REQUEST_ID
+    from cds_service.telemetry.logs import REQUEST_ID
 
     token = REQUEST_ID.set("rid-7")
     try:
@@ -209,7 +209,7 @@ def test_serve_refuses_a_bad_configuration_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("fmt,json_lines", [("json", True), ("text", False)])
 def test_log_format_setting(monkeypatch, fmt, json_lines):
-    from cds_service.cli import _json_logs
+    from cds_service.cli.main import _json_logs
 
     monkeypatch.setenv("CDS_LOG_FORMAT", fmt)
     assert _json_logs("evaluate") is json_lines
@@ -218,7 +218,7 @@ def test_log_format_setting(monkeypatch, fmt, json_lines):
 
 
 def test_a_metrics_failure_never_costs_an_answer(caplog):
-    from cds_service import metrics
+    from cds_service.telemetry import metrics
 
     metrics.observe_request("crc-metastases", "hook", 200, "not a number")  # a real TypeError inside
     assert any("metrics not updated (observe_request)" in r.getMessage() for r in caplog.records)

@@ -24,7 +24,7 @@ def test_installed_package_finds_its_mappings_cards_and_demo_patients(tmp_path):
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); import cds_service; "
         "assert cds_service.__file__.startswith(sys.argv[1]), cds_service.__file__; "
-        "from cds_service.cli import main; sys.exit(main(['evaluate', sys.argv[2]]))"
+        "from cds_service.cli.main import main; sys.exit(main(['evaluate', sys.argv[2]]))"
     )
     run = subprocess.run(
         [sys.executable, "-c", script, str(target), str(FIXTURES / "01-lung-high-risk-all-four.json")],

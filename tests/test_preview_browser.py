@@ -20,9 +20,9 @@ import pytest
 import yaml
 from werkzeug.serving import make_server
 
-from cds_service.app import create_app
-from cds_service.cli import demo_resources
+from cds_service.cli.main import demo_resources
 from cds_service.settings import Settings
+from cds_service.web.app import create_app
 
 from .conftest import ROOT, TODAY, demo_files, expected, load
 from .preview_charts import HOSTILE_PATIENT, HOSTILE_UNIT, hostile_bundle

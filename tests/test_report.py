@@ -12,9 +12,9 @@ import uuid
 
 import pytest
 
-from cds_service.report import as_table, build_report, parse_since
 from cds_service.settings import Settings
-from cds_service.store import CallRecord, CardRecord, FeedbackRecord, Store, open_store
+from cds_service.store.database import CallRecord, CardRecord, FeedbackRecord, Store, open_store
+from cds_service.store.report import as_table, build_report, parse_since
 
 DAY1 = dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC)
 DAY2 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)

@@ -15,7 +15,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select, text
 
 from cds_service.settings import Settings
-from cds_service.store import (
+from cds_service.store.database import (
     CallRecord,
     CardRecord,
     FeedbackRecord,
@@ -267,8 +267,8 @@ def test_pip_install_ships_the_migrations():
 
     root = Path(__file__).resolve().parent.parent
     tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folder = root / "cds_service" / "migrations"
-    assert {"cds_service.migrations", "cds_service.migrations.versions"} <= set(tool["packages"])
-    data = set(tool["package-data"]["cds_service.migrations"])
+    folder = root / "cds_service" / "store" / "migrations"
+    assert {"cds_service.store.migrations", "cds_service.store.migrations.versions"} <= set(tool["packages"])
+    data = set(tool["package-data"]["cds_service.store.migrations"])
     assert {p.name for p in folder.iterdir() if p.is_file() and p.suffix != ".py"} <= data
     assert (folder / "versions" / "__init__.py").is_file()

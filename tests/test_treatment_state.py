@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from cds_service.facts import derive_facts
-from cds_service.liver import assess_liver
-from cds_service.lung import assess_lung
+from cds_service.clinical.facts.derive import derive_facts
+from cds_service.clinical.scoring.liver import assess_liver
+from cds_service.clinical.scoring.lung import assess_lung
 
 from .builders import (
     CPT,

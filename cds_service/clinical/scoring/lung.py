@@ -1,0 +1,177 @@
+"""The four-factor lung model (Cai et al. 2025, seed 000) and the lung pathway (clinical-logic §3, §4).
+
+Pure: PatientFacts in, LungAssessment out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cds_service.clinical.facts.derive import (
+    UNREADABLE,
+    DatedProcedure,
+    Metastasis,
+    PatientFacts,
+    SystemicTherapy,
+)
+from cds_service.clinical.knowledge.thresholds import LungParams, group_of, lung_params
+from cds_service.clinical.scoring.factors import (
+    ABSENT,
+    PRESENT,
+    UNKNOWN,
+    Assessment,
+    Factor,
+    cea_factor,
+    cite_assessed,
+    disease_free_interval,
+    months_between,
+    node_positive_primary,
+    pick_cea,
+    score_range,
+)
+
+FACTOR_IDS = ("cea_gt_5", "dfi_lt_24m", "node_positive_primary", "extrapulmonary_metastases")
+
+
+@dataclass(frozen=True)
+class LungAssessment(Assessment):
+    extrapulmonary_organs: tuple[str, ...]
+    thoracic: tuple[Metastasis, ...]
+    lymphangitic: tuple[Metastasis, ...]
+    pleural: tuple[Metastasis, ...]
+    uncoded_sites: tuple[Metastasis, ...]
+    local_therapy_done: tuple[DatedProcedure, ...]
+    ablation_planned: tuple[DatedProcedure, ...]
+    systemic: tuple[SystemicTherapy, ...]
+    lung_detected: dt.date | None
+    lung_sources: tuple[str, ...]
+    timing: str | None  # synchronous | metachronous | None
+    liver_involved: bool
+
+
+def extrapulmonary_factor(facts: PatientFacts) -> tuple[Factor, tuple[str, ...]]:
+    """Metastases outside the chest, by organ; thoracic sites do not count (terminology decisions)."""
+    sites = [m for m in facts.metastases if m.region == "extrapulmonary" and m.kind == "site"]
+    organs = tuple(sorted({m.organ for m in sites if m.organ}))
+    if organs:
+        first = min((m.detected for m in sites if m.detected), default=None)
+        sources = tuple(sorted({m.source for m in sites if m.source}))
+        displays = sorted({m.display for m in sites})
+        return Factor("extrapulmonary_metastases", PRESENT, ", ".join(displays), first, sources), organs
+    uncoded = [m for m in facts.metastases if m.organ is None]
+    if uncoded:
+        unreadable = any(m.display == UNREADABLE for m in uncoded)
+        return Factor(
+            "extrapulmonary_metastases",
+            UNKNOWN,
+            sources=tuple(m.source for m in uncoded if m.source),
+            reason=f"a metastasis Condition {'is not valid FHIR R4' if unreadable else 'has no coded site'}, "
+            "so it may lie outside the lung",
+        ), ()
+    return Factor("extrapulmonary_metastases", ABSENT, "none in the chart"), ()
+
+
+def timing(facts: PatientFacts, detected: dt.date | None, params: LungParams) -> str | None:
+    """Synchronous: lung metastases found within 6 months of the primary diagnosis (seed 000)."""
+    if detected is None or facts.primary_diagnosis is None:
+        return None
+    within = months_between(facts.primary_diagnosis, detected) <= params.synchronous_within_months
+    return "synchronous" if within else "metachronous"
+
+
+def recommend(
+    *,
+    local_therapy_done: bool,
+    not_oligometastatic: bool,
+    score_min: int,
+    score_max: int,
+    ablation_planned: bool = False,
+    systemic_started: bool = False,
+) -> str:
+    """The lung pathway table (clinical-logic §4; service contract §4, first match wins):
+    treatment states first, then the four-factor pathway."""
+    if local_therapy_done:
+        return "post-local-therapy-follow-up"
+    if ablation_planned:
+        return "ablation-guidance"
+    if systemic_started:
+        return "assess-nat-response"
+    if not_oligometastatic:
+        return "systemic-therapy-first"
+    if score_min >= 1:
+        return "consider-nat"
+    if score_max == 0:
+        return "upfront-local-therapy"
+    return "complete-risk-data"
+
+
+def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAssessment | None:
+    """The lung card's assessment; None when the chart has no lung metastasis."""
+    params = params or lung_params()
+    if not facts.sites("lung"):
+        return None
+    detected, lung_sources = facts.detected("lung")
+    done = tuple(facts.therapies("lung", done=True))
+    planned = tuple(t for t in facts.therapies("lung", done=False) if t.kind in ("ablation", "sbrt"))
+    systemic = tuple(facts.systemic_since("lung"))
+    cutoff, what = facts.treatment_cutoff("lung")
+    cea = pick_cea(facts.cea, cutoff, what)
+    extrapulmonary, organs = extrapulmonary_factor(facts)
+    factors = (
+        cea_factor(cea, "cea_gt_5", params.cea_threshold_ng_ml),
+        disease_free_interval(facts, "lung", "dfi_lt_24m", params.dfi_limit_months),
+        node_positive_primary(facts),
+        extrapulmonary,
+    )
+    metastases = tuple(sorted({m.source for m in facts.metastases if m.source}))
+    factors = cite_assessed(
+        factors,
+        {
+            "cea_gt_5": tuple(lung_sources),
+            "dfi_lt_24m": tuple(lung_sources),
+            "node_positive_primary": tuple(facts.primaries),
+            "extrapulmonary_metastases": metastases,
+        },
+        facts.patient_id,
+    )
+    score_min, score_max = score_range(factors)
+
+    lymphangitic = tuple(m for m in facts.metastases if m.kind == "lymphangitic")
+    pleural = tuple(m for m in facts.metastases if m.organ == "pleura")
+    reasons = []
+    if len(organs) > params.max_extrapulmonary_organs:
+        reasons.append(f"metastases in {len(organs)} organs outside the lung")
+    if lymphangitic:
+        reasons.append("lymphangitic carcinomatosis")
+    if pleural:
+        reasons.append("pleural dissemination")
+
+    return LungAssessment(
+        factors=factors,
+        score_min=score_min,
+        score_max=score_max,
+        group=group_of(score_min, score_max, params.groups),
+        recommendation=recommend(
+            local_therapy_done=bool(done),
+            not_oligometastatic=bool(reasons),
+            score_min=score_min,
+            score_max=score_max,
+            ablation_planned=bool(planned),
+            systemic_started=bool(systemic),
+        ),
+        cea=cea,
+        extrapulmonary_organs=organs,
+        thoracic=tuple(m for m in facts.metastases if m.region == "thoracic" and m.organ != "pleura"),
+        lymphangitic=lymphangitic,
+        pleural=pleural,
+        uncoded_sites=tuple(m for m in facts.metastases if m.organ is None),
+        local_therapy_done=done,
+        ablation_planned=planned,
+        systemic=systemic,
+        lung_detected=detected,
+        lung_sources=tuple(lung_sources),
+        timing=timing(facts, detected, params),
+        liver_involved=bool(facts.sites("liver")),
+        reasons_not_oligometastatic=tuple(reasons),
+    )

@@ -1,0 +1,80 @@
+"""The request's path, top to bottom: validate → fetch → derive facts → score → recommend → render.
+
+Shared by the HTTP route and `cds-service evaluate`, so both answer with the same bytes.
+(Authentication happens in the route, before this, because it depends on the HTTP request.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cds_service.clinical.facts.derive import derive_facts
+from cds_service.clinical.knowledge.terminology import terminology
+from cds_service.clinical.knowledge.thresholds import liver_params, lung_params
+from cds_service.clinical.scoring.factors import Assessment
+from cds_service.clinical.scoring.liver import assess_liver
+from cds_service.clinical.scoring.lung import assess_lung
+from cds_service.fetch.prefetch import ChartSource, resolve_chart
+from cds_service.hooks.catalogue import Service
+from cds_service.hooks.models import Card, HookRequest, answer_json, parse_hook_request
+from cds_service.render.cards import liver_card, lung_card
+from cds_service.render.cards import preload as preload_cards
+from cds_service.settings import Settings
+
+log = logging.getLogger("cds_service.engine")  # the name operators filter on, kept across the move
+
+
+@dataclass
+class Outcome:
+    """One hook call's answer and what the audit trail needs to know about it."""
+
+    answer: dict[str, Any]
+    source: ChartSource
+    chart_size: int
+    seconds: float
+    recommendations: tuple[str, ...] = ()
+
+
+def evaluate(request: HookRequest, service: Service, settings: Settings, today: dt.date) -> Outcome:
+    started = time.perf_counter()
+    chart, source = resolve_chart(request, service, settings)
+    facts = derive_facts(chart)
+    assessments: list[Assessment] = []
+    cards: list[Card] = []
+    if facts.in_scope:
+        lung = assess_lung(facts)
+        liver = assess_liver(facts, lung)
+        context = {
+            "hook_instance": request.hookInstance,
+            "today": today,
+            "cea_max_age_days": settings.cea_max_age_days,
+        }
+        for assessment, render in ((lung, lung_card), (liver, liver_card)):
+            if assessment is not None:
+                assessments.append(assessment)
+                cards.append(render(assessment, facts, **context))
+    recommendations = [a.recommendation for a in assessments]
+    answer = answer_json(cards)
+    return Outcome(answer, source, chart.size, time.perf_counter() - started, tuple(recommendations))
+
+
+def warm_up() -> None:
+    """Load now what a first call would (value sets, thresholds, card templates and evidence).
+
+    The first clinician is not kept waiting, and `serve` loads it once in the gunicorn master,
+    where it is shared by every worker and frozen with the startup heap.
+    """
+    terminology()
+    lung_params()
+    liver_params()
+    preload_cards()
+
+
+def answer(body: Any, service: Service, settings: Settings, today: dt.date) -> Outcome:
+    """Validate a decoded request body for `service` and evaluate it."""
+    request = parse_hook_request(body, service.hook)
+    return evaluate(request, service, settings, today)

@@ -1,0 +1,126 @@
+"""Prometheus metrics of the service, served at GET /metrics.
+
+Under `cds-service serve` (several gunicorn workers) prometheus_client runs in multiprocess mode:
+each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR and /metrics adds them up,
+whichever worker answers (set up by observability.prepare_metrics_dir before this is imported).
+Labels take only values from closed sets (known service ids, models, recommendations, outcomes,
+status codes) so nobody can grow the series count by sending odd requests.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, ParamSpec
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from cds_service.pipeline import Outcome
+from cds_service.store.database import CardRecord, FeedbackResult
+
+log = logging.getLogger("cds_service.metrics")  # the name operators filter on, kept across the move
+P = ParamSpec("P")
+
+# Hook calls take milliseconds with prefetch and up to the FHIR time budget without.
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUESTS = Counter("cds_http_requests_total", "HTTP requests answered", ["service", "endpoint", "status"])
+REQUEST_SECONDS = Histogram(
+    "cds_http_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["service", "endpoint"],
+    buckets=_SECONDS,
+)
+FHIR_FETCH_SECONDS = Histogram(
+    "cds_fhir_fetch_duration_seconds",
+    "Time spent fetching FHIR data from the EHR's FHIR server for one hook call",
+    ["service"],
+    buckets=_SECONDS,
+)
+CARDS = Counter("cds_cards_total", "Cards returned", ["service", "model", "recommendation"])
+FEEDBACK = Counter("cds_feedback_total", "Feedback entries stored", ["service", "outcome"])
+FEEDBACK_DUPLICATES = Counter(
+    "cds_feedback_duplicates_total", "Feedback entries received again (not stored twice)", ["service"]
+)
+STORE_ERRORS = Counter("cds_store_errors_total", "Store writes that failed", ["operation"])
+
+
+def _never_raises(observe: Callable[P, None]) -> Callable[P, None]:
+    """Counting must never cost an answer (e.g. the multiprocess folder removed under us)."""
+
+    @functools.wraps(observe)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            observe(*args, **kwargs)
+        except Exception as exc:
+            log.warning("metrics not updated (%s): %s: %s", observe.__name__, type(exc).__name__, exc)
+
+    return guarded
+
+
+# The labelled series of each (service, endpoint, status): `labels()` takes a lock and builds its key
+# on every call, and this runs on every request. A handful of combinations exist.
+_request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+@_never_raises
+def observe_request(service: str, endpoint: str, status: int, seconds: float) -> None:
+    key = (service, endpoint, status)
+    series = _request_series.get(key)
+    if series is None:
+        series = _request_series[key] = (
+            REQUESTS.labels(service=service, endpoint=endpoint, status=str(status)),
+            REQUEST_SECONDS.labels(service=service, endpoint=endpoint),
+        )
+    series[0].inc()
+    series[1].observe(seconds)
+
+
+@_never_raises
+def store_error(operation: str, count: int = 1) -> None:
+    STORE_ERRORS.labels(operation=operation).inc(count)
+
+
+@_never_raises
+def observe_answer(service_id: str, outcome: Outcome, cards: Iterable[CardRecord]) -> None:
+    for card in cards:
+        CARDS.labels(
+            service=service_id, model=card.model or "none", recommendation=card.recommendation or "none"
+        ).inc()
+    report = outcome.source.report
+    if report is not None:
+        FHIR_FETCH_SECONDS.labels(service=service_id).observe(report.seconds)
+
+
+@_never_raises
+def observe_feedback(service_id: str, result: FeedbackResult) -> None:
+    for outcome in result.stored_outcomes:
+        FEEDBACK.labels(service=service_id, outcome=outcome).inc()
+    if result.duplicates:
+        FEEDBACK_DUPLICATES.labels(service=service_id).inc(result.duplicates)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format of every metric, summed over all worker processes when there are several."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def worker_exited(pid: int) -> None:
+    """gunicorn child_exit: drop the dead worker's live gauges (its counters stay counted)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)
