@@ -101,3 +101,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield request.getfixturevalue("postgres").new_database()
     close_all()  # audit records still queued are written to this test's database, not a later one
     close_stores()  # no pooled connection outlives its test (PostgreSQL counts them)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every PostgreSQL case is slow (a real server); the rest carry `@pytest.mark.slow` themselves."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if "postgres" in getattr(item, "fixturenames", ()) or (
+            callspec is not None and "postgresql" in callspec.params.values()
+        ):
+            item.add_marker(pytest.mark.slow)

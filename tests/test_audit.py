@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, event, select
 
@@ -131,6 +132,7 @@ def test_feedback_finds_a_card_another_worker_is_still_writing(tmp_path):
     assert _count(db) == 1 and _count(db, "feedback") == 1
 
 
+@pytest.mark.slow
 def test_queued_records_are_written_before_the_process_exits(tmp_path):
     db = tmp_path / "cds.db"
     script = textwrap.dedent(

@@ -522,6 +522,7 @@ def test_https_or_loopback_http_jwks_urls_are_accepted(monkeypatch, url):
     assert Settings().trusted_issuers == {ISS: url}
 
 
+@pytest.mark.slow
 def test_serve_prints_a_bad_trusted_issuers_as_one_line_and_exits_2(tmp_path):
     env = {**os.environ, "CDS_TRUSTED_ISSUERS": '{"https://ehr.example.org": "http://ehr.example.org/jwks"}'}
     done = subprocess.run(

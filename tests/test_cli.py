@@ -34,6 +34,7 @@ def strip_uuids(value):
     return value
 
 
+@pytest.mark.slow
 def test_evaluate_two_bundles_prints_one_document_each(tmp_path):
     from cds_service.cli.main import request_from_bundle
     from cds_service.settings import Settings
@@ -49,6 +50,7 @@ def test_evaluate_two_bundles_prints_one_document_each(tmp_path):
     assert docs[1] == {"cards": []}
 
 
+@pytest.mark.slow
 def test_evaluate_reads_a_bundle_linked_by_urn_uuid_full_urls(tmp_path):
     # A transaction-style Bundle (Synthea's shape): resources point at each other by fullUrl.
     import uuid
@@ -72,6 +74,7 @@ def test_evaluate_reads_a_bundle_linked_by_urn_uuid_full_urls(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_evaluate_request_prints_exactly_the_http_answer(tmp_path):
     from cds_service.settings import Settings
     from cds_service.web.app import create_app
@@ -96,6 +99,7 @@ def test_evaluate_request_prints_exactly_the_http_answer(tmp_path):
         ('{"hook": "patient-view", "hookInstance": "x", "context": {}}', "invalid request"),
     ],
 )
+@pytest.mark.slow
 def test_evaluate_bad_input_exits_2_with_one_line(tmp_path, content, label):
     path = tmp_path / "input.json"
     if content is not None:
@@ -145,6 +149,7 @@ def _stop(proc: subprocess.Popen) -> str:
     return out.decode() if out else ""
 
 
+@pytest.mark.slow
 def test_serve_answers_over_real_http_and_refuses_oversize_bodies(tmp_path):
     proc, base = _start(
         ["serve", "--workers", "1"], {"CDS_AUTH_REQUIRED": "false", "CDS_MAX_BODY_BYTES": "200000"}, tmp_path
@@ -169,6 +174,7 @@ def test_serve_answers_over_real_http_and_refuses_oversize_bodies(tmp_path):
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_demo_serves_discovery_and_prints_example_calls(tmp_path):
     proc, base = _start(["demo"], {}, tmp_path)
     try:
@@ -178,6 +184,7 @@ def test_demo_serves_discovery_and_prints_example_calls(tmp_path):
     assert "DEMO MODE" in out and "curl -s -X POST" in out
 
 
+@pytest.mark.slow
 def test_serving_heap_is_frozen_and_young_collections_spaced_out():
     # In a child interpreter: freezing the heap of the test process would outlive this test.
     script = (

@@ -129,6 +129,7 @@ def test_unreachable_or_unsafe_fhir_server_is_412_without_the_token(client, base
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.slow
 def test_evaluate_against_a_fhir_server_prints_cards_and_what_was_fetched(fhir_server, tmp_path):
     import json
     import os
@@ -166,6 +167,7 @@ def test_evaluate_against_a_fhir_server_prints_cards_and_what_was_fetched(fhir_s
     assert all(c["auth"] == "Bearer tok-cli" for c in seen[mark:])
 
 
+@pytest.mark.slow
 def test_evaluate_against_a_closed_port_exits_2_with_one_line(tmp_path):
     import os
     import subprocess

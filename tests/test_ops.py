@@ -137,6 +137,7 @@ def test_json_formatter_adds_request_id_extra_fields_and_exceptions():
 # --- the production server: two workers, one set of metrics, JSON logs -----------------------------------
 
 
+@pytest.mark.slow
 def test_serve_with_two_workers_sums_metrics_and_audits_every_call(tmp_path):
     db = tmp_path / "cds.db"
     env = {
@@ -184,6 +185,7 @@ def test_serve_with_two_workers_sums_metrics_and_audits_every_call(tmp_path):
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_bad_configuration_with_one_line(tmp_path):
     env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'missing' / 'cds.db'}"}
     proc = subprocess.run(

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import FIXTURES, ROOT
+
+pytestmark = pytest.mark.slow  # a real `pip install` into a folder
 
 
 def test_installed_package_finds_its_mappings_cards_and_demo_patients(tmp_path):

@@ -45,10 +45,13 @@ INDICATOR_COLOURS = {
     "critical": "rgb(179, 38, 30)",
 }
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="/usr/bin/chromium is absent: run `bash scripts/install-test-deps.sh` (Debian)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="/usr/bin/chromium is absent: run `bash scripts/install-test-deps.sh` (Debian)",
+    ),
+]
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
 )

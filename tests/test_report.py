@@ -119,6 +119,7 @@ def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_report_table(filled):
     proc = _cli(filled[0])
     assert proc.returncode == 0, proc.stderr
@@ -129,6 +130,7 @@ def test_report_table(filled):
     assert "already-reviewed-by-mdt" in out and "MDT last week" not in out  # comments are counted, not shown
 
 
+@pytest.mark.slow
 def test_report_csv_since(filled):
     proc = _cli(filled[0], "--since", "2026-03-02", "--format", "csv")
     assert proc.returncode == 0, proc.stderr
@@ -144,11 +146,13 @@ def test_report_csv_since(filled):
 @pytest.mark.parametrize(
     "args,message", [(["--since", "soon"], "not a date"), (["--format", "xml"], "invalid choice")]
 )
+@pytest.mark.slow
 def test_report_bad_arguments_exit_2(tmp_path, args, message):
     proc = _cli(f"sqlite:///{tmp_path / 'cds.db'}", *args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_report_without_a_database_exits_2(tmp_path):
     proc = _cli(f"sqlite:///{tmp_path / 'absent.db'}")
     assert proc.returncode == 2 and "no database" in proc.stderr
