@@ -48,15 +48,17 @@ def evaluate(request: HookRequest, service: Service, settings: Settings, today: 
     if facts.in_scope:
         lung = assess_lung(facts)
         liver = assess_liver(facts, lung)
-        context = {
-            "hook_instance": request.hookInstance,
-            "today": today,
-            "cea_max_age_days": settings.cea_max_age_days,
-        }
-        for assessment, render in ((lung, lung_card), (liver, liver_card)):
-            if assessment is not None:
-                assessments.append(assessment)
-                cards.append(render(assessment, facts, **context))
+        hook_instance, max_age = request.hookInstance, settings.cea_max_age_days
+        if lung is not None:
+            assessments.append(lung)
+            cards.append(
+                lung_card(lung, facts, hook_instance=hook_instance, today=today, cea_max_age_days=max_age)
+            )
+        if liver is not None:
+            assessments.append(liver)
+            cards.append(
+                liver_card(liver, facts, hook_instance=hook_instance, today=today, cea_max_age_days=max_age)
+            )
     recommendations = [a.recommendation for a in assessments]
     answer = answer_json(cards)
     return Outcome(answer, source, chart.size, time.perf_counter() - started, tuple(recommendations))

@@ -168,9 +168,9 @@ class Terminology:
         # (system, code) → ("cea", "mass" | "unconvertible") | ("n" | "stage", kind) | ("size", ""):
         # one dict lookup per coding classifies an Observation (charts hold thousands of them).
         index: dict[Coding, tuple[str, str]] = {}
-        for concept, spec_by_kind in (("n", obs["n_category"]), ("stage", obs["stage_group"])):
+        for family, spec_by_kind in (("n", obs["n_category"]), ("stage", obs["stage_group"])):
             for kind, spec in spec_by_kind.items():
-                index.update(dict.fromkeys(self.code_set(spec).exact, (concept, kind)))
+                index.update(dict.fromkeys(self.code_set(spec).exact, (family, kind)))
         index.update(dict.fromkeys(self.cea_unconvertible.exact, ("cea", "unconvertible")))
         index.update(dict.fromkeys(self.cea_mass.exact, ("cea", "mass")))
         index.update(dict.fromkeys(self.code_set(obs["tumor_size"]).exact, ("size", "")))
