@@ -44,6 +44,36 @@ class DataUnavailable(ServiceError):
     issue_code = "incomplete"
 
 
+class FetchError(ServiceError):
+    """Reading the patient's chart failed: raised only by `fetch/`, mapped to HTTP by its status.
+
+    412 by default (the FHIR data cannot be obtained); the subclasses say when the hook request
+    itself is at fault (400) or when this process has no capacity left for another fetch (503).
+    """
+
+    status = 412
+    issue_code = "incomplete"
+
+
+class PrefetchInvalid(FetchError):
+    """What the EHR sent to read the chart with is not usable: prefetch that is not FHIR, a
+    malformed access token or patient id (400)."""
+
+    status = 400
+    issue_code = "invalid"
+
+
+class FetchBusy(FetchError):
+    """No fetch slot free in this process right now (503; the client may retry after `retry_after`)."""
+
+    status = 503
+    issue_code = "transient"
+
+    def __init__(self, diagnostics: str, *, retry_after: int = 1) -> None:
+        super().__init__(diagnostics)
+        self.retry_after = retry_after
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     issue_code = "too-long"

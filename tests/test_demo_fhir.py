@@ -11,7 +11,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
-from cds_service.fetch.client import fetch_queries, make_session
+from cds_service.fetch.client import fetch_queries
+from cds_service.fetch.session import make_session
 from cds_service.settings import Settings
 from cds_service.web.demo_fhir import create_fhir_blueprint
 

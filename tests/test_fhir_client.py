@@ -13,14 +13,14 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from cds_service.errors import BadRequest, DataUnavailable
+from cds_service.errors import FetchError, PrefetchInvalid
 from cds_service.fetch.client import (
     FetchFailed,
     check_fhir_server,
     fetch_queries,
     follow_next_links,
-    make_session,
 )
+from cds_service.fetch.session import make_session
 from cds_service.settings import Settings
 
 TOKEN = "s3cr3t-t0ken.abc"
@@ -164,7 +164,7 @@ def test_no_token_sends_no_authorization(fhir: HTTPServer, base: str) -> None:
 
 
 def test_malformed_token_is_a_bad_request(base: str) -> None:
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(PrefetchInvalid) as info:
         fetch_queries(base, "abc\r\nX-Evil: 1", {"patient": "Patient/p1"}, settings())
     assert "abc" not in info.value.diagnostics
 
@@ -201,7 +201,7 @@ def test_retry_after_beyond_the_budget_fails_fast(fhir: HTTPServer, base: str) -
         Response("busy", status=503, headers={"Retry-After": "30"})
     )
     t0 = time.monotonic()
-    with pytest.raises(DataUnavailable) as info:
+    with pytest.raises(FetchError) as info:
         fetch(base, {"conditions": "Condition?patient=p1"})
     assert time.monotonic() - t0 < 0.5
     assert "'conditions'" in info.value.diagnostics and "HTTP 503" in info.value.diagnostics
@@ -209,7 +209,7 @@ def test_retry_after_beyond_the_budget_fails_fast(fhir: HTTPServer, base: str) -
 
 def test_persistent_503_is_reported_after_retries(fhir: HTTPServer, base: str) -> None:
     fhir.expect_request("/fhir/Condition").respond_with_response(Response("down", status=503))
-    with pytest.raises(DataUnavailable) as info:
+    with pytest.raises(FetchError) as info:
         fetch(base, {"conditions": "Condition?patient=p1"})
     assert "HTTP 503" in info.value.diagnostics and len(fhir.log) == 4
 
@@ -225,7 +225,7 @@ def test_hanging_server_fails_within_the_budget(
 
     fhir.expect_request("/fhir/Observation").respond_with_handler(hang)
     t0 = time.monotonic()
-    with pytest.raises(DataUnavailable) as info:
+    with pytest.raises(FetchError) as info:
         fetch(
             base,
             {"patient": "Patient/p1", "labs": "Observation?patient=p1"},
@@ -243,7 +243,7 @@ def test_budget_is_shared_across_pages(fhir: HTTPServer, base: str) -> None:
 
     fhir.expect_request("/fhir/Condition").respond_with_handler(slow_pages)
     t0 = time.monotonic()
-    with pytest.raises(DataUnavailable) as info:
+    with pytest.raises(FetchError) as info:
         fetch(base, {"conditions": "Condition?patient=p1"}, cfg=settings(fhir_timeout_s=0.5))
     # The loop guard or the budget ends it; either way well before a per-page timeout would.
     assert time.monotonic() - t0 < 0.9
@@ -296,7 +296,7 @@ def test_each_failure_is_a_clear_412(
     fhir: HTTPServer, base: str, name: str, handler: Callable[[Request], Response], expected: str
 ) -> None:
     fhir.expect_request("/fhir/Observation").respond_with_handler(handler)
-    with pytest.raises(DataUnavailable) as info:
+    with pytest.raises(FetchError) as info:
         fetch(base, {"cea": "Observation?patient=p1&code=http://loinc.org|2039-6"})
     err = info.value
     assert err.status == 412
@@ -309,7 +309,7 @@ def test_each_failure_is_a_clear_412(
 def test_one_failure_names_only_the_failed_search(fhir: HTTPServer, base: str) -> None:
     fhir.expect_request("/fhir/Patient/p1").respond_with_json({"resourceType": "Patient", "id": "p1"})
     fhir.expect_request("/fhir/Condition").respond_with_response(Response("no", status=403))
-    with pytest.raises(DataUnavailable) as info:
+    with pytest.raises(FetchError) as info:
         fetch(base, {"patient": "Patient/p1", "conditions": "Condition?patient=p1"})
     assert "'conditions'" in info.value.diagnostics and "'patient'" not in info.value.diagnostics
 
@@ -318,7 +318,7 @@ def test_read_answering_html_404_is_not_taken_for_no_patient(fhir: HTTPServer, b
     fhir.expect_request("/fhir/Patient/p1").respond_with_response(
         Response("<html>Not Found</html>", status=404, content_type="text/html")
     )
-    with pytest.raises(DataUnavailable, match="read 'patient'"):
+    with pytest.raises(FetchError, match="read 'patient'"):
         fetch(base, {"patient": "Patient/p1"})
 
 
@@ -326,7 +326,7 @@ def test_connection_refused(fhir: HTTPServer) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(DataUnavailable) as info:
+    with pytest.raises(FetchError) as info:
         fetch(f"http://127.0.0.1:{port}/fhir", {"patient": "Patient/p1"})
     assert "'patient'" in info.value.diagnostics and "connection refused" in info.value.diagnostics
     assert info.value.status == 412
@@ -334,7 +334,7 @@ def test_connection_refused(fhir: HTTPServer) -> None:
 
 @pytest.mark.parametrize("url", [None, "", "  "])
 def test_no_fhir_server(url: str | None) -> None:
-    with pytest.raises(DataUnavailable, match="no fhirServer"):
+    with pytest.raises(FetchError, match="no fhirServer"):
         fetch_queries(url, TOKEN, {"patient": "Patient/p1"}, settings())  # type: ignore[arg-type]
 
 
@@ -346,7 +346,7 @@ def test_response_size_is_capped(fhir: HTTPServer, base: str) -> None:
         lambda r: Response(iter([json.dumps(big).encode()] * 3), content_type=FHIR_JSON)
     )
     for key, query in (("conditions", "Condition?patient=p1"), ("labs", "Observation?patient=p1")):
-        with pytest.raises(DataUnavailable) as info:
+        with pytest.raises(FetchError) as info:
             fetch(base, {key: query}, cfg=settings(fhir_max_response_bytes=1000))
         assert f"'{key}'" in info.value.diagnostics and "1000-byte limit" in info.value.diagnostics
 
@@ -359,7 +359,7 @@ def test_cross_host_redirect_is_not_followed(fhir: HTTPServer, base: str) -> Non
         fhir.expect_request("/fhir/Patient/p1").respond_with_response(
             Response("", status=302, headers={"Location": other.url_for("/fhir/Patient/p1")})
         )
-        with pytest.raises(DataUnavailable) as info:
+        with pytest.raises(FetchError) as info:
             fetch(base, {"patient": "Patient/p1"})
         assert "another host" in info.value.diagnostics and other.log == []
     finally:
@@ -380,7 +380,7 @@ def test_next_link_to_another_host_is_not_followed(fhir: HTTPServer, base: str) 
     fhir.expect_request("/fhir/Condition").respond_with_json(
         bundle([condition(1)], "https://elsewhere.example/fhir/Condition?page=2")
     )
-    with pytest.raises(DataUnavailable, match="another host"):
+    with pytest.raises(FetchError, match="another host"):
         fetch(base, {"conditions": "Condition?patient=p1"})
 
 
@@ -394,7 +394,7 @@ def test_token_is_never_logged(fhir: HTTPServer, base: str, caplog: pytest.LogCa
         )
     )
     fetch(base, {"patient": "Patient/p1"})
-    with pytest.raises(DataUnavailable):
+    with pytest.raises(FetchError):
         fetch(base, {"conditions": "Condition?patient=p1"})
     assert caplog.records, "expected the client to log its searches"
     assert TOKEN not in caplog.text
@@ -428,7 +428,7 @@ def test_accepted_fhir_servers(url: str, expected: str) -> None:
     ],
 )
 def test_rejected_fhir_servers(url: str, message: str) -> None:
-    with pytest.raises(DataUnavailable, match=message) as info:
+    with pytest.raises(FetchError, match=message) as info:
         check_fhir_server(url, settings())
     assert info.value.status == 412 and "pw" not in info.value.diagnostics
 
@@ -454,12 +454,12 @@ def test_allowlist(url: str, ok: bool) -> None:
     if ok:
         assert check_fhir_server(url, cfg)
     else:
-        with pytest.raises(DataUnavailable, match="ALLOWLIST"):
+        with pytest.raises(FetchError, match="ALLOWLIST"):
             check_fhir_server(url, cfg)
 
 
 def test_fetch_checks_the_fhir_server_too() -> None:
-    with pytest.raises(DataUnavailable, match="plain http"):
+    with pytest.raises(FetchError, match="plain http"):
         fetch_queries("http://fhir.example.org/r4", TOKEN, {"p": "Patient/1"}, settings())
 
 
@@ -485,5 +485,5 @@ def test_follow_next_links_without_next_is_a_no_op() -> None:
 def test_follow_next_links_failure_names_the_key(fhir: HTTPServer, base: str) -> None:
     fhir.expect_request("/fhir/Condition").respond_with_response(Response("", status=401))
     first = bundle([condition(1)], fhir.url_for("/fhir/Condition") + "?page=2")
-    with pytest.raises(DataUnavailable, match=r"'conditions'.*HTTP 401"):
+    with pytest.raises(FetchError, match=r"'conditions'.*HTTP 401"):
         follow_next_links(first, base, TOKEN, settings(), key="conditions")

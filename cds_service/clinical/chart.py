@@ -11,8 +11,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cds_service.errors import BadRequest
-
 log = logging.getLogger("cds_service.chart")  # the name operators filter on, kept across the move
 
 # Where each resource type names its patient.
@@ -66,33 +64,6 @@ class Chart:
         return True
 
 
-def bundle_resources(bundle: dict[str, Any], key: str = "bundle") -> dict[str, list[dict[str, Any]]]:
-    """The resources of a Bundle's entries by resourceType; BadRequest when the Bundle is not FHIR.
-
-    Grouped in the same pass that checks them: each resource is read while it is in the CPU cache.
-    """
-    entries = bundle.get("entry") or []
-    if type(entries) is not list:
-        raise BadRequest(f"prefetch {key!r}: Bundle.entry is not a list")
-    by_type: dict[str, list[dict[str, Any]]] = {}
-    for entry in entries:
-        if type(entry) is not dict:
-            raise BadRequest(f"prefetch {key!r}: a Bundle entry is not an object")
-        resource = entry.get("resource")
-        if resource is None:
-            continue
-        rtype = resource.get("resourceType") if type(resource) is dict else None
-        if type(rtype) is not str:
-            raise BadRequest(f"prefetch {key!r}: a Bundle entry holds something that is not a FHIR resource")
-        if rtype == "OperationOutcome":
-            continue  # a warning a server adds to a searchset (search.mode "outcome"), never chart data
-        group = by_type.get(rtype)
-        if group is None:
-            group = by_type[rtype] = []
-        group.append(resource)
-    return by_type
-
-
 def patient_references(patient_id: str, full_url: str | None = None) -> frozenset[str]:
     refs = {f"Patient/{patient_id}", f"urn:uuid:{patient_id}"}
     if full_url:
@@ -116,7 +87,7 @@ def build_chart(
     groups: Iterable[Mapping[str, list[dict[str, Any]]]],
     patient_full_url: str | None = None,
 ) -> Chart:
-    """The chart of resources grouped by type (as `bundle_resources` gives them), merged in order."""
+    """The chart of resources grouped by type (`{resourceType: [resource, ...]}`), merged in order."""
     chart = Chart(patient_id=patient_id, patient_full_url=patient_full_url)
     if patient is not None and patient.get("resourceType") == "Patient":
         if patient.get("id") in (None, patient_id):

@@ -1,50 +1,44 @@
 """Outbound FHIR REST client: fetch the chart from the EHR's fhirServer when prefetch is missing.
 
 Every search of one hook call runs concurrently inside ONE time budget (`CDS_FHIR_TIMEOUT_S`), so
-the call costs the slowest search chain, not the sum. Any failure becomes a 412 (`DataUnavailable`)
+the call costs the slowest search chain, not the sum. Any failure becomes a 412 (`FetchFailed`)
 whose message names the search and the cause, and never carries the access token.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from contextvars import ContextVar
 from dataclasses import dataclass
-from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
-from cds_service.errors import BadRequest, DataUnavailable
+from cds_service.errors import FetchError
+from cds_service.fetch.policy import check_fhir_server, check_token, origin
+from cds_service.fetch.session import (
+    DEADLINE,
+    FHIR_JSON,
+    Fail,
+    RetryBudgetExhausted,
+    shared_session,
+    transport_failure,
+)
 from cds_service.jsonio import loads
 from cds_service.settings import Settings
-from cds_service.urls import is_loopback
 
 log = logging.getLogger("cds_service.fhir_client")  # the name operators filter on, kept across the move
 
-FHIR_JSON = "application/fhir+json"
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _MAX_WORKERS = 10
 _MAX_PAGES = 1000
 _MAX_REDIRECTS = 5
-# A retry is pointless unless the next attempt still has this long to run.
-_MIN_ATTEMPT_S = 0.05
 # Workers time out on their own at the deadline; this grace lets their precise reason win over
 # the generic "did not finish in time" of the hard stop.
 _GRACE_S = 0.25
-
-# The deadline of the fetch running in this thread, read by the retry policy (shared, immutable
-# Retry objects cannot carry per-call state; a context variable can).
-_DEADLINE: ContextVar[float | None] = ContextVar("fhir_deadline", default=None)
 
 
 @dataclass(frozen=True)
@@ -63,180 +57,12 @@ class FetchReport:
     seconds: float
 
 
-class FetchFailed(DataUnavailable):
+class FetchFailed(FetchError):
     """A 412 that also carries the account of what was fetched (for `cds-service evaluate`)."""
 
     def __init__(self, diagnostics: str, *, issue_code: str, report: FetchReport) -> None:
         super().__init__(diagnostics, issue_code=issue_code)
         self.report = report
-
-
-class _Fail(Exception):
-    """One search's failure, turned into a FetchFailed by the caller's thread."""
-
-    def __init__(self, reason: str, code: str = "incomplete", *, abandoned: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
-        self.abandoned = abandoned  # stopped because another search failed: not a cause itself
-
-
-class _RetryBudgetExhausted(Exception):
-    def __init__(self, status: int | None, wait_s: float) -> None:
-        super().__init__(status, wait_s)
-        self.status = status
-        self.wait_s = wait_s
-
-
-class _BudgetRetry(Retry):
-    """urllib3's Retry, except that it gives up instead of sleeping past the call's deadline."""
-
-    # 413 would be retried on a Retry-After by default; a too-large answer will not shrink.
-    RETRY_AFTER_STATUS_CODES = frozenset({429, 503})
-
-    def sleep(self, response: Any = None) -> None:
-        wait_s: float | None = None
-        if response is not None and self.respect_retry_after_header:
-            try:
-                wait_s = self.get_retry_after(response)
-            except urllib3.exceptions.InvalidHeader:
-                wait_s = None
-        if not wait_s:
-            wait_s = self.get_backoff_time()
-        deadline = _DEADLINE.get()
-        if deadline is not None and time.monotonic() + wait_s + _MIN_ATTEMPT_S > deadline:
-            raise _RetryBudgetExhausted(getattr(response, "status", None), wait_s)
-        if wait_s > 0:
-            time.sleep(wait_s)
-
-
-def make_session(pool_maxsize: int = 32) -> requests.Session:
-    """A pooled Session with the retry policy; thread-safe for our GET-only use."""
-    retry = _BudgetRetry(
-        total=3,
-        connect=0,  # a refused connection should fail fast with a clear 412, not back off
-        read=0,
-        other=0,
-        status=3,
-        backoff_factor=0.1,
-        backoff_max=2.0,
-        status_forcelist=RETRY_STATUSES,
-        allowed_methods=frozenset({"GET"}),
-        respect_retry_after_header=True,
-        raise_on_status=False,  # we want the final response to report its status
-    )
-    adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_maxsize, max_retries=retry)
-    session = requests.Session()
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    # One session serves many patients and tokens: a cookie from one call must not ride on another.
-    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-    session.headers.update({"Accept": FHIR_JSON, "User-Agent": "crc-cds-service"})
-    return session
-
-
-@functools.cache
-def shared_session() -> requests.Session:
-    """The process-wide pooled session (connections are reused across hook calls)."""
-    return make_session()
-
-
-# --------------------------------------------------------------------------- fhirServer checks
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
-
-
-def _under(url: str, base: str) -> bool:
-    """Is `url` the base URL `base` or below it (path-segment aware)?"""
-    if _origin(url) != _origin(base):
-        return False
-    path, base_path = urlsplit(url).path.rstrip("/"), urlsplit(base.strip()).path.rstrip("/")
-    return path == base_path or path.startswith(base_path + "/")
-
-
-def check_fhir_server(url: str | None, settings: Settings) -> str:
-    """Validate the EHR-given fhirServer base URL; return it normalised (no trailing slash)."""
-    if not url or not url.strip():
-        raise DataUnavailable("The request has no fhirServer, so the missing prefetch cannot be fetched")
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        raise DataUnavailable("fhirServer is not an http(s) URL", issue_code="invalid")
-    if parts.username or parts.password:
-        # Do not echo it: the URL itself carries credentials.
-        raise DataUnavailable("fhirServer must not carry credentials in the URL", issue_code="security")
-    if _origin(url)[2] == -1:
-        raise DataUnavailable("fhirServer has an invalid port", issue_code="invalid")
-    if parts.query or parts.fragment:
-        raise DataUnavailable(
-            "fhirServer must be a FHIR base URL without query or fragment", issue_code="invalid"
-        )
-    normalised = f"{scheme}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
-    if scheme == "http" and not is_loopback(parts.hostname) and not settings.allow_insecure_fhir:
-        raise DataUnavailable(
-            f"fhirServer {normalised} uses plain http; https is required except on loopback "
-            "(or set CDS_ALLOW_INSECURE_FHIR=true)",
-            issue_code="security",
-        )
-    allowlist = settings.fhir_server_allowlist
-    if allowlist and not any(_under(normalised, allowed) for allowed in allowlist):
-        raise DataUnavailable(
-            f"fhirServer {normalised} is not in CDS_FHIR_SERVER_ALLOWLIST", issue_code="security"
-        )
-    return normalised
-
-
-def _check_token(token: str | None) -> None:
-    # A token with spaces or control characters would make requests raise an error quoting it.
-    if token is not None and (not token or any(not 33 <= ord(c) <= 126 for c in token)):
-        raise BadRequest("fhirAuthorization.access_token is not a valid bearer token")
-
-
-# --------------------------------------------------------------------------- one search chain
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and everything it wraps (requests -> urllib3 -> socket)."""
-    seen: set[int] = set()
-    stack: list[Any] = [exc]
-    while stack:
-        current = stack.pop()
-        if not isinstance(current, BaseException) or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        stack.extend(
-            [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
-        )
-
-
-def _transport_failure(exc: requests.RequestException, budget_s: float) -> _Fail:
-    causes = list(_causes(exc))
-    # Refusal and DNS first: urllib3's NewConnectionError subclasses its ConnectTimeoutError.
-    if any(isinstance(c, ConnectionRefusedError) for c in causes):
-        return _Fail("connection refused (is the FHIR server running at fhirServer?)", "exception")
-    if any(isinstance(c, urllib3.exceptions.NameResolutionError) for c in causes):
-        return _Fail("the FHIR server's host name cannot be resolved", "exception")
-    if isinstance(exc, requests.Timeout) or any(
-        isinstance(c, TimeoutError | urllib3.exceptions.TimeoutError)
-        and not isinstance(c, urllib3.exceptions.NewConnectionError)
-        for c in causes
-    ):
-        return _Fail(f"the FHIR server did not answer within the {budget_s:g} s time budget", "timeout")
-    if isinstance(exc, requests.exceptions.SSLError):
-        return _Fail("TLS error talking to the FHIR server (certificate not trusted?)", "exception")
-    if isinstance(exc, requests.ConnectionError):
-        return _Fail("the connection to the FHIR server failed or was dropped", "exception")
-    # Only the class name: some requests errors quote header values, i.e. the token.
-    return _Fail(f"request failed ({type(exc).__name__})", "exception")
 
 
 def _outcome_text(body: Any) -> str:
@@ -275,19 +101,19 @@ class _Fetcher:
 
     def _remaining(self) -> float:
         if self.abort.is_set():
-            raise _Fail("abandoned: another search already failed", abandoned=True)
+            raise Fail("abandoned: another search already failed", abandoned=True)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise _Fail(self._timeout_reason(), "timeout")
+            raise Fail(self._timeout_reason(), "timeout")
         return remaining
 
     def _timeout_reason(self) -> str:
         return f"the FHIR server did not answer within the {self.settings.fhir_timeout_s:g} s time budget"
 
     def _check_same_origin(self, url: str, what: str) -> None:
-        if _origin(url) != _origin(self.base):
+        if origin(url) != origin(self.base):
             host = urlsplit(url).hostname or "?"
-            raise _Fail(f"{what} to another host ({host}); not following it with the access token")
+            raise Fail(f"{what} to another host ({host}); not following it with the access token")
 
     def _send(self, url: str) -> requests.Response:
         headers = {"Accept": FHIR_JSON}
@@ -295,32 +121,32 @@ class _Fetcher:
             headers["Authorization"] = f"Bearer {self.token}"
         for _ in range(_MAX_REDIRECTS + 1):
             remaining = self._remaining()
-            context_token = _DEADLINE.set(self.deadline)
+            context_token = DEADLINE.set(self.deadline)
             try:
                 # Redirects by hand: requests would follow them to any host.
                 response = self.session.get(
                     url, headers=headers, timeout=remaining, stream=True, allow_redirects=False
                 )
-            except _RetryBudgetExhausted as exc:
-                raise _Fail(
+            except RetryBudgetExhausted as exc:
+                raise Fail(
                     f"HTTP {exc.status} from the FHIR server; the retry it asks for ({exc.wait_s:g} s) "
                     "does not fit in the remaining time budget",
                     "timeout",
                 ) from None
             except requests.RequestException as exc:
-                raise _transport_failure(exc, self.settings.fhir_timeout_s) from None
+                raise transport_failure(exc, self.settings.fhir_timeout_s) from None
             finally:
-                _DEADLINE.reset(context_token)
+                DEADLINE.reset(context_token)
             if not (response.is_redirect and response.headers.get("Location")):
                 return response
             response.close()
             url = urljoin(url, response.headers["Location"])
             self._check_same_origin(url, f"HTTP {response.status_code} redirect")
-        raise _Fail("too many redirects")
+        raise Fail("too many redirects")
 
     def _read_capped(self, response: requests.Response) -> bytes:
         limit = self.settings.fhir_max_response_bytes
-        too_big = _Fail(f"the answer is larger than the {limit}-byte limit", "too-long")
+        too_big = Fail(f"the answer is larger than the {limit}-byte limit", "too-long")
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             response.close()
@@ -333,9 +159,9 @@ class _Fetcher:
                 if len(body) > limit:
                     raise too_big
                 if time.monotonic() > self.deadline:
-                    raise _Fail(self._timeout_reason(), "timeout")
+                    raise Fail(self._timeout_reason(), "timeout")
         except requests.RequestException as exc:
-            raise _transport_failure(exc, self.settings.fhir_timeout_s) from None
+            raise transport_failure(exc, self.settings.fhir_timeout_s) from None
         finally:
             response.close()
         return bytes(body)
@@ -358,20 +184,20 @@ class _Fetcher:
             hint = _STATUS_HINTS.get(status, "server error" if status >= 500 else "")
             outcome = _outcome_text(body)
             reason = " — ".join(p for p in (f"HTTP {status} {response.reason or ''}".strip(), hint) if p)
-            raise _Fail(
+            raise Fail(
                 reason + (f" (OperationOutcome: {outcome})" if outcome else ""),
                 "exception" if status >= 500 or status == 429 else "incomplete",
             )
         if body is None:
             if looks_html:
-                raise _Fail("the answer is HTML, not FHIR JSON (is fhirServer the FHIR base URL?)")
-            raise _Fail("the answer is empty" if not body_bytes.strip() else "the answer is not JSON")
+                raise Fail("the answer is HTML, not FHIR JSON (is fhirServer the FHIR base URL?)")
+            raise Fail("the answer is empty" if not body_bytes.strip() else "the answer is not JSON")
         if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
-            raise _Fail("the answer is JSON but not a FHIR resource (no resourceType)")
+            raise Fail("the answer is JSON but not a FHIR resource (no resourceType)")
         if body["resourceType"] == "OperationOutcome" and expect != "OperationOutcome":
-            raise _Fail(f"the server answered an OperationOutcome: {_outcome_text(body) or 'no details'}")
+            raise Fail(f"the server answered an OperationOutcome: {_outcome_text(body) or 'no details'}")
         if body["resourceType"] != expect:
-            raise _Fail(f"the answer is a {body['resourceType'][:60]}, expected a {expect}")
+            raise Fail(f"the answer is a {body['resourceType'][:60]}, expected a {expect}")
         return body
 
     def next_url(self, bundle: dict, current: str) -> str | None:
@@ -406,7 +232,7 @@ class _Fetcher:
             add(first)
         while url:
             if url in seen_urls or pages >= _MAX_PAGES:
-                raise _Fail("the server's paging does not end (a next link repeats, or too many pages)")
+                raise Fail("the server's paging does not end (a next link repeats, or too many pages)")
             seen_urls.add(url)
             page = self.get_resource(url, "Bundle")
             assert page is not None
@@ -454,7 +280,7 @@ def _run(
         t0 = time.monotonic()
         try:
             value, pages = task()
-        except _Fail as fail:
+        except Fail as fail:
             fetcher.abort.set()
             reports[key] = SearchReport(key, query, 0, 0, round(time.monotonic() - t0, 3), fail.reason)
             raise
@@ -477,10 +303,10 @@ def _run(
     finally:
         # Do not wait for stragglers: their own timeouts end them within the budget.
         executor.shutdown(wait=False, cancel_futures=True)
-    failures: list[tuple[str, _Fail]] = []
+    failures: list[tuple[str, Fail]] = []
     for future in done:
         exc = future.exception()
-        if isinstance(exc, _Fail):
+        if isinstance(exc, Fail):
             failures.append((futures[future], exc))
         elif exc is not None:
             raise exc
@@ -488,7 +314,7 @@ def _run(
     failures = [f for f in failures if not f[1].abandoned] or failures
     if not failures and pending:
         fetcher.abort.set()
-        failures = [(futures[f], _Fail(fetcher._timeout_reason(), "timeout")) for f in pending]
+        failures = [(futures[f], Fail(fetcher._timeout_reason(), "timeout")) for f in pending]
     for key, (query, _) in tasks.items():
         reports.setdefault(key, SearchReport(key, query, 0, 0, 0.0, "not finished"))
     report = FetchReport([reports[k] for k in tasks], round(time.monotonic() - started, 3))
@@ -533,11 +359,11 @@ def fetch_queries(
     Searches come back as one merged searchset Bundle each (every page followed); reads as the
     resource, or None when the server answers 404/410. `deadline` (a time.monotonic() value)
     lets a caller share one budget with other work; by default it is now + settings.fhir_timeout_s.
-    Raises FetchFailed (a DataUnavailable, 412) naming the failed searches and why.
+    Raises FetchFailed (a FetchError, 412) naming the failed searches and why.
     """
     started = time.monotonic()
     base = check_fhir_server(fhir_server, settings)
-    _check_token(token)
+    check_token(token)
     if not queries:
         return {}, FetchReport([], 0.0)
     fetcher = _open_fetcher(base, token, settings, session, deadline, started)
@@ -595,7 +421,7 @@ def follow_next_links(
         return bundle
     started = time.monotonic()
     base = check_fhir_server(fhir_server, settings)
-    _check_token(token)
+    check_token(token)
     fetcher = _open_fetcher(base, token, settings, session, deadline, started)
     key = key or "prefetch"
     entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]

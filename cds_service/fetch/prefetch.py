@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from cds_service.clinical.chart import Chart, build_chart, bundle_resources
+from cds_service.clinical.chart import Chart, build_chart
 from cds_service.clinical.fhir_fields import is_fhir_id, raw_codings
 from cds_service.clinical.knowledge.terminology import terminology
-from cds_service.errors import BadRequest, DataUnavailable
+from cds_service.errors import FetchError, PrefetchInvalid
+from cds_service.fetch.bundles import bundle_resources, check_shape
 from cds_service.fetch.client import (
     FetchReport,
     check_fhir_server,
@@ -44,16 +45,6 @@ class ChartSource:
         if not self.fetched:
             return "prefetch"
         return "fhir" if not self.prefetched else "partial-prefetch"
-
-
-def _check_shape(key: str, value: dict[str, Any], is_search: bool) -> dict[str, list[dict[str, Any]]] | None:
-    """The Bundle's resources by type (None for a plain resource); BadRequest when it is not FHIR."""
-    rtype = value["resourceType"]
-    if is_search and rtype != "Bundle":
-        raise BadRequest(f"prefetch {key!r} must be a searchset Bundle, not {rtype}")
-    if not is_search and rtype not in ("Patient", "Bundle"):
-        raise BadRequest(f"prefetch {key!r} must be a Patient, not {rtype}")
-    return bundle_resources(value, key) if rtype == "Bundle" else None
 
 
 def _out_of_scope_by_conditions(conditions: list[dict[str, Any]]) -> bool:
@@ -92,13 +83,13 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
         if value is ...:
             query = fill_template(template, context)
             if query is None:
-                raise BadRequest(
+                raise PrefetchInvalid(
                     f"prefetch {key!r} cannot be fetched: its template needs a missing context value"
                 )
             missing[key] = query
             continue
         if value is not None:
-            items = _check_shape(key, value, key in service.search_keys)
+            items = check_shape(key, value, key in service.search_keys)
             if items is not None:
                 entries[key] = items
                 if has_next_link(value):
@@ -119,7 +110,7 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
     if missing or paged:
         if not request.fhirServer:
             needed = ", ".join(sorted([*missing, *paged]))
-            raise DataUnavailable(
+            raise FetchError(
                 f"prefetch {needed} not provided and the request has no fhirServer to read it from"
             )
         base = check_fhir_server(request.fhirServer, settings)
@@ -136,7 +127,7 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
             )
             follows = {
                 key: pool.submit(
-                    follow_next_links, resolved[key], base, token, settings, key=key, deadline=deadline
+                    follow_next_links, resolved[key] or {}, base, token, settings, key=key, deadline=deadline
                 )
                 for key in paged
             }
@@ -223,5 +214,5 @@ def _chart_from(
         elif value.get("resourceType") == "Patient":
             patient = value
         else:
-            raise DataUnavailable(f"the FHIR server answered {key!r} with a {value.get('resourceType')}")
+            raise FetchError(f"the FHIR server answered {key!r} with a {value.get('resourceType')}")
     return build_chart(patient_id, patient, groups)
