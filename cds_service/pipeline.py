@@ -20,8 +20,8 @@ from cds_service.clinical.scoring.liver import assess_liver
 from cds_service.clinical.scoring.lung import assess_lung
 from cds_service.fetch.prefetch import ChartSource, resolve_chart
 from cds_service.hooks.catalogue import Service
-from cds_service.hooks.models import Card, HookRequest, answer_json, parse_hook_request
-from cds_service.render.cards import liver_card, lung_card
+from cds_service.hooks.models import HookRequest, parse_hook_request
+from cds_service.render.cards import answer as render_answer
 from cds_service.render.cards import preload as preload_cards
 from cds_service.settings import Settings
 
@@ -43,25 +43,19 @@ def evaluate(request: HookRequest, service: Service, settings: Settings, today: 
     started = time.perf_counter()
     chart, source = resolve_chart(request, service, settings)
     facts = derive_facts(chart)
-    assessments: list[Assessment] = []
-    cards: list[Card] = []
-    if facts.in_scope:
-        lung = assess_lung(facts)
-        liver = assess_liver(facts, lung)
-        hook_instance, max_age = request.hookInstance, settings.cea_max_age_days
-        if lung is not None:
-            assessments.append(lung)
-            cards.append(
-                lung_card(lung, facts, hook_instance=hook_instance, today=today, cea_max_age_days=max_age)
-            )
-        if liver is not None:
-            assessments.append(liver)
-            cards.append(
-                liver_card(liver, facts, hook_instance=hook_instance, today=today, cea_max_age_days=max_age)
-            )
+    lung = assess_lung(facts) if facts.in_scope else None
+    liver = assess_liver(facts, lung) if facts.in_scope else None
+    assessments: list[Assessment] = [a for a in (lung, liver) if a is not None]
+    doc = render_answer(
+        lung,
+        liver,
+        facts,
+        hook_instance=request.hookInstance,
+        today=today,
+        cea_max_age_days=settings.cea_max_age_days,
+    )
     recommendations = [a.recommendation for a in assessments]
-    answer = answer_json(cards)
-    return Outcome(answer, source, chart.size, time.perf_counter() - started, tuple(recommendations))
+    return Outcome(doc, source, chart.size, time.perf_counter() - started, tuple(recommendations))
 
 
 def warm_up() -> None:

@@ -12,7 +12,7 @@ from cds_service.clinical.facts.derive import derive_facts
 from cds_service.clinical.scoring.lung import assess_lung
 from cds_service.render import cards as render
 from cds_service.render.cards import lung_card as render_lung_card
-from cds_service.render.cards import md
+from cds_service.render.markdown import md
 from cds_service.web.app import create_app
 
 from .builders import BONE_MET_SNOMED, BRAIN_MET_SNOMED, ICD10CM, LIVER_MET_SNOMED, SNOMED, chart, condition

@@ -17,10 +17,12 @@ from markupsafe import escape
 from werkzeug.serving import make_server
 
 from cds_service.cli.main import demo_resources
+from cds_service.render.markdown import render_markdown
+from cds_service.render.views import card_view
 from cds_service.settings import Settings
 from cds_service.web.app import create_app
 from cds_service.web.demo_fhir import create_fhir_blueprint
-from cds_service.web.preview import CSP, card_view, own_fhir_base, render_markdown
+from cds_service.web.preview import CSP, own_fhir_base
 
 from .conftest import TODAY, expected
 from .preview_charts import HOSTILE_PATIENT, HOSTILE_UNIT, hostile_bundle

@@ -104,7 +104,7 @@ def hook(service_id: str) -> Response:
     log.info(
         "hook %s answered: %d card(s) %s, chart %d resources, %s, %.1f ms",
         service.id,
-        len(outcome.answer["cards"]),
+        len(outcome.recommendations),  # one recommendation per card
         ",".join(outcome.recommendations) or "-",
         outcome.chart_size,
         outcome.source.fhir_mode,

@@ -17,6 +17,7 @@ class LungParams:
     dfi_limit_months: float
     synchronous_within_months: float
     max_extrapulmonary_organs: int
+    ablation_lesion_risk_cm: float
     groups: dict[str, tuple[int, int]]
 
 
