@@ -24,7 +24,11 @@ def test_installed_package_finds_its_mappings_cards_and_demo_patients(tmp_path):
     for folder in ("mappings", "cards", "fixtures"):
         assert any((target / "cds_service" / folder).iterdir()), folder
     for asset in ("templates/preview.html", "static/preview.js", "static/preview.css"):  # the preview page
-        assert (target / "cds_service" / "preview_ui" / asset).is_file(), asset
+        assert (target / "cds_service" / "web" / "preview_ui" / asset).is_file(), asset
+    assert (target / "cds_service" / "py.typed").is_file()  # type checkers read the installed hints
+    source = ROOT / "cds_service"
+    for init in source.rglob("__init__.py"):  # every subpackage is listed in pyproject.toml
+        assert (target / init.relative_to(ROOT)).is_file(), init.relative_to(ROOT)
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); import cds_service; "
         "assert cds_service.__file__.startswith(sys.argv[1]), cds_service.__file__; "
