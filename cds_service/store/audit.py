@@ -32,7 +32,8 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from cds_service.pipeline import Outcome
-from cds_service.store.database import CallRecord, Store, cards_of
+from cds_service.store.records import CallRecord, cards_of
+from cds_service.store.repository import Store
 from cds_service.telemetry import metrics
 
 log = logging.getLogger("cds_service.audit")  # the name operators filter on, kept across the move

@@ -17,7 +17,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, distinct, func, select
 
-from cds_service.store.database import Store, feedback, hook_call, hook_card
+from cds_service.store.repository import Store
+from cds_service.store.schema import feedback, hook_call, hook_card
 
 _PERCENTILES = (50, 90, 95, 99)
 
@@ -231,23 +232,24 @@ def as_csv(report: Report) -> str:
     writer.writerow(["calls", "all", "count", report.calls])
     for mode, n in sorted(report.calls_by_fhir_mode.items()):
         writer.writerow(["calls", f"fhir_mode={mode}", "count", n])
-    for name, value in report.latency_ms.items():
-        writer.writerow(["latency_ms", "hook", name, value])
+    for name, ms in report.latency_ms.items():
+        writer.writerow(["latency_ms", "hook", name, ms])
     for r in report.recommendations:
         key = f"{r.model}/{r.recommendation}"
-        for metric, value in (
+        metrics: tuple[tuple[str, int | float | str], ...] = (
             ("cards_shown", r.cards_shown),
             ("distinct_cards", r.distinct_cards),
             ("accepted", r.accepted),
             ("overridden", r.overridden),
             ("acceptance_rate", "" if r.acceptance_rate is None else round(r.acceptance_rate, 4)),
             ("override_rate", "" if r.override_rate is None else round(r.override_rate, 4)),
-        ):
+        )
+        for metric, value in metrics:
             writer.writerow(["recommendation", key, metric, value])
     writer.writerow(["feedback", "all", "entries", report.feedback_entries])
-    for r in report.override_reasons:
-        key = f"{r.system}|{r.code}"
-        writer.writerow(["override_reason", key, "display", r.display])
-        writer.writerow(["override_reason", key, "count", r.count])
-        writer.writerow(["override_reason", key, "with_comment", r.with_comment])
+    for reason in report.override_reasons:
+        key = f"{reason.system}|{reason.code}"
+        writer.writerow(["override_reason", key, "display", reason.display])
+        writer.writerow(["override_reason", key, "count", reason.count])
+        writer.writerow(["override_reason", key, "with_comment", reason.with_comment])
     return out.getvalue()

@@ -1,4 +1,4 @@
-"""Alembic environment of the store (see cds_service/store.py).
+"""Alembic environment of the store (see cds_service/store/database.py).
 
 `store.migrate()` passes its own connection, already inside the transaction that holds the
 migration lock. Run from the `alembic` command line (e.g. to write a new revision:
@@ -11,7 +11,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from cds_service.store.database import metadata, normalise_url
+from cds_service.store.database import normalise_url
+from cds_service.store.schema import metadata
 
 config = context.config
 

@@ -15,7 +15,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-# Frozen here on purpose: a migration describes the schema as it was, whatever store.py says later.
+# Frozen here on purpose: a migration describes the schema as it was, whatever schema.py says later.
 _Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _When = sa.DateTime(timezone=True)
 
