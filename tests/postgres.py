@@ -20,6 +20,11 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
+# The cluster's files live in memory where the machine has a RAM disk: each test's database is a copy
+# of the template (~8 MB), and on disk creating ~100 of them and deleting 1.2 GB at the end of the
+# session took about a minute (the slow session teardown).
+_RAM_DISK = Path("/dev/shm")
+
 
 def server_binaries() -> Path | None:
     """The newest folder holding initdb and pg_ctl, or None."""
@@ -70,6 +75,12 @@ class PostgresCluster:
     @property
     def data(self) -> Path:
         return self.root / "data"
+
+    @property
+    def _strategy(self) -> str:
+        """` STRATEGY = FILE_COPY` where the server has it (PostgreSQL 15+, /usr/lib/postgresql/<v>/bin)."""
+        version = self.bin_dir.parent.name
+        return " STRATEGY = FILE_COPY" if version.isdigit() and int(version) >= 15 else ""
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://cds@127.0.0.1:{self.port}/{database}"
@@ -132,7 +143,8 @@ class PostgresCluster:
         engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
+                # FILE_COPY copies the template's files instead of WAL-logging every page (PostgreSQL 15's default).
+                conn.execute(text(f'CREATE DATABASE "{name}"{self._strategy}'))
         finally:
             engine.dispose()
         return self.url(name)
@@ -140,7 +152,7 @@ class PostgresCluster:
 
 def start_cluster(bin_dir: Path) -> PostgresCluster:
     user = _server_user()
-    root = Path(tempfile.mkdtemp(prefix="cds-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="cds-pg-", dir=_RAM_DISK if _RAM_DISK.is_dir() else None))
     if user is not None:
         shutil.chown(root, user=user)
     cluster = PostgresCluster(bin_dir=bin_dir, root=root, port=_free_port(), user=user)
