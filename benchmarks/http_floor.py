@@ -14,6 +14,9 @@ Latency: for each body, one keep-alive connection per server; every round sends 
 from round to round, so both see the same machine. Prints median and p95 (from sending the request
 to the answer's last byte) for each server and the ratios. The bodies:
 - demo patient 01 (fixtures/fhir/01-*.json, a patient-view request with full prefetch; a card);
+- the same, every resource with a new meta.versionId on every call ("never seen": no work done for
+  a resource's content on an earlier call can be reused; an EHR sends the same chart again each
+  time a clinician reopens it, but a new patient is never seen before);
 - a real Synthea chart (../shared/fhir-external, read in place) with a lung metastasis Condition
   added here (a card);
 - a real Synthea chart of a patient without colorectal cancer (out of scope: no card).
@@ -63,6 +66,7 @@ SHARED = ROOT.parent / "shared" / "fhir-external" / "synthea-smart"
 SYNTHEA_IN_SCOPE = "crc/Luis_Miguel_Delarosa_*.json.gz"
 SYNTHEA_OUT_OF_SCOPE = "non-crc/Vito_Feeney_*.json.gz"
 _PLACEHOLDER = "00000000-0000-4000-8000-00000000beef"
+_VERSION = "bench-version-placeholder"
 _HEADERS = {"Content-Type": "application/json"}
 
 
@@ -157,9 +161,17 @@ def stop(server: Server) -> None:
 # --- the bodies -------------------------------------------------------------------------------------
 
 
-def _template(bundle: dict[str, Any]) -> str:
+def _template(bundle: dict[str, Any], unseen: bool = False) -> str:
+    """The request as text; `unseen`: every resource but the Patient gets a new meta.versionId on
+    every call, so nothing computed for a resource's content on an earlier call can be reused."""
     request = request_from_bundle(bundle)
     request["hookInstance"] = _PLACEHOLDER
+    if unseen:
+        for key, value in request["prefetch"].items():
+            if key != "patient":
+                for entry in value["entry"]:
+                    resource = entry["resource"] = {**entry["resource"]}
+                    resource["meta"] = {**resource.get("meta", {}), "versionId": _VERSION}
     return json.dumps(request)
 
 
@@ -207,18 +219,23 @@ class Body:
     cards: bool  # whether the service must answer with a card
 
     def fresh(self) -> bytes:
-        return self.template.replace(_PLACEHOLDER, str(uuid.uuid4())).encode()
+        call = uuid.uuid4()
+        return self.template.replace(_PLACEHOLDER, str(call)).replace(_VERSION, call.hex).encode()
 
 
 def bodies() -> list[Body]:
     demo = json.loads(next((ROOT / "fixtures" / "fhir").glob("01-*.json")).read_text(encoding="utf-8"))
-    out = [Body("demo patient 01", len(demo["entry"]), _template(demo), True)]
+    out = [
+        Body("demo patient 01", len(demo["entry"]), _template(demo), True),
+        Body("demo 01, never seen", len(demo["entry"]), _template(demo, unseen=True), True),
+    ]
     crc, other = _synthea(SYNTHEA_IN_SCOPE), _synthea(SYNTHEA_OUT_OF_SCOPE)
     if crc is None or other is None:
         print(f"(real Synthea charts skipped: not found under {SHARED})")
     else:
         chart = with_lung_metastasis(crc)
         out.append(Body("Synthea + lung met", len(chart["entry"]), _template(chart), True))
+        out.append(Body("Synthea + met, unseen", len(chart["entry"]), _template(chart, unseen=True), True))
         out.append(Body("Synthea out of scope", len(other["entry"]), _template(other), False))
     return out
 
