@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     # NoDecode: our validators parse these so a bad value gets a clear message.
     trusted_issuers: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     public_base_url: str | None = None
+    # The longest client-JWT lifetime (exp - iat) and the oldest iat accepted; the jti replay store
+    # keeps each id until its token expires, so this also bounds how long it keeps them.
+    jwt_max_age_s: int = Field(default=3600, gt=0, le=86400)
     database_url: str = "sqlite:///cds-service.db"
     # Key of the HMAC that replaces patient ids in the audit store (issue 8). Unset: a random key per
     # start, so hashes cannot be linked across restarts or instances (store.py warns about it).

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -30,11 +31,13 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
 from cds_service.hooks import client_jwt as auth
+from cds_service.hooks import jwks
 from cds_service.settings import Settings
 from cds_service.store.database import close_stores
 from cds_service.web.app import create_app
 
 from .conftest import FIXTURES, SERVICE_URL, TODAY, hook_body, load
+from .hostile import Peer, respond, trickle
 from .test_http_contract import assert_operation_outcome
 
 ISS = "https://ehr.example.org"
@@ -171,6 +174,7 @@ def call(app: Flask, token: str | None, body: dict[str, Any], url: str = SERVICE
 def assert_refused(resp) -> dict[str, Any]:
     issue = assert_operation_outcome(resp, 401, "security")
     assert issue["diagnostics"] == auth.GENERIC_401
+    assert resp.headers["WWW-Authenticate"] == "Bearer"  # RFC 6750, on every 401
     return resp.get_json()
 
 
@@ -291,6 +295,21 @@ REJECTIONS: dict[str, tuple[Callable[[Signer, Any], str | None], str]] = {
     "untrusted iss": (lambda s, evil: "Bearer " + s.rs384(iss="https://evil.example"), "untrusted iss"),
     "no jti": (lambda s, evil: "Bearer " + s.rs384(jti=None), "no jti claim"),
     "empty jti": (lambda s, evil: "Bearer " + s.rs384(jti=""), "jti not a string"),
+    "exp as a string": (
+        lambda s, evil: "Bearer " + s.rs384(exp=str(int(time.time()) + 300)),
+        "exp is not a number",
+    ),
+    "iat as a string": (
+        lambda s, evil: "Bearer " + s.rs384(iat=str(int(time.time()))),
+        "iat is not a number",
+    ),
+    "exp as a boolean": (lambda s, evil: "Bearer " + s.rs384(exp=True), "exp is not a number"),
+    "exp infinite": (lambda s, evil: "Bearer " + s.rs384(exp=float("inf")), "exp is not a number"),
+    "exp 10 years ahead": (
+        lambda s, evil: "Bearer " + s.rs384(exp=int(time.time()) + 10 * 365 * 86400),
+        "token lifetime (exp - iat) over 3600 s",
+    ),
+    "iat = 0": (lambda s, evil: "Bearer " + s.rs384(iat=0), "token lifetime (exp - iat) over 3600 s"),
     "no exp": (lambda s, evil: "Bearer " + s.rs384(exp=None), "no exp claim"),
     "no iat": (lambda s, evil: "Bearer " + s.rs384(iat=None), "no iat claim"),
     "no aud": (lambda s, evil: "Bearer " + s.rs384(aud=None), "no aud claim"),
@@ -346,6 +365,25 @@ def test_refused_with_a_generic_401_and_the_reason_in_the_log(app, signer, evil_
     signature = token.rsplit(".", 1)[-1]
     for secret in (token, signature):  # never the token, nor its signature, anywhere in the log
         assert len(secret) < 16 or secret not in caplog.text  # (a few letters may occur by chance)
+
+
+def test_the_token_lifetime_bound_is_configurable(tmp_path, jwks_url, signer, body, caplog):
+    now = int(time.time())
+    app = make_app(auth_settings(tmp_path, jwks_url, jwt_max_age_s=600))
+    caplog.set_level(logging.INFO)
+    assert call(app, signer.rs384(iat=now - 60, exp=now + 500), body).status_code == 200
+    assert_refused(call(app, signer.rs384(iat=now, exp=now + 601), body))
+    assert "over 600 s" in caplog.text
+    # An hour-long token, the default bound, is accepted by default.
+    default = make_app(auth_settings(tmp_path, jwks_url))
+    assert call(default, signer.rs384(iat=now, exp=now + 3600), body).status_code == 200
+
+
+def test_a_bad_token_costs_no_jwks_fetch(tmp_path, httpserver: HTTPServer, signer, body):
+    # A token refused on its claims alone never makes the service fetch keys.
+    app = make_app(auth_settings(tmp_path, signer.jwks_url))
+    assert_refused(call(app, signer.rs384(exp=str(int(time.time()) + 300), kid="forged"), body))
+    assert _fetches(httpserver, "/jwks/trusted.json") == 0
 
 
 def test_all_401_bodies_are_identical(app, signer, evil_key, body):
@@ -434,13 +472,13 @@ def test_an_unknown_kid_refreshes_the_jwks_once_per_cooldown(
     assert _fetches(httpserver, "/jwks/rotating.json") == 1
     # The EHR rotates in a new key; once the cooldown is over, its first token triggers one refresh.
     keys.append(jwk(ec_key, ES_KID, "ES384"))
-    monkeypatch.setattr(auth, "JWKS_REFRESH_COOLDOWN_S", 0.0)
+    monkeypatch.setattr(jwks, "JWKS_REFRESH_COOLDOWN_S", 0.0)
     assert call(app, signer.es384(), body).status_code == 200
     assert _fetches(httpserver, "/jwks/rotating.json") == 2
 
 
 def test_an_oversized_jwks_is_refused(tmp_path, httpserver: HTTPServer, rsa_key, ec_key, body, caplog):
-    big = {"keys": [jwk(rsa_key, RS_KID, "RS384")], "padding": "x" * (auth.JWKS_MAX_BYTES + 1)}
+    big = {"keys": [jwk(rsa_key, RS_KID, "RS384")], "padding": "x" * (jwks.JWKS_MAX_BYTES + 1)}
     httpserver.expect_request("/jwks/big.json").respond_with_json(big)
     url = httpserver.url_for("/jwks/big.json")
     app = make_app(auth_settings(tmp_path, url))
@@ -455,7 +493,7 @@ def test_an_unreachable_jwks_is_a_quick_401_with_a_warning(tmp_path, rsa_key, ec
     caplog.set_level(logging.INFO)
     started = time.monotonic()
     assert_refused(call(app, Signer(url, rsa_key, ec_key).rs384(), body))
-    assert time.monotonic() - started < auth.JWKS_TIMEOUT_S + 1
+    assert time.monotonic() - started < jwks.JWKS_TIMEOUT_S + 1
     assert any(r.levelno == logging.WARNING and "unavailable" in r.getMessage() for r in caplog.records)
 
 
@@ -538,6 +576,24 @@ def test_serve_prints_a_bad_trusted_issuers_as_one_line_and_exits_2(tmp_path):
     assert "\n" not in err and "CDS_TRUSTED_ISSUERS" in err and "https" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_serve_with_auth_on_and_no_public_base_url_stops_with_one_line(tmp_path):
+    # Without it the aud check would trust the Host header: a token for another host would pass.
+    env = {k: v for k, v in os.environ.items() if k != "CDS_PUBLIC_BASE_URL"}
+    env["CDS_TRUSTED_ISSUERS"] = json.dumps({ISS: "https://ehr.example.org/jwks"})
+    done = subprocess.run(
+        [sys.executable, "-m", "cds_service.cli", "serve", "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip()
+    assert "\n" not in err and "CDS_PUBLIC_BASE_URL" in err and "Traceback" not in err
+
+
 def test_a_bad_public_base_url_is_refused_and_a_trailing_slash_dropped(monkeypatch):
     monkeypatch.setenv("CDS_PUBLIC_BASE_URL", "cds.example.org")
     with pytest.raises(ValidationError, match="must be an absolute http"):
@@ -582,3 +638,83 @@ def test_cors_origins_can_be_restricted(tmp_path, jwks_url):
     assert "Origin" in ok.headers.get("Vary", "")
     other = app.test_client().get("/cds-services", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+# --- a slow or hostile JWKS endpoint: real sockets ------------------------------------------------------
+
+
+def _jwks_bytes(*keys: dict[str, Any]) -> bytes:
+    return json.dumps({"keys": list(keys)}).encode()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("headers_too", [False, True], ids=["body", "headers"])
+def test_a_trickling_jwks_is_a_401_within_8_s(tmp_path, rsa_key, ec_key, body, caplog, headers_too):
+    # 1 byte a second: every read is quick, the whole would take a day. One 5 s deadline for all.
+    with Peer() as jwks_endpoint:
+        jwks_endpoint.behaviours = [trickle(jwks_endpoint.stop, headers_too=headers_too)]
+        url = f"{jwks_endpoint.url}/jwks.json"
+        app = make_app(auth_settings(tmp_path, url))
+        caplog.set_level(logging.INFO)
+        started = time.monotonic()
+        assert_refused(call(app, Signer(url, rsa_key, ec_key).rs384(), body))
+        seconds = time.monotonic() - started
+    assert seconds < 8, seconds
+    assert f"not read within {jwks.JWKS_TIMEOUT_S:g} s" in caplog.text
+
+
+@pytest.mark.slow
+def test_while_a_refresh_trickles_other_callers_use_the_cache_and_the_cooldown_runs_from_its_end(
+    tmp_path, rsa_key, ec_key, evil_key, body, monkeypatch
+):
+    with Peer() as endpoint:
+        endpoint.behaviours = [respond(_jwks_bytes(jwk(rsa_key, RS_KID, "RS384"))), trickle(endpoint.stop)]
+        url = f"{endpoint.url}/jwks.json"
+        app = make_app(auth_settings(tmp_path, url))
+        signer = Signer(url, rsa_key, ec_key)
+        assert call(app, signer.rs384(), body).status_code == 200  # keys fetched and cached
+        # Once the cooldown is over, a forged kid makes one caller refresh; the endpoint now trickles.
+        monkeypatch.setattr(jwks, "JWKS_REFRESH_COOLDOWN_S", 2.0)
+        time.sleep(2.1)
+        forged: dict[str, Any] = {}
+
+        def forged_call() -> None:
+            started = time.monotonic()
+            forged["status"] = call(app, signer.rs384(evil_key, "forged-kid"), body).status_code
+            forged["seconds"] = time.monotonic() - started
+
+        thread = threading.Thread(target=forged_call)
+        thread.start()
+        time.sleep(0.5)
+        assert endpoint.connections == 2  # the refresh is under way
+        for _ in range(5):  # meanwhile, genuine callers: served from the cache, not queued
+            started = time.monotonic()
+            assert call(app, signer.rs384(), body).status_code == 200
+            assert time.monotonic() - started < 1.5
+        thread.join(15)
+        assert forged == {"status": 401, "seconds": pytest.approx(jwks.JWKS_TIMEOUT_S, abs=1.5)}
+        # The 2 s cooldown counts from the end of that 5 s fetch: forged kids now cost nothing...
+        for _ in range(5):
+            assert_refused(call(app, signer.rs384(evil_key, "forged-kid"), body))
+        assert endpoint.connections == 2
+        # ...and once it is over, one more attempt.
+        time.sleep(2.1)
+        endpoint.behaviours = [respond(_jwks_bytes(jwk(rsa_key, RS_KID, "RS384")))]
+        assert_refused(call(app, signer.rs384(evil_key, "forged-kid"), body))
+        assert endpoint.connections == 3
+
+
+@pytest.mark.slow
+def test_many_forged_kids_at_once_cost_one_fetch(tmp_path, rsa_key, ec_key, evil_key, body):
+    with Peer() as endpoint:
+        endpoint.behaviours = [respond(_jwks_bytes(jwk(rsa_key, RS_KID, "RS384")))]
+        url = f"{endpoint.url}/jwks.json"
+        app = make_app(auth_settings(tmp_path, url))
+        signer = Signer(url, rsa_key, ec_key)
+        tokens = [signer.rs384(evil_key, f"forged-{i}") for i in range(12)]
+        threads = [threading.Thread(target=call, args=(app, t, body)) for t in tokens]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert endpoint.connections == 1

@@ -187,7 +187,11 @@ def test_serve_with_two_workers_sums_metrics_and_audits_every_call(tmp_path):
 
 @pytest.mark.slow
 def test_serve_refuses_a_bad_configuration_with_one_line(tmp_path):
-    env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'missing' / 'cds.db'}"}
+    env = {
+        **os.environ,
+        "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'missing' / 'cds.db'}",
+        "CDS_PUBLIC_BASE_URL": "https://cds.example.org",  # auth is on: serve needs it to start
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "cds_service.cli", "serve", "--port", "9"],
         env=env,

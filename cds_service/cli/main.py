@@ -115,7 +115,15 @@ def _create_app(settings: Settings, **kwargs: Any) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    app = _create_app(_settings())
+    settings = _settings()
+    if settings.auth_required and not settings.public_base_url:
+        # Without it the JWT aud would be checked against the request's Host header, which the
+        # caller chooses: a token minted for another host would pass.
+        raise CliError(
+            "set CDS_PUBLIC_BASE_URL to the URL EHRs call (client JWTs name it in aud), "
+            "or CDS_AUTH_REQUIRED=false on a trusted network"
+        )
+    app = _create_app(settings)
     _gunicorn(app, args.host, args.port, args.workers, args.threads)
     return 0
 

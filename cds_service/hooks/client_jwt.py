@@ -13,20 +13,18 @@ client; the log says which check failed, with `iss` and `jti`, never the token.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import threading
+import math
 import time
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt import PyJWKClient, PyJWKClientConnectionError
 from sqlalchemy.exc import SQLAlchemyError
 
+from cds_service.hooks.jwks import IssuerKeys, KeysUnavailable, UnknownKid
 from cds_service.store.database import Store
 
 log = logging.getLogger("cds_service.auth")  # the name operators filter on, kept across the move
@@ -41,12 +39,10 @@ REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "jti"]  # all REQUIRED in CDS Hoo
 MAX_TOKEN_CHARS = 16 * 1024  # real client JWTs are < 2 KiB; don't parse megabytes of header
 MAX_JTI_CHARS = 255
 MIN_RSA_BITS = 2048
-# JWKS fetching: cached for JWKS_LIFESPAN_S; an unknown kid forces a refetch (key rotation), at
-# most once per cooldown so forged kids cannot make us hammer the EHR. Each fetch is bounded.
-JWKS_LIFESPAN_S = 300.0
-JWKS_REFRESH_COOLDOWN_S = 30.0
-JWKS_TIMEOUT_S = 5.0
-JWKS_MAX_BYTES = 256 * 1024
+# The longest a token may live (exp - iat) and the oldest iat accepted, by default: CDS Hooks asks
+# for short-lived tokens (a 5-minute expiry is recommended); an hour is generous. The jti store keeps
+# each id until its token expires, so a bound here bounds how long it keeps them.
+DEFAULT_MAX_AGE_S = 3600
 # Far enough for any real token, small enough for every datetime and database column.
 _MAX_EPOCH_S = 253_402_300_799  # 9999-12-31T23:59:59Z
 
@@ -60,73 +56,17 @@ class Refused(Exception):
         self.level = level
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # The JWKS URL is configured; a redirect would let whoever answers there choose another one.
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-class BoundedJWKClient(PyJWKClient):
-    """PyJWKClient whose fetch is bounded in time (total, not per read) and size, never redirected,
-    and done at most once per cooldown, successful or not. PyJWKClient refetches on every unknown
-    kid, and a forged token's kid is the attacker's choice: without the cooldown each forged call
-    would cost a request to the EHR, and while the EHR is down a 5 s wait (older PyJWT has none)."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(uri, cache_jwk_set=True, lifespan=JWKS_LIFESPAN_S, timeout=JWKS_TIMEOUT_S)
-        self.cooldown_duration = 0.0  # newer PyJWT's own cooldown: ours (fetch_data) is the one rule
-        self._fetch_lock = threading.Lock()
-        self._last_at: float | None = None
-        self._last: dict[str, Any] | str | None = None  # the JWKS, or why it could not be fetched
-
-    def fetch_data(self) -> Any:
-        with self._fetch_lock:  # concurrent calls with a new kid: one fetch, the others reuse it
-            now = time.monotonic()
-            if self._last_at is None or now - self._last_at >= JWKS_REFRESH_COOLDOWN_S:
-                try:
-                    self._last = self._fetch()
-                except PyJWKClientConnectionError as exc:
-                    self._last = str(exc)
-                self._last_at = now
-            last = self._last
-        if not isinstance(last, dict):
-            raise PyJWKClientConnectionError(last or "no JWKS")
-        if self.jwk_set_cache is not None:
-            self.jwk_set_cache.put(last)  # what PyJWKClient.fetch_data does on success
-        return last
-
-    def _fetch(self) -> dict[str, Any]:
-        request = urllib.request.Request(self.uri, headers={"Accept": "application/json", **self.headers})
-        deadline = time.monotonic() + JWKS_TIMEOUT_S
-        try:
-            with urllib.request.build_opener(_NoRedirect()).open(request, timeout=JWKS_TIMEOUT_S) as response:
-                body = bytearray()
-                while chunk := response.read(16 * 1024):
-                    body += chunk
-                    if len(body) > JWKS_MAX_BYTES:
-                        raise ValueError(f"JWKS larger than {JWKS_MAX_BYTES} bytes")
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"JWKS not read within {JWKS_TIMEOUT_S:g} s")
-            data = json.loads(body)
-        except (OSError, ValueError) as exc:  # URLError/HTTPError/timeouts are OSErrors; JSON is ValueError
-            raise PyJWKClientConnectionError(
-                f"cannot fetch {self.uri}: {type(exc).__name__}: {exc}"
-            ) from None
-        if not isinstance(data, dict):
-            raise PyJWKClientConnectionError(f"{self.uri} did not answer a JSON object")
-        return data
-
-
 @dataclass
 class ClientAuth:
     """The trusted issuers and their JWKS clients (one per app: keys cached between calls)."""
 
     issuers: Mapping[str, str]  # iss -> JWKS URL
     public_base_url: str | None = None
-    _clients: dict[str, PyJWKClient] = field(default_factory=dict, repr=False)
+    max_age_s: float = DEFAULT_MAX_AGE_S  # longest token lifetime, oldest iat (CDS_JWT_MAX_AGE_S)
+    _keys: dict[str, IssuerKeys] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._clients = {iss: BoundedJWKClient(url) for iss, url in self.issuers.items()}
+        self._keys = {iss: IssuerKeys(url) for iss, url in self.issuers.items()}
 
     def audiences(self, url_root: str, path: str, feedback: bool) -> list[str]:
         """The `aud` values accepted for this call: the URL called.
@@ -154,6 +94,7 @@ class ClientAuth:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise Refused("no kid in the header")
+        self._check_times(unverified)  # before any key is fetched: a bad token costs nothing
         key = self._key(iss, kid, alg)
         claims = _decode(token, key, alg, audiences, iss)
         jti = claims["jti"]
@@ -169,16 +110,32 @@ class ClientAuth:
             raise Refused("replayed jti")
         return claims
 
+    def _check_times(self, claims: Mapping[str, Any]) -> None:
+        """exp and iat are NumericDates (JSON numbers, not strings) within max_age_s.
+
+        PyJWT reads `"exp": "1999999999"` as a number and accepts any lifetime; both are refused
+        here. PyJWT still checks exp against now and iat against the future, on the verified token.
+        """
+        for name in ("exp", "iat"):
+            value = claims.get(name)
+            if value is None:
+                raise Refused(f"no {name} claim")
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise Refused(f"{name} is not a number")
+        exp, iat = claims["exp"], claims["iat"]
+        if exp - iat > self.max_age_s:
+            raise Refused(f"token lifetime (exp - iat) over {self.max_age_s:g} s")
+        if time.time() - iat > self.max_age_s + LEEWAY_S:
+            raise Refused(f"iat more than {self.max_age_s:g} s ago")
+
     def _key(self, iss: str, kid: str, alg: str) -> Any:
         """The issuer's public key `kid`, checked to fit `alg` (a JWK's own `alg` is optional)."""
         try:
-            key = self._clients[iss].get_signing_key(kid).key
-        except PyJWKClientConnectionError as exc:
+            key = self._keys[iss].key(kid).key
+        except KeysUnavailable as exc:
             raise Refused(f"the issuer's JWKS is unavailable: {exc}", logging.WARNING) from None
-        except jwt.PyJWTError as exc:  # unknown kid even after a refresh, or a JWKS without usable keys
-            raise Refused(
-                f"kid {_short(kid)} not found in the issuer's JWKS ({type(exc).__name__})"
-            ) from None
+        except UnknownKid:
+            raise Refused(f"kid {_short(kid)} not found in the issuer's JWKS") from None
         if alg == "RS384" and isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA_BITS:
             return key
         if alg == "ES384" and isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1":

@@ -39,11 +39,19 @@ class PatientViewContext(_Model):
 
 class HookRequest(_Model):
     hook: str = Field(min_length=1)
-    hookInstance: str = Field(min_length=1)
+    # A UUID in CDS Hooks 2.0; stored and logged, so short and printable whatever a client sends.
+    hookInstance: str = Field(min_length=1, max_length=64)
     context: PatientViewContext
     fhirServer: str | None = None
     fhirAuthorization: FhirAuthorization | None = None
     prefetch: dict[str, Any] | None = None
+
+    @field_validator("hookInstance")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():  # control characters, line and paragraph separators
+            raise ValueError("must be printable characters only (a UUID, in CDS Hooks 2.0)")
+        return value
 
     @field_validator("prefetch")
     @classmethod

@@ -25,6 +25,24 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("cds_req
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+# Characters that end or hide a line for some reader of a log (a terminal, `str.splitlines`, a log
+# shipper): C0 and C1 controls, DEL, the Unicode line and paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}" if ord(match.group()) < 0x100 else f"\\u{ord(match.group()):04x}"
+
+
+def _json_escaped(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"  # a JSON string escape: the line stays valid JSON
+
+
+def escape_for_log(text: str) -> str:
+    """`text` on one line, control characters escaped: a client's newline cannot forge a log line."""
+    return _UNSAFE.sub(_escaped, text)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -41,19 +59,31 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False, default=str)
+        # json.dumps escapes C0 controls but leaves DEL, C1 and U+2028/9 as they are.
+        return _UNSAFE.sub(_json_escaped, json.dumps(doc, ensure_ascii=False, default=str))
 
 
 class TextFormatter(logging.Formatter):
-    """The human format, with the request id when there is one."""
+    """The human format, with the request id when there is one: one line per record.
+
+    The message is escaped (it may quote what a client sent); a traceback follows on lines of its
+    own, each indented, so no line of it can pass for a record.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        record.message = escape_for_log(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
         request_id = REQUEST_ID.get()
-        return f"{text} [request {request_id}]" if request_id else text
+        if request_id:
+            text = f"{text} [request {request_id}]"
+        if record.exc_info:
+            trace = self.formatException(record.exc_info)
+            text += "".join(f"\n    | {escape_for_log(line)}" for line in trace.splitlines())
+        return text
 
 
 def configure_logging(level: str, *, json_lines: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,10 @@ def _json(document: Any, status: int = 200, content_type: str = "application/jso
 
 
 def _error(status: int, diagnostics: str, issue_code: str) -> Response:
-    return _json(operation_outcome(diagnostics, issue_code), status, "application/fhir+json")
+    response = _json(operation_outcome(diagnostics, issue_code), status, "application/fhir+json")
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: the scheme the client must use
+    return response
 
 
 def _settings() -> Settings:
@@ -83,7 +87,7 @@ def _body() -> Any:
         ) from None
 
 
-@bp.get("/cds-services")
+@bp.get("/cds-services", strict_slashes=False)  # `/cds-services/` too: clients append the slash
 def discovery() -> Response:
     doc = Discovery(services=[s.discovery() for s in services().values()])
     return _json(prune(doc.model_dump(mode="json")))
@@ -133,7 +137,8 @@ def feedback(service_id: str) -> Response:
 # pass: werkzeug's `headers[...] = ` rescans the whole header list on each assignment.
 _CORS_HEADERS = (
     ("Vary", "Origin"),  # the answer depends on Origin: caches must not mix them
-    ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+    ("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id"),
+    ("Access-Control-Expose-Headers", "X-Request-Id"),  # so a browser client can quote it to us
     ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
     ("Access-Control-Max-Age", "600"),
 )
@@ -196,6 +201,22 @@ def _handle_unexpected(exc: Exception) -> Response:
     return _error(500, "internal error", "exception")
 
 
+class _SingleSlashes:
+    """WSGI middleware: repeated slashes in the path count as one."""
+
+    def __init__(self, wsgi_app: Any) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if "//" in path:
+            environ["PATH_INFO"] = _SLASHES.sub("/", path)
+        return self.wsgi_app(environ, start_response)
+
+
+_SLASHES = re.compile("/{2,}")
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -205,6 +226,10 @@ def create_app(
     settings = settings or Settings()
     warm_up()
     app = Flask(__name__)
+    # `//cds-services/x` (a base URL ending in `/`) is routed as `/cds-services/x`, never answered
+    # with werkzeug's HTML redirect (which no EHR follows on a POST anyway).
+    app.url_map.merge_slashes = False
+    app.wsgi_app = _SingleSlashes(app.wsgi_app)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["cds.settings"] = settings
     app.extensions["cds.today"] = today or (lambda: dt.datetime.now(dt.UTC).date())

@@ -20,7 +20,9 @@ _EXTENSION = "cds.auth"
 
 def init_app(app: Flask, settings: Settings) -> None:
     """The issuers' JWKS clients for this app, and a loud word when calls go unauthenticated."""
-    app.extensions[_EXTENSION] = ClientAuth(settings.trusted_issuers, settings.public_base_url)
+    app.extensions[_EXTENSION] = ClientAuth(
+        settings.trusted_issuers, settings.public_base_url, settings.jwt_max_age_s
+    )
     if not settings.auth_required:
         log.warning(
             "CDS_AUTH_REQUIRED=false: hook and feedback calls are answered WITHOUT client JWT checks%s",

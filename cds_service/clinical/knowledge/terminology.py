@@ -23,6 +23,22 @@ def normalise_icd10(code: str) -> str:
     return code.replace(".", "").strip().upper()
 
 
+# The longest code each prefix- or pattern-matched system has, without its dot. A longer "code" is
+# not one: it is unreadable, and refusing it first keeps every lookup bounded whatever a FHIR server
+# or prefetch sends (a 200,000-character code once cost seconds of prefix tries).
+MAX_ICD10_CHARS = 7  # ICD-10-CM: 3 to 7 characters (8 with the dot)
+MAX_ICD10PCS_CHARS = 7  # always exactly 7
+MAX_ICDO3_CHARS = 4  # topography: C00.0 to C80.9
+
+
+def readable_icd10(code: str, limit: int = MAX_ICD10_CHARS) -> str | None:
+    """The dotless upper-case code, or None when it is too long to be an ICD code at all."""
+    if len(code) > limit + 3:  # the dot, and a space either side that normalising strips
+        return None
+    normalised = normalise_icd10(code)
+    return normalised if len(normalised) <= limit else None
+
+
 @dataclass(frozen=True)
 class CodeSet:
     """A set of codes in several systems, matched on system + code."""
@@ -38,9 +54,11 @@ class CodeSet:
         if (system, code) in self.exact:
             return True
         if self.icd10_prefixes and system in self.icd10_systems:
-            return normalise_icd10(code).startswith(self.icd10_prefixes)
+            normalised = readable_icd10(code)
+            return normalised is not None and normalised.startswith(self.icd10_prefixes)
         if self.pcs_pattern is not None and system in self.pcs_systems:
-            return self.pcs_pattern.fullmatch(code.strip().upper()) is not None
+            pcs = code.strip().upper() if len(code) <= MAX_ICD10PCS_CHARS + 2 else ""
+            return self.pcs_pattern.fullmatch(pcs) is not None
         return False
 
     def any(self, codings: Iterable[Coding]) -> bool:
@@ -264,7 +282,9 @@ class Terminology:
             if organ:
                 return organ
             if coding[0] in self._icdo3_systems:
-                code = normalise_icd10(coding[1])
+                code = readable_icd10(coding[1], MAX_ICDO3_CHARS)
+                if code is None:
+                    continue
                 for prefix, organ in self._icdo3_organs:
                     if code.startswith(prefix):
                         return organ
@@ -276,7 +296,8 @@ class Terminology:
         for system, code in codings:
             hit = self._condition_exact.get((system, code))
             if hit is None and system in self._icd10_systems:
-                normalised = normalise_icd10(code)
+                # At most 5 dict lookups: a readable code has at most 7 characters.
+                normalised = readable_icd10(code) or ""
                 for length in range(len(normalised), 2, -1):
                     hit = self._condition_icd.get(normalised[:length])
                     if hit is not None:

@@ -1,0 +1,60 @@
+"""How the service meets real CDS clients at the HTTP edge: slashes, 401 challenges, CORS."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import FIXTURES, SERVICE_URL, hook_body, load
+
+HIGH_RISK = FIXTURES / "01-lung-high-risk-all-four.json"
+
+
+@pytest.mark.parametrize("path", ["/cds-services", "/cds-services/", "//cds-services", "//cds-services//"])
+def test_discovery_is_found_with_a_trailing_or_doubled_slash(client, path):
+    # PATH_INFO as a server passes it: the test client would read "//x" as a host name.
+    resp = client.get("/", environ_overrides={"PATH_INFO": path})
+    assert resp.status_code == 200, (resp.status_code, resp.headers.get("Location"))
+    assert resp.get_json()["services"][0]["id"] == "crc-metastases"
+
+
+def test_a_doubled_slash_in_a_hook_call_is_answered_not_redirected(client):
+    # A client whose base URL ends in "/" calls //cds-services/...: a 308 to HTML would lose the POST.
+    doubled = {"PATH_INFO": "/" + SERVICE_URL}
+    resp = client.post("/", json=hook_body(load(HIGH_RISK)), environ_overrides=doubled)
+    assert resp.status_code == 200 and resp.get_json()["cards"]
+    missing = client.post("/", json={}, environ_overrides={"PATH_INFO": "//cds-services//nope"})
+    assert missing.status_code == 404 and missing.mimetype == "application/fhir+json"
+
+
+def test_every_401_carries_a_bearer_challenge(tmp_path):
+    from cds_service.settings import Settings
+    from cds_service.web.app import create_app
+
+    app = create_app(Settings(auth_required=True, database_url=f"sqlite:///{tmp_path / 'a.db'}"))
+    client = app.test_client()
+    for resp in (
+        client.post(SERVICE_URL, json={}),
+        client.post(SERVICE_URL, json={}, headers={"Authorization": "Bearer junk"}),
+        client.post(f"{SERVICE_URL}/feedback", json={}, headers={"Authorization": "Basic eDp5"}),
+    ):
+        assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_cors_allows_and_exposes_the_request_id(client):
+    preflight = client.options(
+        SERVICE_URL,
+        headers={
+            "Origin": "https://sandbox.cds-hooks.org",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, x-request-id",
+        },
+    )
+    allowed = {h.strip().lower() for h in preflight.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "content-type", "x-request-id"} <= allowed
+    resp = client.post(
+        SERVICE_URL,
+        json=hook_body(load(HIGH_RISK)),
+        headers={"Origin": "https://sandbox.cds-hooks.org", "X-Request-Id": "trace-42"},
+    )
+    assert resp.headers["X-Request-Id"] == "trace-42"
+    assert "X-Request-Id" in resp.headers["Access-Control-Expose-Headers"]
