@@ -278,9 +278,13 @@ def test_a_store_that_cannot_take_feedback_is_a_503_to_retry(client, audit, card
 
 
 def test_long_client_strings_are_stored_whole(client, audit):
-    body = hook_body(load(HIGH_RISK), hook_instance="h" * 2000)
+    # hookInstance is bounded at 64 characters (longer is a 400); up to that it is stored whole.
+    assert (
+        client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK), hook_instance="h" * 65)).status_code == 400
+    )
+    body = hook_body(load(HIGH_RISK), hook_instance="h" * 64)
     card = client.post(SERVICE_URL, json=body).get_json()["cards"][0]
-    assert _rows(audit, hook_call)[0]["hook_instance"] == "h" * 2000
+    assert _rows(audit, hook_call)[0]["hook_instance"] == "h" * 64
     long_reason = {"system": "urn:" + "s" * 900, "code": "c" * 900, "display": "d" * 900}
     entry = {"card": card["uuid"], "outcome": "overridden", "overrideReason": {"reason": long_reason}}
     assert client.post(FEEDBACK_URL, json=entry).status_code == 200
