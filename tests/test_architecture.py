@@ -36,7 +36,7 @@ PENDING: set[tuple[str, str]] = {
     ("settings.py", "sqlalchemy"),
     ("cli/main.py", "sqlalchemy"),
 }
-PENDING_LONG = {"clinical/facts/derive.py"}
+PENDING_LONG: set[str] = set()  # modules still over the limit; empty this, never grow it
 
 
 def _modules() -> list[Path]:
@@ -110,3 +110,9 @@ def test_the_clinical_core_is_importable_without_flask_requests_or_sqlalchemy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_liver_model_does_not_import_the_lung_model():
+    """The liver pathway takes the lung verdict as plain data: the two models stay independent."""
+    imported = _imports(PACKAGE / "clinical" / "scoring" / "liver.py")
+    assert not [m for m in imported if m.startswith("cds_service.clinical.scoring.lung")]

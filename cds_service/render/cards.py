@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from cds_service.clinical.facts.derive import PatientFacts
+from cds_service.clinical.facts.model import PatientFacts
 from cds_service.clinical.scoring.factors import UNKNOWN, Assessment, CeaPick, Factor
 from cds_service.clinical.scoring.liver import LiverAssessment
 from cds_service.clinical.scoring.lung import LungAssessment

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cds_service.clinical.facts.derive import UNREADABLE, DatedProcedure, PatientFacts
+from cds_service.clinical.facts.model import UNREADABLE, DatedProcedure, PatientFacts
 from cds_service.clinical.knowledge.terminology import terminology
 from cds_service.clinical.knowledge.thresholds import group_of, lung_params
 from cds_service.clinical.scoring.factors import UNKNOWN, Assessment, Factor

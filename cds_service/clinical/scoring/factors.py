@@ -9,7 +9,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass, field, replace
 
-from cds_service.clinical.facts.derive import CeaResult, PatientFacts
+from cds_service.clinical.facts.model import CeaResult, PatientFacts
 from cds_service.clinical.fhir_fields import ref_of
 
 DAYS_PER_MONTH = 30.4375
@@ -95,14 +95,16 @@ def disease_free_interval(facts: PatientFacts, organ: str, factor_id: str, limit
             reason=f"the {organ} metastasis has no onset or recorded date",
         )
     resection = dated[0]
+    resected = resection.date
+    assert resected is not None  # `dated` holds dated resections only
     sources = tuple(s for s in (resection.source, *met_sources) if s)
-    months = months_between(resection.date, detected)
+    months = months_between(resected, detected)
     if months <= 0:
         return Factor(
             factor_id,
             PRESENT,
             f"0 months ({organ} metastasis found on or before the primary "
-            f"resection of {resection.date.isoformat()})",
+            f"resection of {resected.isoformat()})",
             detected,
             sources,
         )
@@ -110,7 +112,7 @@ def disease_free_interval(facts: PatientFacts, organ: str, factor_id: str, limit
     return Factor(
         factor_id,
         status,
-        f"{months_text(months)} (resection {resection.date.isoformat()})",
+        f"{months_text(months)} (resection {resected.isoformat()})",
         detected,
         sources,
     )
@@ -257,7 +259,7 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
     """
     readable = [r for r in results if r.ng_ml is not None and r.date]
     if before is not None:
-        candidates = [r for r in readable if r.date < before]
+        candidates = [r for r in readable if r.date is not None and r.date < before]
         # dt.date.min: treatment began on a day nobody recorded (facts.treatment_cutoff).
         on = f" on {before.isoformat()}" if before > dt.date.min else ""
         rule = f"latest CEA before the {before_what or 'start of treatment'}{on}"
@@ -265,7 +267,7 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
         candidates = readable
         rule = "latest CEA in the chart"
     picked = candidates[-1] if candidates else None
-    cutoff = picked.date if picked else dt.date.min
+    cutoff = picked.date if picked and picked.date else dt.date.min
     not_used = [
         r
         for r in results

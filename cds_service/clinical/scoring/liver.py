@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from cds_service.clinical.facts.derive import DatedProcedure, PatientFacts, Tumor, TumorSize
+from cds_service.clinical.facts.model import DatedProcedure, PatientFacts, Tumor, TumorSize
 from cds_service.clinical.knowledge.thresholds import LiverParams, group_of, liver_params
 from cds_service.clinical.scoring.factors import (
     ABSENT,
@@ -25,7 +25,6 @@ from cds_service.clinical.scoring.factors import (
     pick_cea,
     score_range,
 )
-from cds_service.clinical.scoring.lung import LungAssessment
 
 FACTOR_IDS = (
     "node_positive_primary",
@@ -55,7 +54,7 @@ def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
             fid, UNKNOWN, sources=tuple(sources), reason="the liver metastasis has no onset or recorded date"
         )
     resection = next((r for r in facts.resections if r.date), None)
-    if resection is not None:
+    if resection is not None and resection.date is not None:
         months = months_between(resection.date, detected)
         refs = tuple(s for s in (resection.source, *sources) if s)
         if months <= 0:
@@ -203,8 +202,9 @@ def recommend(
 
 
 def assess_liver(
-    facts: PatientFacts, lung: LungAssessment | None, params: LiverParams | None = None
+    facts: PatientFacts, lung: Assessment | None, params: LiverParams | None = None
 ) -> LiverAssessment | None:
+    """`lung`: the chart's lung assessment, if any; only its oligometastatic verdict is used."""
     params = params or liver_params()
     if not facts.sites("liver"):
         return None
@@ -212,7 +212,7 @@ def assess_liver(
     done = tuple(facts.therapies("liver", done=True))
     cutoff, what = facts.treatment_cutoff("liver")
     cea = pick_cea(facts.cea, cutoff, what)
-    factors = (
+    factors: tuple[Factor, ...] = (
         node_positive_primary(facts),
         liver_timing_factor(facts, params),
         lesion_count_factor(facts),

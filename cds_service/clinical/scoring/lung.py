@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from cds_service.clinical.facts.derive import (
+from cds_service.clinical.facts.model import (
     UNREADABLE,
     DatedProcedure,
     Metastasis,
@@ -118,7 +118,7 @@ def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAs
     cutoff, what = facts.treatment_cutoff("lung")
     cea = pick_cea(facts.cea, cutoff, what)
     extrapulmonary, organs = extrapulmonary_factor(facts)
-    factors = (
+    factors: tuple[Factor, ...] = (
         cea_factor(cea, "cea_gt_5", params.cea_threshold_ng_ml),
         disease_free_interval(facts, "lung", "dfi_lt_24m", params.dfi_limit_months),
         node_positive_primary(facts),

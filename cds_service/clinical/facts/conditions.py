@@ -1,0 +1,111 @@
+"""Condition → primaries and metastases (and the primary's Condition.stage)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from fhir.resources.R4B.condition import Condition
+
+from cds_service.clinical.chart import Chart
+from cds_service.clinical.facts.dates import condition_date, condition_onset
+from cds_service.clinical.facts.model import UNREADABLE, Metastasis, NodalEvidence, PatientFacts
+from cds_service.clinical.facts.staging import kind_of, stage_value
+from cds_service.clinical.facts.validation import validated
+from cds_service.clinical.fhir_fields import codings, codings_of_list, raw_codings, ref_of
+from cds_service.clinical.knowledge.terminology import Terminology
+
+_EXCLUDED_VERIFICATION = {"entered-in-error", "refuted"}
+
+
+def _verification(condition: Condition) -> set[str]:
+    return {code for _, code in codings(condition.verificationStatus)}
+
+
+def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> list[Condition]:
+    """Primaries and metastases; returns the primary's Conditions that carry a stage (validated)."""
+    primary_dates: list[dt.date] = []
+    onsets: list[dt.date] = []
+    staged: list[Condition] = []
+    for raw in chart.of_type("Condition"):
+        concept = term.condition_concept(raw_codings(raw.get("code")))
+        if concept is None:
+            continue
+        if not chart.claim(raw):
+            continue
+        condition = validated(Condition, raw, facts)
+        if condition is None:
+            if concept.kind != "primary" and concept.site is not term.sites["lung"]:
+                # Coded as a metastasis but not readable: it may be outside the lung, so the
+                # extrapulmonary factor must not read "none" (it reads unknown, naming it).
+                facts.metastases.append(Metastasis(ref_of(raw), None, UNREADABLE, "unknown", None))
+            continue
+        if _verification(condition) & _EXCLUDED_VERIFICATION:
+            continue
+        source = ref_of(condition)
+        when = condition_date(condition)
+        if concept.kind == "primary":
+            if source:
+                facts.primaries.append(source)
+                if raw.get("stage"):
+                    staged.append(condition)
+            if when:
+                primary_dates.append(when)
+            onset = condition_onset(condition)
+            if onset:
+                onsets.append(onset)
+            continue
+        body_organ = term.organ_of_body_site(codings_of_list(condition.bodySite))
+        site = concept.site
+        if site is None and body_organ and concept.kind == "unspecified":
+            site = term.sites[body_organ]
+        if concept.kind == "lymphangitic":
+            # Counted as pulmonary unless the body site names another organ (spec choice).
+            if body_organ in (None, "lung"):
+                facts.metastases.append(
+                    Metastasis(source, "lung", "lymphangitic carcinomatosis", "lung", when, "lymphangitic")
+                )
+            continue
+        if concept.kind == "effusion":
+            facts.metastases.append(
+                Metastasis(
+                    source, "pleura", "malignant pleural effusion", "thoracic", when, "pleural-effusion"
+                )
+            )
+            continue
+        if site is None:
+            facts.metastases.append(Metastasis(source, None, "site not coded", "unknown", when))
+        else:
+            facts.metastases.append(
+                Metastasis(
+                    source,
+                    site.organ,
+                    site.display,
+                    site.region,
+                    when,
+                    "site",
+                    frozenset(codings_of_list(condition.bodySite)),
+                )
+            )
+    facts.primary_diagnosis = min(primary_dates, default=None)
+    facts.primary_onset = min(onsets, default=None)
+    facts.primaries.sort()
+    facts.metastases.sort(key=lambda m: (m.organ or "~", m.detected or dt.date.max, m.source or ""))
+    return staged
+
+
+def read_condition_stages(staged: list[Condition], term: Terminology, facts: PatientFacts) -> None:
+    """Condition.stage.summary of the colorectal primary (plain US Core data).
+
+    `staged`: the primary's Conditions as validated by read_conditions, in chart order (they are
+    not validated a second time).
+    """
+    for condition in staged:
+        for stage in condition.stage or []:
+            value_kind, group, shown = stage_value(stage.summary, term)
+            if group is None:
+                continue
+            type_kind = kind_of(codings(stage.type), term.stage_group)
+            kind = value_kind or type_kind or "unspecified"
+            facts.nodal.append(
+                NodalEvidence(ref_of(condition), condition_date(condition), kind, "stage", group, shown)
+            )

@@ -1,0 +1,35 @@
+"""The dates facts are dated by, from validated resources."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.procedure import Procedure
+
+from cds_service.clinical.fhir_fields import as_date
+
+
+def condition_onset(condition: Condition) -> dt.date | None:
+    return as_date(
+        condition.onsetDateTime or (condition.onsetPeriod.start if condition.onsetPeriod else None)
+    )
+
+
+def condition_date(condition: Condition) -> dt.date | None:
+    return condition_onset(condition) or as_date(condition.recordedDate)
+
+
+def procedure_date(procedure: Procedure) -> dt.date | None:
+    performed = procedure.performedDateTime or (
+        procedure.performedPeriod.start if procedure.performedPeriod else None
+    )
+    return as_date(performed)
+
+
+def observation_date(observation: Observation) -> dt.date | None:
+    effective = observation.effectiveDateTime or (
+        observation.effectivePeriod.start if observation.effectivePeriod else None
+    )
+    return as_date(effective) or as_date(observation.effectiveInstant) or as_date(observation.issued)

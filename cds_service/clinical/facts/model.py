@@ -1,0 +1,161 @@
+"""The facts read from a chart (clinical-logic §2): typed, each with the resource it comes from."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from cds_service.clinical.knowledge.terminology import Coding
+
+
+@dataclass(frozen=True)
+class Metastasis:
+    source: str | None
+    organ: str | None  # None: the Condition codes no site we can read
+    display: str
+    region: str  # lung | thoracic | extrapulmonary | unknown
+    detected: dt.date | None
+    kind: str = "site"  # site | lymphangitic | pleural-effusion
+    body_sites: frozenset[Coding] = frozenset()  # Condition.bodySite codings (distinct lesions, §8.16)
+
+
+@dataclass(frozen=True)
+class DatedProcedure:
+    source: str | None
+    date: dt.date | None
+    display: str
+    kind: str = ""
+    organ: str = ""
+    done: bool = True
+
+
+# Not frozen, unlike the other facts: one is built per CEA result of the chart (hundreds in a long
+# follow-up), and a frozen dataclass's __init__ costs four times as much. Treat it as immutable all
+# the same (dataclasses.replace).
+@dataclass(slots=True)
+class CeaResult:
+    source: str | None
+    date: dt.date | None
+    ng_ml: float | None  # None when the result cannot be read
+    comparator: str | None
+    shown: str  # as reported, for the card
+    unreadable: str | None = None  # why it cannot be used
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class NodalEvidence:
+    source: str | None
+    date: dt.date | None
+    kind: str  # pathologic | clinical | unspecified
+    what: str  # "N" (category) or "stage"
+    value: str  # N: "0", "1", "2", "3", "X"; stage: "I".."IV"
+    shown: str
+
+
+@dataclass(frozen=True)
+class Tumor:
+    """A Tumor BodyStructure (mCODE) and the metastasis Conditions it is related to."""
+
+    source: str
+    organ: str | None
+    related: frozenset[str]
+
+
+@dataclass(frozen=True)
+class TumorSize:
+    source: str | None
+    date: dt.date | None
+    longest_cm: float
+    focus: frozenset[str]  # BodyStructure / Condition references
+
+
+@dataclass(frozen=True)
+class SystemicTherapy:
+    """One order / administration / statement of a colorectal systemic-therapy drug, or one
+    chemotherapy procedure."""
+
+    source: str | None
+    drug: str
+    start: dt.date | None  # its earliest date in the chart (clinical-logic §8.4)
+    matched_by: str  # "RxNorm code" | "Medication ingredient" | "drug name" | "chemotherapy procedure code"
+
+
+@dataclass
+class PatientFacts:
+    patient_id: str
+    deceased: bool = False
+    primaries: list[str] = field(default_factory=list)
+    primary_diagnosis: dt.date | None = None
+    # The earliest onset of the primary (not its recordedDate, which may come long after).
+    primary_onset: dt.date | None = None
+    metastases: list[Metastasis] = field(default_factory=list)
+    resections: list[DatedProcedure] = field(default_factory=list)
+    local_excisions: list[DatedProcedure] = field(default_factory=list)
+    local_therapies: list[DatedProcedure] = field(default_factory=list)
+    cea: list[CeaResult] = field(default_factory=list)  # by date, then value, then source
+    nodal: list[NodalEvidence] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # picked resources that were not valid FHIR
+    tumors: list[Tumor] = field(default_factory=list)
+    tumor_sizes: list[TumorSize] = field(default_factory=list)
+    systemic: list[SystemicTherapy] = field(default_factory=list)
+
+    @property
+    def has_crc(self) -> bool:
+        return bool(self.primaries)
+
+    def sites(self, organ: str) -> list[Metastasis]:
+        # Lymphangitic carcinomatosis counts as lung disease (facts of its own kind, same organ).
+        return [m for m in self.metastases if m.organ == organ]
+
+    @property
+    def in_scope(self) -> bool:
+        return self.has_crc and not self.deceased and bool(self.sites("lung") or self.sites("liver"))
+
+    def detected(self, organ: str) -> tuple[dt.date | None, list[str]]:
+        """Earliest detection date of an organ's metastases, and the Conditions it comes from."""
+        mets = self.sites(organ)
+        dated = sorted((m.detected, m.source or "") for m in mets if m.detected)
+        if not dated:
+            return None, [m.source for m in mets if m.source]
+        first = dated[0][0]
+        return first, [src for d, src in dated if d == first and src]
+
+    def systemic_since(self, organ: str) -> list[SystemicTherapy]:
+        """Systemic therapy started on or after the organ's metastases were found (therapy for them)."""
+        detected, _ = self.detected(organ)
+        if detected is None:
+            return []
+        return [t for t in self.systemic if t.start is not None and t.start >= detected]
+
+    def treatment_cutoff(self, organ: str) -> tuple[dt.date | None, str]:
+        """When treatment of the organ's metastases began, and what began (clinical-logic §8.4, §8.19):
+        the first local therapy done, or the start of systemic therapy for the metastases.
+
+        A therapy with no date may have begun any day since the metastases were found, so then
+        their detection is the cutoff: only a CEA from before it is surely not on treatment
+        (dt.date.min when the detection is undated too: no CEA can be placed before treatment).
+        """
+        candidates = [(t.date, f"first {t.display}") for t in self.therapies(organ, done=True) if t.date]
+        candidates += [(t.start, "start of systemic therapy") for t in self.systemic_since(organ) if t.start]
+        undated = [t.display for t in self.therapies(organ, done=True) if t.date is None]
+        undated += ["systemic therapy" for t in self.systemic if t.start is None]
+        if undated:
+            detected, _ = self.detected(organ)
+            candidates.append(
+                (
+                    detected or dt.date.min,
+                    f"undated {undated[0]}, taken as no earlier than the {organ} metastases' detection",
+                )
+            )
+        if not candidates:
+            return None, ""
+        return min(candidates)
+
+    def therapies(self, organ: str, *, done: bool) -> list[DatedProcedure]:
+        return [t for t in self.local_therapies if t.organ == organ and t.done is done]
+
+
+# The display of a metastasis Condition that could not be read (not valid FHIR).
+UNREADABLE = "not valid FHIR R4"
