@@ -39,9 +39,11 @@ class Outcome:
     recommendations: tuple[str, ...] = ()
 
 
-def evaluate(request: HookRequest, service: Service, settings: Settings, today: dt.date) -> Outcome:
+def evaluate(
+    request: HookRequest, service: Service, settings: Settings, today: dt.date, *, issuer: str | None = None
+) -> Outcome:
     started = time.perf_counter()
-    chart, source = resolve_chart(request, service, settings)
+    chart, source = resolve_chart(request, service, settings, issuer=issuer)
     facts = derive_facts(chart)
     lung = assess_lung(facts) if facts.in_scope else None
     liver = assess_liver(facts, lung) if facts.in_scope else None
@@ -53,6 +55,7 @@ def evaluate(request: HookRequest, service: Service, settings: Settings, today: 
         hook_instance=request.hookInstance,
         today=today,
         cea_max_age_days=settings.cea_max_age_days,
+        unavailable=source.unavailable,
     )
     recommendations = [a.recommendation for a in assessments]
     return Outcome(doc, source, chart.size, time.perf_counter() - started, tuple(recommendations))
@@ -70,7 +73,10 @@ def warm_up() -> None:
     preload_cards()
 
 
-def answer(body: Any, service: Service, settings: Settings, today: dt.date) -> Outcome:
-    """Validate a decoded request body for `service` and evaluate it."""
+def answer(
+    body: Any, service: Service, settings: Settings, today: dt.date, *, issuer: str | None = None
+) -> Outcome:
+    """Validate a decoded request body for `service` and evaluate it (`issuer`: the client JWT's
+    `iss`, which chooses the fhirServer allowlist when it is set per issuer)."""
     request = parse_hook_request(body, service.hook)
-    return evaluate(request, service, settings, today)
+    return evaluate(request, service, settings, today, issuer=issuer)

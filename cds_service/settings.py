@@ -31,8 +31,15 @@ class Settings(BaseSettings):
     cea_max_age_days: int = Field(default=90, gt=0)
     # Outbound FHIR safety (issue 4): http only to loopback unless explicitly allowed.
     allow_insecure_fhir: bool = False
-    fhir_server_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Base URLs fhirServer must lie under: a list for every caller, or a JSON object naming them per
+    # trusted issuer (`{"<iss>": ["https://..."], "*": [...]}`); unset: any (within the rules).
+    fhir_server_allowlist: Annotated[list[str] | dict[str, list[str]], NoDecode] = Field(default_factory=list)
     fhir_max_response_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    # Per hook call, across all its searches and pages: decompressed bytes and Bundle entries read.
+    fhir_max_call_bytes: int = Field(default=24 * 1024 * 1024, gt=0)
+    fhir_max_call_entries: int = Field(default=25_000, gt=0)
+    # Fetch threads (one HTTP exchange each) at once in this process; a call finding none free is a 503.
+    fhir_fetch_threads: int = Field(default=96, ge=4, le=1024)
     # Origins of browser-based CDS clients allowed on the service endpoints (CORS); `*`: any. Safe as
     # a default: the client JWT travels in a header, never in a cookie a browser would attach.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
@@ -104,7 +111,19 @@ class Settings(BaseSettings):
     def _allowlist(cls, value: Any) -> Any:
         if isinstance(value, str):
             stripped = value.strip()
-            if stripped.startswith("["):
-                return json.loads(stripped)
-            return [v.strip() for v in stripped.split(",") if v.strip()]
+            if stripped.startswith(("[", "{")):
+                value = json.loads(stripped)
+            else:
+                return [v.strip() for v in stripped.split(",") if v.strip()]
+        if isinstance(value, dict):  # per issuer: one URL or a list of them
+            return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
         return value
+
+    def fhir_servers_for(self, issuer: str | None) -> list[str] | None:
+        """The fhirServer bases allowed for a call from `issuer`; None: no allowlist set."""
+        allowlist = self.fhir_server_allowlist
+        if isinstance(allowlist, list):
+            return allowlist or None
+        if issuer is None:  # auth off: any listed server
+            return [url for urls in allowlist.values() for url in urls]
+        return [*allowlist.get(issuer, []), *allowlist.get("*", [])]

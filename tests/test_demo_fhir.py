@@ -12,7 +12,6 @@ from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
 from cds_service.fetch.client import fetch_queries
-from cds_service.fetch.session import make_session
 from cds_service.settings import Settings
 from cds_service.web.demo_fhir import create_fhir_blueprint
 
@@ -194,9 +193,7 @@ def test_fhir_client_reads_the_demo_endpoint(live_server: str) -> None:
         "conditions": "Condition?patient=p1",
         "nobody": "Patient/nobody",
     }
-    results, report = fetch_queries(
-        live_server, "t", queries, Settings(fhir_timeout_s=3), session=make_session()
-    )
+    results, report = fetch_queries(live_server, "t", queries, Settings(fhir_timeout_s=3))
     assert results["patient"] == {"resourceType": "Patient", "id": "p1"}
     assert ids(results["cea"]) == ["cea-1", "cea-2"] and results["cea"]["total"] == 2
     assert ids(results["conditions"]) == ["crc"] and results["nobody"] is None

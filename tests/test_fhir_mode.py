@@ -168,7 +168,7 @@ def test_evaluate_against_a_fhir_server_prints_cards_and_what_was_fetched(fhir_s
 
 
 @pytest.mark.slow
-def test_evaluate_against_a_closed_port_exits_2_with_one_line(tmp_path):
+def test_evaluate_against_a_closed_port_exits_2_with_the_report_and_one_reason(tmp_path):
     import os
     import subprocess
     import sys
@@ -192,8 +192,12 @@ def test_evaluate_against_a_closed_port_exits_2_with_one_line(tmp_path):
         cwd=tmp_path,
         env=dict(os.environ),
     )
+    # The per-search account first (what a developer needs to see which search failed), then
+    # the reason on the last line; no traceback, no token.
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "secret-t" not in proc.stderr
+    assert proc.returncode == 2 and "secret-t" not in proc.stderr and "Traceback" not in proc.stderr
+    assert lines[0].startswith("fetched from") and "connection failed" in lines[-1]
+    assert any(ln.split()[0] == "observations" and ln.endswith("connection failed") for ln in lines[1:-1])
 
 
 # --- Medications an EHR left out of the prefetch (it may ignore `_include`) ------------------------

@@ -311,21 +311,31 @@ def _evaluate_fhir_server(args: argparse.Namespace, service: Any, settings: Sett
             "scope": "patient/*.read",
             "subject": "cds-service-evaluate",
         }
+    from cds_service.fetch.client import FetchFailed, PatientNotFound
+
     try:
         outcome = answer(body, service, settings, today)
+    except PatientNotFound as exc:  # one line says it all
+        raise CliError(exc.diagnostics) from None
+    except FetchFailed as exc:  # what was read and what failed, then the reason
+        _print_fetch_report(args.fhir_server, exc.report)
+        raise CliError(exc.diagnostics) from None
     except ServiceError as exc:
         raise CliError(exc.diagnostics) from None
     print(dumps(outcome.answer))
-    report = outcome.source.report
-    if report is not None:  # the account goes to stderr: stdout stays one JSON document
-        lines = [f"fetched from {args.fhir_server} in {report.seconds * 1000:.0f} ms:"]
-        lines += [
-            f"  {s.key:<26} {s.resources:>5} resource(s) {s.pages:>3} page(s) {s.seconds * 1000:>7.0f} ms  "
-            f"{s.outcome}"
-            for s in report.searches
-        ]
-        print("\n".join(lines), file=sys.stderr)
+    if outcome.source.report is not None:
+        _print_fetch_report(args.fhir_server, outcome.source.report)
     return 0
+
+
+def _print_fetch_report(fhir_server: str, report: Any) -> None:
+    # The account goes to stderr: stdout stays one JSON document.
+    lines = [f"fetched from {fhir_server} in {report.seconds * 1000:.0f} ms:"]
+    lines += [
+        f"  {s.key:<26} {s.resources:>5} resource(s) {s.pages:>3} page(s) {s.seconds * 1000:>7.0f} ms  {s.outcome}"
+        for s in report.searches
+    ]
+    print("\n".join(lines), file=sys.stderr)
 
 
 # --- report / migrate -------------------------------------------------------------------------------

@@ -1,44 +1,43 @@
 """Outbound FHIR REST client: fetch the chart from the EHR's fhirServer when prefetch is missing.
 
 Every search of one hook call runs concurrently inside ONE time budget (`CDS_FHIR_TIMEOUT_S`), so
-the call costs the slowest search chain, not the sum. Any failure becomes a 412 (`FetchFailed`)
-whose message names the search and the cause, and never carries the access token.
+the call costs the slowest search chain, not the sum; pages a server numbers by offset are fetched
+side by side. A required search that fails makes the call a 412 (`FetchFailed`) naming every
+failed search and a generic cause; an optional one that the server refuses or that runs out of time
+is reported as unavailable and the call goes on without it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin, urlsplit
-
-import requests
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 from cds_service.errors import FetchError
-from cds_service.fetch.policy import check_fhir_server, check_token, origin
-from cds_service.fetch.session import (
-    DEADLINE,
-    FHIR_JSON,
-    Fail,
-    RetryBudgetExhausted,
-    shared_session,
-    transport_failure,
-)
-from cds_service.jsonio import loads
+from cds_service.fetch.budget import CallBudget, Workers
+from cds_service.fetch.exchange import REFUSALS, Exchange
+from cds_service.fetch.policy import check_fhir_server, check_token, next_page_url, under
+from cds_service.fetch.session import Fail
 from cds_service.settings import Settings
 
 log = logging.getLogger("cds_service.fhir_client")  # the name operators filter on, kept across the move
 
-_MAX_WORKERS = 10
 _MAX_PAGES = 1000
-_MAX_REDIRECTS = 5
+# The page size our own searches ask for (servers cap it at their own maximum).
+PAGE_COUNT = 1000
+# Threads beyond one per search chain, for pages fetched side by side.
+_PAGE_THREADS = 6
 # Workers time out on their own at the deadline; this grace lets their precise reason win over
-# the generic "did not finish in time" of the hard stop.
+# the generic timeout of the hard stop.
 _GRACE_S = 0.25
+_OFFSET_PARAMS = ("_getpagesoffset", "_offset")
+DEGRADABLE = frozenset(
+    {*(f"HTTP {s}" for s in REFUSALS), "refused (OperationOutcome)", "timeout", "rate-limited"}
+)
 
 
 @dataclass(frozen=True)
@@ -48,13 +47,14 @@ class SearchReport:
     pages: int
     resources: int
     seconds: float
-    outcome: str  # "ok", "not found" (a read answering 404/410), or the failure reason
+    outcome: str  # "ok", "not found" (a read answering 404/410), "unavailable: <cause>", or the cause
 
 
 @dataclass
 class FetchReport:
     searches: list[SearchReport]
     seconds: float
+    unavailable: dict[str, str] = field(default_factory=dict)  # optional key -> generic cause
 
 
 class FetchFailed(FetchError):
@@ -65,196 +65,114 @@ class FetchFailed(FetchError):
         self.report = report
 
 
-def _outcome_text(body: Any) -> str:
-    """A one-line summary of an OperationOutcome the server sent (truncated, it is untrusted)."""
-    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
-        return ""
-    texts = []
-    for issue in body.get("issue") or []:
-        if isinstance(issue, dict):
-            detail = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or ""
-            texts.append(" ".join(str(p) for p in (issue.get("code"), detail) if p))
-    text = "; ".join(t for t in texts if t)
-    return text[:300] + ("…" if len(text) > 300 else "")
+class PatientNotFound(FetchFailed):
+    """The FHIR server does not know the context patient (its Patient read answered 404/410)."""
 
 
-_STATUS_HINTS = {
-    401: "the access token is missing, expired or not accepted",
-    403: "the access token does not allow this search",
-    404: "no such search here (is fhirServer the FHIR base URL?)",
-    429: "too many requests (still throttled after retries)",
-}
-
-
-class _Fetcher:
-    """What one fetch_queries / follow_next_links call shares across its searches."""
-
-    def __init__(
-        self, base: str, token: str | None, settings: Settings, session: requests.Session, deadline: float
-    ) -> None:
-        self.base = base
-        self.token = token
-        self.settings = settings
-        self.session = session
-        self.deadline = deadline
-        self.abort = threading.Event()  # set when another search failed: stop wasting the budget
-
-    def _remaining(self) -> float:
-        if self.abort.is_set():
-            raise Fail("abandoned: another search already failed", abandoned=True)
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise Fail(self._timeout_reason(), "timeout")
-        return remaining
-
-    def _timeout_reason(self) -> str:
-        return f"the FHIR server did not answer within the {self.settings.fhir_timeout_s:g} s time budget"
-
-    def _check_same_origin(self, url: str, what: str) -> None:
-        if origin(url) != origin(self.base):
-            host = urlsplit(url).hostname or "?"
-            raise Fail(f"{what} to another host ({host}); not following it with the access token")
-
-    def _send(self, url: str) -> requests.Response:
-        headers = {"Accept": FHIR_JSON}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        for _ in range(_MAX_REDIRECTS + 1):
-            remaining = self._remaining()
-            context_token = DEADLINE.set(self.deadline)
-            try:
-                # Redirects by hand: requests would follow them to any host.
-                response = self.session.get(
-                    url, headers=headers, timeout=remaining, stream=True, allow_redirects=False
-                )
-            except RetryBudgetExhausted as exc:
-                raise Fail(
-                    f"HTTP {exc.status} from the FHIR server; the retry it asks for ({exc.wait_s:g} s) "
-                    "does not fit in the remaining time budget",
-                    "timeout",
-                ) from None
-            except requests.RequestException as exc:
-                raise transport_failure(exc, self.settings.fhir_timeout_s) from None
-            finally:
-                DEADLINE.reset(context_token)
-            if not (response.is_redirect and response.headers.get("Location")):
-                return response
-            response.close()
-            url = urljoin(url, response.headers["Location"])
-            self._check_same_origin(url, f"HTTP {response.status_code} redirect")
-        raise Fail("too many redirects")
-
-    def _read_capped(self, response: requests.Response) -> bytes:
-        limit = self.settings.fhir_max_response_bytes
-        too_big = Fail(f"the answer is larger than the {limit}-byte limit", "too-long")
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit:
-            response.close()
-            raise too_big
-        body = bytearray()
-        try:
-            # Decoded bytes are counted, so a small gzip bomb is caught too.
-            for chunk in response.iter_content(chunk_size=64 * 1024):
-                body += chunk
-                if len(body) > limit:
-                    raise too_big
-                if time.monotonic() > self.deadline:
-                    raise Fail(self._timeout_reason(), "timeout")
-        except requests.RequestException as exc:
-            raise transport_failure(exc, self.settings.fhir_timeout_s) from None
-        finally:
-            response.close()
-        return bytes(body)
-
-    def get_resource(self, url: str, expect: str, *, missing_ok: bool = False) -> dict | None:
-        """GET one FHIR resource of type `expect`; None for a read of an absent resource."""
-        response = self._send(url)
-        body_bytes = self._read_capped(response)
-        status = response.status_code
-        content_type = response.headers.get("Content-Type", "").lower()
-        try:
-            body: Any = loads(body_bytes)
-        except ValueError:
-            body = None
-        looks_html = body is None and ("html" in content_type or body_bytes.lstrip()[:1] == b"<")
-        # A 404 web page means a wrong base URL, not an absent resource.
-        if missing_ok and status in (404, 410) and not looks_html:
-            return None
-        if not 200 <= status < 300:
-            hint = _STATUS_HINTS.get(status, "server error" if status >= 500 else "")
-            outcome = _outcome_text(body)
-            reason = " — ".join(p for p in (f"HTTP {status} {response.reason or ''}".strip(), hint) if p)
-            raise Fail(
-                reason + (f" (OperationOutcome: {outcome})" if outcome else ""),
-                "exception" if status >= 500 or status == 429 else "incomplete",
-            )
-        if body is None:
-            if looks_html:
-                raise Fail("the answer is HTML, not FHIR JSON (is fhirServer the FHIR base URL?)")
-            raise Fail("the answer is empty" if not body_bytes.strip() else "the answer is not JSON")
-        if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
-            raise Fail("the answer is JSON but not a FHIR resource (no resourceType)")
-        if body["resourceType"] == "OperationOutcome" and expect != "OperationOutcome":
-            raise Fail(f"the server answered an OperationOutcome: {_outcome_text(body) or 'no details'}")
-        if body["resourceType"] != expect:
-            raise Fail(f"the answer is a {body['resourceType'][:60]}, expected a {expect}")
-        return body
-
-    def next_url(self, bundle: dict, current: str) -> str | None:
-        for link in bundle.get("link") or []:
-            if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
-                url = urljoin(current, str(link["url"]))
-                self._check_same_origin(url, "a next-page link points")
-                return url
-        return None
-
-    def collect(self, first: dict | None, url: str | None) -> tuple[dict, int]:
-        """Follow the paging chain from `url` (after the page `first`, if any); the merged Bundle."""
-        pages = 0
-        entries: list[dict] = []
-        seen_urls: set[str] = set()
-        seen_ids: set[tuple[Any, Any]] = set()
-
-        def add(page: dict) -> None:
-            for entry in page.get("entry") or []:
-                resource = entry.get("resource") if isinstance(entry, dict) else None
-                if not isinstance(resource, dict):
-                    continue
-                # Offset paging over a changing result set can repeat an entry on two pages.
-                ident = (resource.get("resourceType"), resource.get("id"))
-                if type(ident[0]) is str and type(ident[1]) is str:
-                    if ident in seen_ids:
-                        continue
-                    seen_ids.add(ident)
-                entries.append(entry)
-
-        if first is not None:
-            add(first)
-        while url:
-            if url in seen_urls or pages >= _MAX_PAGES:
-                raise Fail("the server's paging does not end (a next link repeats, or too many pages)")
-            seen_urls.add(url)
-            page = self.get_resource(url, "Bundle")
-            assert page is not None
-            pages += 1
-            first = first or page
-            add(page)
-            url = self.next_url(page, url)
-        assert first is not None
-        merged = {k: v for k, v in first.items() if k not in ("link", "entry", "total")}
-        merged["type"] = first.get("type") or "searchset"
-        merged["total"] = sum(1 for e in entries if _search_mode(e) == "match")
-        if entries:  # FHIR JSON has no empty arrays
-            merged["entry"] = entries
-        return merged, pages
-
-
-def _search_mode(entry: dict) -> Any:
+def _search_mode(entry: dict[str, Any]) -> Any:
     search = entry.get("search")
     return (search.get("mode") if isinstance(search, dict) else None) or "match"
 
 
-# --------------------------------------------------------------------------- public API
+def _page_plan(page: dict[str, Any], next_url: str, have: int) -> list[str]:
+    """The URLs of every remaining page when the server numbers pages by offset and says how many
+    results there are (HAPI `_getpagesoffset`, `_offset`): fetched side by side, not one by one."""
+    total = page.get("total")
+    if type(total) is not int or total <= have:
+        return []
+    parts = urlsplit(next_url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    names = [name for name, _ in params]
+    offset_name = next((n for n in _OFFSET_PARAMS if names.count(n) == 1), None)
+    if offset_name is None:
+        return []
+    values = dict(params)
+    try:
+        offset = int(values[offset_name])
+        size = int(values.get("_count") or len(page.get("entry") or []))
+    except ValueError:
+        return []
+    if size <= 0 or offset != have or (total - offset) // size + 1 > _MAX_PAGES:
+        return []
+    urls = []
+    for start in range(offset, total, size):
+        query = urlencode([(n, str(start) if n == offset_name else v) for n, v in params])
+        urls.append(urlunsplit((parts.scheme, parts.netloc, parts.path, query, "")))
+    return urls if len(urls) > 1 else []
+
+
+class _Collector:
+    """One search chain: the first page, then every next page, merged into one searchset Bundle."""
+
+    def __init__(self, exchange: Exchange, workers: Workers | None) -> None:
+        self.exchange = exchange
+        self.workers = workers
+        self.entries: list[dict[str, Any]] = []
+        self._seen_ids: set[tuple[str, str]] = set()
+
+    def _add(self, page: dict[str, Any]) -> None:
+        entries = page.get("entry") or []
+        if not isinstance(entries, list):
+            raise Fail("not FHIR", detail="Bundle.entry is not a list")
+        self.exchange.budget.spend_entries(len(entries))
+        for entry in entries:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict):
+                continue
+            # Offset paging over a changing result set can repeat an entry on two pages.
+            rtype, rid = resource.get("resourceType"), resource.get("id")
+            if type(rtype) is str and type(rid) is str:
+                if (rtype, rid) in self._seen_ids:
+                    continue
+                self._seen_ids.add((rtype, rid))
+            self.entries.append(entry)
+
+    def next_url(self, bundle: dict[str, Any], current: str) -> str | None:
+        for link in bundle.get("link") or []:
+            if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+                url = next_page_url(urljoin(current, str(link["url"])), self.exchange.base)
+                if url is None:
+                    raise Fail("refused", detail="a next link outside fhirServer's base URL")
+                return url
+        return None
+
+    def collect(self, first: dict[str, Any] | None, url: str | None) -> tuple[dict[str, Any], int]:
+        pages = 0
+        seen_urls: set[str] = set()
+        if first is not None:
+            self._add(first)
+        while url:
+            if url in seen_urls or pages >= _MAX_PAGES:
+                raise Fail(
+                    "not FHIR", detail="paging that does not end (a next link repeats, or too many pages)"
+                )
+            seen_urls.add(url)
+            page = self._page(url)
+            pages += 1
+            first = first or page
+            self._add(page)
+            url = self.next_url(page, url)
+            plan = _page_plan(page, url, len(self.entries)) if url and self.workers else []
+            if plan and self.workers is not None:
+                futures = [self.workers.submit(self._page, u) for u in plan]
+                for future in futures:
+                    page = future.result()
+                    pages += 1
+                    self._add(page)
+                seen_urls.update(plan)
+                url = self.next_url(page, plan[-1])  # a result set that grew meanwhile: go on from there
+        assert first is not None
+        merged = {k: v for k, v in first.items() if k not in ("link", "entry", "total")}
+        merged["type"] = first.get("type") or "searchset"
+        merged["total"] = sum(1 for e in self.entries if _search_mode(e) == "match")
+        if self.entries:  # FHIR JSON has no empty arrays
+            merged["entry"] = self.entries
+        return merged, pages
+
+    def _page(self, url: str) -> dict[str, Any]:
+        page = self.exchange.get_resource(url, "Bundle")
+        assert page is not None
+        return page
 
 
 def _is_read(query: str) -> bool:
@@ -267,67 +185,112 @@ def _label(query: str) -> str:
     return query.split("?", 1)[0].strip("/").split("/", 1)[0][:60] or "?"
 
 
-def _run(
-    fetcher: _Fetcher,
-    tasks: dict[str, tuple[str, Callable[[], tuple[dict | None, int]]]],
-    started: float,
-) -> tuple[dict[str, dict | None], FetchReport]:
-    """Run every task concurrently; stop at the first failure or at the deadline."""
-    reports: dict[str, SearchReport] = {}
-    results: dict[str, dict | None] = {}
+def with_count(query: str) -> str:
+    """Our own searches ask for large pages: one round trip where a server would page at 20."""
+    if "?" not in query or any(p.startswith("_count=") for p in query.split("?", 1)[1].split("&")):
+        return query
+    return f"{query}&_count={PAGE_COUNT}"
 
-    def work(key: str, query: str, task: Callable[[], tuple[dict | None, int]]) -> None:
+
+Task = Callable[[Exchange, Workers], tuple[dict[str, Any] | None, int]]
+
+
+def run_tasks(
+    exchange: Exchange,
+    tasks: dict[str, tuple[str, Task]],
+    *,
+    required: Collection[str],
+    patient_key: str | None = None,
+) -> tuple[dict[str, dict[str, Any] | None], FetchReport]:
+    """Run every task concurrently within the call's budget; see the module docstring."""
+    started = time.monotonic()
+    budget = exchange.budget
+    reports: dict[str, SearchReport] = {}
+    results: dict[str, dict[str, Any] | None] = {}
+    fails: dict[str, Fail] = {}
+    workers = Workers(budget, len(tasks), _PAGE_THREADS)
+
+    def work(key: str, query: str, task: Task) -> None:
         t0 = time.monotonic()
         try:
-            value, pages = task()
+            value, pages = task(exchange, workers)
         except Fail as fail:
-            fetcher.abort.set()
-            reports[key] = SearchReport(key, query, 0, 0, round(time.monotonic() - t0, 3), fail.reason)
-            raise
+            fails[key] = fail
+            if fail.fatal:
+                budget.abort.set()
+            reports[key] = SearchReport(key, query, 0, 0, round(time.monotonic() - t0, 3), fail.cause)
+            return
         count = (
             len(value.get("entry") or [])
             if value and value.get("resourceType") == "Bundle"
-            else int(value is not None)
+            else int(bool(value))
         )
         outcome = "ok" if value is not None else "not found"
         reports[key] = SearchReport(key, query, pages, count, round(time.monotonic() - t0, 3), outcome)
         results[key] = value
+        if key == patient_key and value is None:
+            budget.abort.set()  # nothing else matters for a patient the server does not know
 
-    executor = ThreadPoolExecutor(max_workers=min(_MAX_WORKERS, len(tasks)), thread_name_prefix="fhir")
-    futures: dict[Future[None], str] = {
-        executor.submit(work, key, query, task): key for key, (query, task) in tasks.items()
-    }
+    futures: dict[Future[None], str] = {}
     try:
-        timeout = max(0.0, fetcher.deadline - time.monotonic()) + _GRACE_S
-        done, pending = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+        for key, (query, task) in tasks.items():
+            futures[workers.submit(work, key, query, task)] = key
+        pending = set(futures)
+        while pending and not budget.abort.is_set():
+            left = budget.deadline - time.monotonic() + _GRACE_S
+            if left <= 0:
+                break
+            _, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
     finally:
-        # Do not wait for stragglers: their own timeouts end them within the budget.
-        executor.shutdown(wait=False, cancel_futures=True)
-    failures: list[tuple[str, Fail]] = []
-    for future in done:
-        exc = future.exception()
-        if isinstance(exc, Fail):
-            failures.append((futures[future], exc))
-        elif exc is not None:
-            raise exc
-    # A search abandoned because another one failed is noise in the message.
-    failures = [f for f in failures if not f[1].abandoned] or failures
-    if not failures and pending:
-        fetcher.abort.set()
-        failures = [(futures[f], Fail(fetcher._timeout_reason(), "timeout")) for f in pending]
+        workers.close()
+    if pending:
+        # The budget is spent: wake every thread still reading and let it go.
+        budget.tracker.close_all()
+        for future in pending:
+            key = futures[future]
+            fails.setdefault(key, Fail("timeout", "timeout", detail="not finished within the budget"))
+    report = _report(tasks, reports, fails, required, started)
+    if patient_key is not None and patient_key in results and results[patient_key] is None:
+        raise PatientNotFound(
+            "patient not found: the FHIR server does not know the context patient",
+            issue_code="not-found",
+            report=report,
+        )
+    _raise_for_failures(tasks, fails, required, report, exchange.token)
+    return results, report
+
+
+def _report(
+    tasks: dict[str, tuple[str, Task]],
+    reports: dict[str, SearchReport],
+    fails: dict[str, Fail],
+    required: Collection[str],
+    started: float,
+) -> FetchReport:
+    unavailable = {
+        key: fail.cause
+        for key, fail in fails.items()
+        if key not in required and fail.cause in DEGRADABLE and not fail.fatal
+    }
+    searches = []
     for key, (query, _) in tasks.items():
-        reports.setdefault(key, SearchReport(key, query, 0, 0, 0.0, "not finished"))
-    report = FetchReport([reports[k] for k in tasks], round(time.monotonic() - started, 3))
-    if failures:
-        failures.sort(key=lambda kf: list(tasks).index(kf[0]))
-        parts = [
-            f"{'read' if _is_read(tasks[key][0]) else 'search'} '{key}' ({_label(tasks[key][0])}): {fail.reason}"
-            for key, fail in failures
-        ]
-        message = _redact("Could not fetch FHIR data — " + "; ".join(parts), fetcher.token)
-        log.warning("%s", message)
-        raise FetchFailed(message, issue_code=failures[0][1].code, report=report)
-    for r in report.searches:
+        r = reports.get(key) or SearchReport(
+            key, query, 0, 0, round(time.monotonic() - started, 3), "timeout"
+        )
+        if key in unavailable:
+            r = SearchReport(key, query, r.pages, 0, r.seconds, f"unavailable: {unavailable[key]}")
+        searches.append(r)
+    for key, fail in fails.items():
+        # For the operator: the key, the resource type, a generic cause and our own classification.
+        log.warning(
+            "FHIR %s %r (%s): %s%s",
+            "read" if _is_read(tasks[key][0]) else "search",
+            key,
+            _label(tasks[key][0]),
+            fail.cause,
+            f" [{fail.detail}]" if fail.detail else "",
+        )
+    for r in searches:
         log.info(
             "FHIR %r (%s): %d page(s), %d resource(s), %.3f s, %s",
             r.key,
@@ -337,52 +300,109 @@ def _run(
             r.seconds,
             r.outcome,
         )
-    return results, report
+    return FetchReport(searches, round(time.monotonic() - started, 3), unavailable)
 
 
-def _redact(text: str, token: str | None) -> str:
-    # Belt and braces: a server may echo the token back in a diagnostic we quote.
-    return text.replace(token, "[token]") if token else text
+def _raise_for_failures(
+    tasks: dict[str, tuple[str, Task]],
+    fails: dict[str, Fail],
+    required: Collection[str],
+    report: FetchReport,
+    token: str | None,
+) -> None:
+    fatal = [k for k in tasks if k in fails and fails[k].fatal]
+    failed = fatal or [k for k in tasks if k in fails and k not in report.unavailable]
+    if not failed:
+        return
+    parts = [
+        f"{'read' if _is_read(tasks[key][0]) else 'search'} '{key}' ({_label(tasks[key][0])}): {fails[key].cause}"
+        for key in failed  # in the service's own order of searches: the same message every time
+    ]
+    message = "Could not read the FHIR data the service needs — " + "; ".join(parts)
+    if token:
+        message = message.replace(token, "[token]")
+    raise FetchFailed(message, issue_code=fails[failed[0]].code, report=report)
+
+
+def _exchange(fhir_server: str, token: str | None, budget: CallBudget, issuer: str | None) -> Exchange:
+    base = check_fhir_server(fhir_server, budget.settings, issuer)
+    check_token(token)
+    return Exchange(base, token, budget)
+
+
+def search_task(query: str) -> Task:
+    def run(exchange: Exchange, workers: Workers) -> tuple[dict[str, Any] | None, int]:
+        url = urljoin(exchange.base + "/", query.lstrip("/"))
+        if not under(url, exchange.base):
+            raise Fail("refused", detail="a query outside fhirServer's base URL")
+        if _is_read(query):
+            return exchange.get_resource(url, _label(query), missing_ok=True), 1
+        return _Collector(exchange, workers).collect(None, with_count(url))
+
+    return run
+
+
+def follow_task(bundle: dict[str, Any]) -> Task:
+    def run(exchange: Exchange, workers: Workers) -> tuple[dict[str, Any] | None, int]:
+        collector = _Collector(exchange, workers)
+        merged, pages = collector.collect(bundle, collector.next_url(bundle, exchange.base + "/"))
+        return merged, pages + 1
+
+    return run
 
 
 def fetch_queries(
     fhir_server: str,
     token: str | None,
     queries: dict[str, str],
-    settings: Settings,
+    budget: CallBudget | Settings,
     *,
-    session: requests.Session | None = None,
-    deadline: float | None = None,
-) -> tuple[dict[str, dict | None], FetchReport]:
-    """Run the relative FHIR queries concurrently within one time budget.
+    follow: dict[str, dict[str, Any]] | None = None,
+    required: Collection[str] | None = None,
+    patient_key: str | None = None,
+    issuer: str | None = None,
+) -> tuple[dict[str, dict[str, Any] | None], FetchReport]:
+    """Run the relative FHIR queries (and complete the first-page Bundles in `follow`) concurrently
+    within the call's budget.
 
     Searches come back as one merged searchset Bundle each (every page followed); reads as the
-    resource, or None when the server answers 404/410. `deadline` (a time.monotonic() value)
-    lets a caller share one budget with other work; by default it is now + settings.fhir_timeout_s.
-    Raises FetchFailed (a FetchError, 412) naming the failed searches and why.
+    resource, or None when the server answers 404/410. `required` names the keys whose failure is
+    a 412 (default: all); the others, when refused or out of time, are left out and listed in
+    `FetchReport.unavailable`. A None read of `patient_key` raises PatientNotFound.
     """
-    started = time.monotonic()
-    base = check_fhir_server(fhir_server, settings)
-    check_token(token)
-    if not queries:
+    if isinstance(budget, Settings):  # a fetch of its own (tests, tools): its own budget, closed after
+        with CallBudget(budget) as own:
+            return fetch_queries(
+                fhir_server,
+                token,
+                queries,
+                own,
+                follow=follow,
+                required=required,
+                patient_key=patient_key,
+                issuer=issuer,
+            )
+    follow = {k: b for k, b in (follow or {}).items() if has_next_link(b)}
+    if not queries and not follow:
         return {}, FetchReport([], 0.0)
-    fetcher = _open_fetcher(base, token, settings, session, deadline, started)
-
-    def task_for(query: str) -> Callable[[], tuple[dict | None, int]]:
-        url = urljoin(base + "/", query.lstrip("/"))
-
-        def run() -> tuple[dict | None, int]:
-            fetcher._check_same_origin(url, "the query points")
-            if _is_read(query):
-                return fetcher.get_resource(url, _label(query), missing_ok=True), 1
-            return fetcher.collect(None, url)
-
-        return run
-
-    return _run(fetcher, {key: (query, task_for(query)) for key, query in queries.items()}, started)
+    exchange = _exchange(fhir_server, token, budget, issuer)
+    tasks: dict[str, tuple[str, Task]] = {key: (query, search_task(query)) for key, query in queries.items()}
+    for key, bundle in follow.items():
+        tasks[key] = (f"{_bundle_type(bundle)}?(next pages)", follow_task(bundle))
+    return run_tasks(
+        exchange, tasks, required=tasks.keys() if required is None else required, patient_key=patient_key
+    )
 
 
-def has_next_link(bundle: dict) -> bool:
+def _bundle_type(bundle: dict[str, Any]) -> str:
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
+            return str(resource["resourceType"])
+    return "Bundle"
+
+
+def has_next_link(bundle: dict[str, Any]) -> bool:
     """True when a Bundle says more pages follow (a `link` with relation `next`)."""
     links = bundle.get("link") or []
     return isinstance(links, list) and any(
@@ -390,50 +410,21 @@ def has_next_link(bundle: dict) -> bool:
     )
 
 
-def _open_fetcher(
-    base: str,
-    token: str | None,
-    settings: Settings,
-    session: requests.Session | None,
-    deadline: float | None,
-    started: float,
-) -> _Fetcher:
-    # One budget for the whole call unless the caller shares its own deadline.
-    budget_end = deadline if deadline is not None else started + settings.fhir_timeout_s
-    return _Fetcher(base, token, settings, session or shared_session(), budget_end)
-
-
 def follow_next_links(
-    bundle: dict,
+    bundle: dict[str, Any],
     fhir_server: str,
     token: str | None,
-    settings: Settings,
+    budget: CallBudget | Settings,
     *,
-    key: str = "",
-    session: requests.Session | None = None,
-    deadline: float | None = None,
-) -> dict:
+    key: str = "prefetch",
+) -> dict[str, Any]:
     """Complete a prefetch Bundle the EHR sent with only its first page; the merged Bundle.
 
     A Bundle without a next link comes back unchanged (no HTTP call, fhir_server not needed).
     """
     if not has_next_link(bundle):
         return bundle
-    started = time.monotonic()
-    base = check_fhir_server(fhir_server, settings)
-    check_token(token)
-    fetcher = _open_fetcher(base, token, settings, session, deadline, started)
-    key = key or "prefetch"
-    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
-    resource_type = next(
-        (e["resource"].get("resourceType") for e in entries if isinstance(e.get("resource"), dict)), "Bundle"
-    )
-
-    def run() -> tuple[dict | None, int]:
-        merged, pages = fetcher.collect(bundle, fetcher.next_url(bundle, base + "/"))
-        return merged, pages + 1
-
-    results, _ = _run(fetcher, {key: (f"{resource_type}?(next pages)", run)}, started)
+    results, _ = fetch_queries(fhir_server, token, {}, budget, follow={key: bundle})
     merged = results[key]
     assert merged is not None
     return merged

@@ -8,23 +8,18 @@ CDS Hooks 2.0 prefetch states, per key: absent, or an OperationOutcome (the EHR 
 from __future__ import annotations
 
 import logging
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from cds_service.clinical.chart import Chart, build_chart
 from cds_service.clinical.fhir_fields import is_fhir_id, raw_codings
 from cds_service.clinical.knowledge.terminology import terminology
 from cds_service.errors import FetchError, PrefetchInvalid
+from cds_service.fetch.budget import CallBudget
 from cds_service.fetch.bundles import bundle_resources, check_shape
-from cds_service.fetch.client import (
-    FetchReport,
-    check_fhir_server,
-    fetch_queries,
-    follow_next_links,
-    has_next_link,
-)
+from cds_service.fetch.client import FetchReport, fetch_queries, has_next_link
+from cds_service.fetch.policy import check_patient_id
 from cds_service.hooks.catalogue import Service, fill_template
 from cds_service.hooks.models import HookRequest
 from cds_service.settings import Settings
@@ -37,8 +32,10 @@ class ChartSource:
     """How the chart was obtained: for the audit trail and `evaluate --fhir-server`."""
 
     prefetched: tuple[str, ...] = ()
-    fetched: tuple[str, ...] = ()
+    fetched: tuple[str, ...] = ()  # also the prefetch Bundles whose next pages the service read
     report: FetchReport | None = None
+    # Optional data the FHIR server refused or did not send in time: (prefetch key, generic cause).
+    unavailable: tuple[tuple[str, str], ...] = ()
 
     @property
     def fhir_mode(self) -> str:
@@ -68,13 +65,22 @@ def _out_of_scope_by_conditions(conditions: list[dict[str, Any]]) -> bool:
     return not (crc and met)
 
 
-def resolve_chart(request: HookRequest, service: Service, settings: Settings) -> tuple[Chart, ChartSource]:
+# A failed search of these is a 412; any other key (and a Medication read) is optional: refused or out
+# of time, it is "no data of that kind", listed as unavailable on the cards.
+REQUIRED_KEYS = ("patient", "conditions", "observations", "procedures")
+MEDICATION_READS = "medication-reads"
+
+
+def resolve_chart(
+    request: HookRequest, service: Service, settings: Settings, *, issuer: str | None = None
+) -> tuple[Chart, ChartSource]:
     patient_id = request.context.patientId
-    context = {"context.patientId": patient_id, "context.userId": request.context.userId}
+    encoded_id = check_patient_id(patient_id)
+    context = {"context.patientId": encoded_id, "context.userId": request.context.userId}
     given = request.prefetch or {}
     resolved: dict[str, dict[str, Any] | None] = {}
     missing: dict[str, str] = {}
-    paged: list[str] = []
+    paged: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, list[dict[str, Any]]]] = {}  # each Bundle's resources, extracted once
     for key, template in service.prefetch.items():
         value = given.get(key, ...)
@@ -93,7 +99,7 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
             if items is not None:
                 entries[key] = items
                 if has_next_link(value):
-                    paged.append(key)
+                    paged[key] = value
         resolved[key] = value
 
     source = ChartSource(prefetched=tuple(sorted(resolved)))
@@ -107,47 +113,39 @@ def resolve_chart(request: HookRequest, service: Service, settings: Settings) ->
     ):
         return build_chart(patient_id, None, []), source
 
-    if missing or paged:
-        if not request.fhirServer:
-            needed = ", ".join(sorted([*missing, *paged]))
-            raise FetchError(
-                f"prefetch {needed} not provided and the request has no fhirServer to read it from"
+    token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
+    if (missing or paged) and not request.fhirServer:
+        needed = ", ".join(sorted([*missing, *paged]))
+        raise FetchError(f"prefetch {needed} not provided and the request has no fhirServer to read it from")
+    # One budget for everything this call fetches; missing searches and unfinished prefetch pages
+    # run side by side, so the total is the slowest chain, not the sum.
+    with CallBudget(settings) as budget:
+        if missing or paged:
+            fetched, report = fetch_queries(
+                request.fhirServer or "",
+                token,
+                missing,
+                budget,
+                follow=paged,
+                required=REQUIRED_KEYS,
+                patient_key="patient" if "patient" in missing else None,
+                issuer=issuer,
             )
-        base = check_fhir_server(request.fhirServer, settings)
-        token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
-        # One budget for everything this call fetches; missing searches and unfinished prefetch
-        # pages run side by side, so the total is the slowest chain, not the sum.
-        deadline = time.monotonic() + settings.fhir_timeout_s
-        report = None
-        with ThreadPoolExecutor(max_workers=1 + len(paged)) as pool:
-            fetch = (
-                pool.submit(fetch_queries, base, token, missing, settings, deadline=deadline)
-                if missing
-                else None
+            for key in [*missing, *paged]:
+                entries.pop(key, None)
+                resolved[key] = fetched.get(key)
+            for key in report.unavailable:
+                resolved.pop(key, None)
+            source = ChartSource(
+                prefetched=tuple(sorted(set(resolved) - set(missing))),
+                fetched=tuple(sorted([*missing, *paged])),
+                report=report,
+                unavailable=tuple(report.unavailable.items()),
             )
-            follows = {
-                key: pool.submit(
-                    follow_next_links, resolved[key] or {}, base, token, settings, key=key, deadline=deadline
-                )
-                for key in paged
-            }
-            if fetch is not None:
-                fetched, report = fetch.result()
-                resolved.update(fetched)
-            for key, future in follows.items():
-                resolved[key] = future.result()
-        for key in [*missing, *paged]:
-            entries.pop(key, None)
-        source = ChartSource(
-            prefetched=tuple(sorted(set(resolved) - set(missing))),
-            fetched=tuple(sorted(missing)),
-            report=report,
-        )
-
-    chart = _chart_from(patient_id, resolved, entries, service)
-    wanted = _unresolved_medications(chart, request.fhirServer)
-    if wanted and request.fhirServer and not _out_of_scope_by_conditions(chart.of_type("Condition")):
-        source = _fetch_medications(chart, wanted, request, settings, source)
+        chart = _chart_from(patient_id, resolved, entries, service)
+        wanted = _unresolved_medications(chart, request.fhirServer)
+        if wanted and request.fhirServer and not _out_of_scope_by_conditions(chart.of_type("Condition")):
+            source = _fetch_medications(chart, wanted, request.fhirServer, token, budget, source, issuer)
     return chart, source
 
 
@@ -182,16 +180,29 @@ def _unresolved_medications(chart: Chart, fhir_server: str | None) -> list[str]:
 
 
 def _fetch_medications(
-    chart: Chart, ids: list[str], request: HookRequest, settings: Settings, source: ChartSource
+    chart: Chart,
+    ids: list[str],
+    fhir_server: str,
+    token: str | None,
+    budget: CallBudget,
+    source: ChartSource,
+    issuer: str | None,
 ) -> ChartSource:
-    token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
-    reads = {f"Medication/{rid}": f"Medication/{rid}" for rid in ids}
-    fetched, report = fetch_queries(request.fhirServer or "", token, reads, settings)
+    reads = {f"Medication/{rid}": f"Medication/{quote(rid, safe='')}" for rid in ids}
+    fetched, report = fetch_queries(fhir_server, token, reads, budget, required=(), issuer=issuer)
     found = [r for r in fetched.values() if r is not None and r.get("resourceType") == "Medication"]
     chart.resources.setdefault("Medication", []).extend(found)
+    unavailable = source.unavailable
+    if report.unavailable:
+        # One line for all of them: which drug could not be read says nothing more to the clinician.
+        unavailable = (*unavailable, (MEDICATION_READS, sorted(set(report.unavailable.values()))[0]))
     if source.report is not None:
-        report = FetchReport(source.report.searches + report.searches, source.report.seconds + report.seconds)
-    return ChartSource(source.prefetched, (*source.fetched, "medications"), report)
+        report = FetchReport(
+            source.report.searches + report.searches,
+            source.report.seconds + report.seconds,
+            {**source.report.unavailable, **report.unavailable},
+        )
+    return ChartSource(source.prefetched, (*source.fetched, "medications"), report, unavailable)
 
 
 def _chart_from(

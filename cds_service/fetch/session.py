@@ -1,98 +1,175 @@
-"""The HTTP transport: one pooled requests Session per process, its retry policy, and how a
-transport error becomes one search's failure (a generic cause, never the error's own text)."""
+"""The HTTP transport: a requests Session per fetch whose sockets the fetch can close, the address
+rule checked on every connection, and how a transport error becomes a generic cause.
+
+Each fetch (all searches of one hook call) gets its own Session whose connections register with a
+`SocketTracker`. When the call's time budget ends, `SocketTracker.close_all` shuts every one of them
+down, so a peer that trickles its answer a byte at a time cannot keep a thread reading after the
+call was answered (a `requests` timeout bounds each read, not the whole answer).
+"""
 
 from __future__ import annotations
 
-import functools
-import time
+import contextlib
+import ipaddress
+import socket
+import threading
 from collections.abc import Iterator
-from contextvars import ContextVar
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
-FHIR_JSON = "application/fhir+json"
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
-# A retry is pointless unless the next attempt still has this long to run.
-MIN_ATTEMPT_S = 0.05
+from cds_service.fetch.policy import forbidden_address
 
-# The deadline of the fetch running in this thread, read by the retry policy (shared, immutable
-# Retry objects cannot carry per-call state; a context variable can).
-DEADLINE: ContextVar[float | None] = ContextVar("fhir_deadline", default=None)
+FHIR_JSON = "application/fhir+json"
 
 
 class Fail(Exception):
-    """One search's failure, turned into a FetchFailed by the caller's thread."""
+    """One search's failure. `cause` is generic and safe to show to the EHR (service contract:
+    connection failed, timeout, HTTP <status>, not FHIR, rate-limited, too large, refused);
+    `detail` is for the operator's log and never holds upstream text."""
 
-    def __init__(self, reason: str, code: str = "incomplete", *, abandoned: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(
+        self, cause: str, code: str = "incomplete", *, detail: str = "", fatal: bool = False
+    ) -> None:
+        super().__init__(cause)
+        self.cause = cause
         self.code = code
-        self.abandoned = abandoned  # stopped because another search failed: not a cause itself
+        self.detail = detail
+        self.fatal = fatal  # ends the whole call (its budget is spent), optional search or not
 
 
-class RetryBudgetExhausted(Exception):
-    def __init__(self, status: int | None, wait_s: float) -> None:
-        super().__init__(status, wait_s)
-        self.status = status
-        self.wait_s = wait_s
+class AddressRefused(OSError):
+    """The FHIR server's name resolved to a link-local or cloud-metadata address."""
 
 
-class _BudgetRetry(Retry):
-    """urllib3's Retry, except that it gives up instead of sleeping past the call's deadline."""
+class SocketTracker:
+    """The connections one fetch opened, so that they can all be closed when its budget ends."""
 
-    # 413 would be retried on a Retry-After by default; a too-large answer will not shrink.
-    RETRY_AFTER_STATUS_CODES = frozenset({429, 503})
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connections: list[Any] = []
+        self.closed = False
 
-    def sleep(self, response: Any = None) -> None:
-        wait_s: float | None = None
-        if response is not None and self.respect_retry_after_header:
-            try:
-                wait_s = self.get_retry_after(response)
-            except urllib3.exceptions.InvalidHeader:
-                wait_s = None
-        if not wait_s:
-            wait_s = self.get_backoff_time()
-        deadline = DEADLINE.get()
-        if deadline is not None and time.monotonic() + wait_s + MIN_ATTEMPT_S > deadline:
-            raise RetryBudgetExhausted(getattr(response, "status", None), wait_s)
-        if wait_s > 0:
-            time.sleep(wait_s)
+    def add(self, conn: Any) -> None:
+        with self._lock:
+            closed = self.closed
+            if not closed:
+                self._connections.append(conn)
+        if closed:
+            _shutdown(conn)
+
+    def close_all(self) -> None:
+        with self._lock:
+            self.closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            _shutdown(conn)
 
 
-def make_session(pool_maxsize: int = 32) -> requests.Session:
-    """A pooled Session with the retry policy; thread-safe for our GET-only use."""
-    retry = _BudgetRetry(
-        total=3,
-        connect=0,  # a refused connection should fail fast with a clear 412, not back off
-        read=0,
+def _shutdown(conn: Any) -> None:
+    # shutdown() wakes a thread blocked in recv() on this socket at once; close() alone may not.
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):  # closing a half-dead connection from another thread
+        conn.close()
+
+
+def _checked(sock: socket.socket) -> socket.socket:
+    """The address rule, on the address actually connected to (after DNS, so no rebinding trick)."""
+    try:
+        peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
+    except (OSError, ValueError):
+        return sock
+    if forbidden_address(peer):
+        sock.close()
+        raise AddressRefused("the FHIR server resolves to a link-local or metadata address")
+    return sock
+
+
+class _Connection(HTTPConnection):
+    tracker: SocketTracker | None = None
+
+    def _new_conn(self) -> socket.socket:
+        return _checked(super()._new_conn())
+
+
+class _TLSConnection(HTTPSConnection):
+    tracker: SocketTracker | None = None
+
+    def _new_conn(self) -> socket.socket:
+        return _checked(super()._new_conn())
+
+
+def _pool_classes(tracker: SocketTracker) -> dict[str, type[HTTPConnectionPool]]:
+    class Conn(_Connection):
+        pass
+
+    class TLSConn(_TLSConnection):
+        pass
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+        def _new_conn(self) -> Any:
+            conn = super()._new_conn()
+            tracker.add(conn)
+            return conn
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TLSConn
+
+        def _new_conn(self) -> Any:
+            conn = super()._new_conn()
+            tracker.add(conn)
+            return conn
+
+    return {"http": Pool, "https": TLSPool}
+
+
+class _Adapter(HTTPAdapter):
+    def __init__(self, tracker: SocketTracker | None, **kwargs: Any) -> None:
+        self._tracker = tracker or SocketTracker()
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _pool_classes(self._tracker)
+
+
+def make_session(tracker: SocketTracker | None = None, pool_maxsize: int = 16) -> requests.Session:
+    """A Session whose connections register with `tracker`; thread-safe for our GET-only use."""
+    # One retry, for GET only, when a pooled keep-alive connection turns out to have been closed by
+    # the server as it was reused. Status retries (429/503) are ours: they must respect the budget.
+    retry = Retry(
+        total=1,
+        connect=0,
+        read=1,
         other=0,
-        status=3,
-        backoff_factor=0.1,
-        backoff_max=2.0,
-        status_forcelist=RETRY_STATUSES,
+        status=0,
+        redirect=0,
         allowed_methods=frozenset({"GET"}),
-        respect_retry_after_header=True,
-        raise_on_status=False,  # we want the final response to report its status
+        respect_retry_after_header=False,
+        raise_on_status=False,
     )
-    adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_maxsize, max_retries=retry)
+    adapter = _Adapter(tracker, pool_connections=4, pool_maxsize=pool_maxsize, max_retries=retry)
     session = requests.Session()
     session.mount("https://", adapter)
     session.mount("http://", adapter)
-    # One session serves many patients and tokens: a cookie from one call must not ride on another.
+    # No cookie from one FHIR server answer may ride on another request.
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-    session.headers.update({"Accept": FHIR_JSON, "User-Agent": "crc-cds-service"})
+    session.trust_env = False  # no proxy or .netrc credentials from the environment
+    session.headers.update(
+        {"Accept": FHIR_JSON, "User-Agent": "crc-cds-service", "Accept-Encoding": "gzip, deflate"}
+    )
     return session
-
-
-@functools.cache
-def shared_session() -> requests.Session:
-    """The process-wide pooled session (connections are reused across hook calls)."""
-    return make_session()
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -110,22 +187,19 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         )
 
 
-def transport_failure(exc: requests.RequestException, budget_s: float) -> Fail:
+def transport_failure(exc: BaseException, *, past_deadline: bool) -> Fail:
+    """A generic cause for the EHR (closed port, non-HTTP peer, TLS and DNS failures all read
+    "connection failed"); the kind of failure, by exception class only, for the operator's log."""
     causes = list(_causes(exc))
-    # Refusal and DNS first: urllib3's NewConnectionError subclasses its ConnectTimeoutError.
-    if any(isinstance(c, ConnectionRefusedError) for c in causes):
-        return Fail("connection refused (is the FHIR server running at fhirServer?)", "exception")
-    if any(isinstance(c, urllib3.exceptions.NameResolutionError) for c in causes):
-        return Fail("the FHIR server's host name cannot be resolved", "exception")
-    if isinstance(exc, requests.Timeout) or any(
+    if any(isinstance(c, AddressRefused) for c in causes):
+        return Fail("refused (link-local or metadata address)", "security", detail="address policy")
+    kinds = sorted({type(c).__name__ for c in causes if not isinstance(c, str)})
+    detail = "/".join(kinds)[:200]
+    timed_out = isinstance(exc, requests.Timeout) or any(
         isinstance(c, TimeoutError | urllib3.exceptions.TimeoutError)
         and not isinstance(c, urllib3.exceptions.NewConnectionError)
         for c in causes
-    ):
-        return Fail(f"the FHIR server did not answer within the {budget_s:g} s time budget", "timeout")
-    if isinstance(exc, requests.exceptions.SSLError):
-        return Fail("TLS error talking to the FHIR server (certificate not trusted?)", "exception")
-    if isinstance(exc, requests.ConnectionError):
-        return Fail("the connection to the FHIR server failed or was dropped", "exception")
-    # Only the class name: some requests errors quote header values, i.e. the token.
-    return Fail(f"request failed ({type(exc).__name__})", "exception")
+    )
+    if past_deadline or timed_out:
+        return Fail("timeout", "timeout", detail=detail)
+    return Fail("connection failed", "exception", detail=detail)

@@ -23,7 +23,7 @@ from cds_service.hooks.models import Action, Card, Coding, Link, Source, Suggest
 from cds_service.jsonio import dumps
 from cds_service.paths import data_dir
 from cds_service.render.detail_view import liver_view, lung_view
-from cds_service.render.markdown import environment, tidy
+from cds_service.render.markdown import environment, md, tidy
 
 # Card and suggestion uuids are derived (uuid5) from hookInstance and content: a retried call gets
 # the same uuids, and feedback traces back to the call that produced the card.
@@ -31,6 +31,8 @@ _UUID_NAMESPACE = uuid.UUID("6f1c1d0e-8a0b-5d53-9a43-6d2f0c3a7e11")
 TOPIC_SYSTEM = "urn:crc-cds:card-topic"
 OVERRIDE_SYSTEM = "urn:crc-cds:override-reason"
 ASSESSMENT_KEY = "crc-cds-assessment"
+# Optional FHIR data the service could not read: (prefetch key, generic cause), in the service's order.
+Unavailable = tuple[tuple[str, str], ...]
 
 
 @cache
@@ -75,9 +77,9 @@ def _derived_uuid(*parts: str) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
-def _assessment_json(model: str, a: Assessment) -> dict[str, Any]:
+def _assessment_json(model: str, a: Assessment, unavailable: Unavailable = ()) -> dict[str, Any]:
     """The `crc-cds-assessment` extension (service contract §4)."""
-    return {
+    doc = {
         "model": model,
         "recommendation": a.recommendation,
         "score": {"min": a.score_min, "max": a.score_max},
@@ -85,6 +87,16 @@ def _assessment_json(model: str, a: Assessment) -> dict[str, Any]:
         "factors": [f.assessment() for f in a.factors],
         "cea_rule": a.cea.rule,
     }
+    if unavailable:
+        doc["unavailable"] = [{"search": key, "reason": reason} for key, reason in unavailable]
+    return doc
+
+
+def _unavailable_view(view: dict[str, Any], unavailable: Unavailable) -> dict[str, Any]:
+    """The card's line on what the FHIR server would not give (its wording is in the templates)."""
+    view["unavailable"] = ", ".join(f"{md(key)} ({md(reason)})" for key, reason in unavailable)
+    view["medications_unavailable"] = any(key.startswith("medication") for key, _ in unavailable)
+    return view
 
 
 def _card(
@@ -167,10 +179,11 @@ def lung_card(
     hook_instance: str,
     today: dt.date,
     cea_max_age_days: int,
+    unavailable: Unavailable = (),
 ) -> Card:
     spec = _yaml(_LUNG[0])
-    view = lung_view(a, facts, spec, today, cea_max_age_days)
-    assessment = _assessment_json(spec["model"], a)
+    view = _unavailable_view(lung_view(a, facts, spec, today, cea_max_age_days), unavailable)
+    assessment = _assessment_json(spec["model"], a, unavailable)
     return _card(
         *_LUNG,
         view,
@@ -189,10 +202,11 @@ def liver_card(
     hook_instance: str,
     today: dt.date,
     cea_max_age_days: int,
+    unavailable: Unavailable = (),
 ) -> Card:
     spec = _yaml(_LIVER[0])
-    view = liver_view(a, facts, spec, today, cea_max_age_days)
-    assessment = _assessment_json(spec["model"], a)
+    view = _unavailable_view(liver_view(a, facts, spec, today, cea_max_age_days), unavailable)
+    assessment = _assessment_json(spec["model"], a, unavailable)
     cea_factor = next(f for f in a.factors if f.id == "cea_gt_200")
     return _card(
         *_LIVER,
@@ -213,12 +227,17 @@ def answer(
     hook_instance: str,
     today: dt.date,
     cea_max_age_days: int,
+    unavailable: Unavailable = (),
 ) -> dict[str, Any]:
-    """The hook's answer, `{"cards": [...]}`: the lung card first, then the liver card."""
+    """The hook's answer, `{"cards": [...]}`: the lung card first, then the liver card.
+
+    `unavailable`: the optional FHIR data that could not be read, (prefetch key, generic cause).
+    """
     context: dict[str, Any] = {
         "hook_instance": hook_instance,
         "today": today,
         "cea_max_age_days": cea_max_age_days,
+        "unavailable": unavailable,
     }
     cards: list[Card] = []
     if lung is not None:

@@ -181,11 +181,15 @@ def _security_headers(response: Response) -> Response:
 
 
 def _handle_service_error(exc: ServiceError) -> Response:
-    if exc.status >= 500:
+    retry_after = getattr(exc, "retry_after", None)  # a 503 for lack of capacity: not a bug
+    if exc.status >= 500 and retry_after is None:
         log.error("request failed: %s", exc.diagnostics)
     else:
         log.info("request refused (%d %s): %s", exc.status, exc.issue_code, exc.diagnostics)
-    return _error(exc.status, exc.diagnostics, exc.issue_code)
+    response = _error(exc.status, exc.diagnostics, exc.issue_code)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def _handle_http_error(exc: HTTPException) -> Response:
