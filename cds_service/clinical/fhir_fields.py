@@ -43,6 +43,20 @@ def as_date(value: Any) -> dt.date | None:
         return None
 
 
+def as_instant(value: Any) -> dt.datetime | None:
+    """A FHIR dateTime or instant that carries a time, as an aware datetime in UTC; None for a date
+    alone (or anything unreadable). FHIR requires an offset with a time: one without is read as UTC."""
+    if type(value) is not str or "T" not in value:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC)
+
+
 def codings(concept: Any) -> list[Coding]:
     """(system, code) pairs of a CodeableConcept model (or None)."""
     if concept is None:

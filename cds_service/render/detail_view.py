@@ -158,6 +158,7 @@ def liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.da
                 f"{md(t.drug)} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')})"
                 for t in facts.systemic_since("liver")
             ),
+            "systemic_start": min((t.start for t in a.systemic if t.start), default=dt.date.min).isoformat(),
             "local_therapy": _procedures_text(a.local_therapy_done),
         }
     )

@@ -42,6 +42,7 @@ class CeaResult:
     shown: str  # as reported, for the card
     unreadable: str | None = None  # why it cannot be used
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    instant: dt.datetime | None = None  # in UTC, when the result carries a time (clinical-logic §8.24)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from cds_service.clinical.facts.rawjson import json_str, measured_number
 from cds_service.clinical.facts.staging import OtherDiseases, read_staging
 from cds_service.clinical.facts.tumors import tumor_size
 from cds_service.clinical.facts.validation import validated
-from cds_service.clinical.fhir_fields import as_date, ref_of
+from cds_service.clinical.fhir_fields import as_date, as_instant, ref_of
 from cds_service.clinical.knowledge.terminology import Terminology
 
 
@@ -33,12 +33,13 @@ def cea_from_raw(raw: dict[str, Any], term: Terminology, unconvertible: bool) ->
     # Runs once per CEA result of the chart (hundreds in a long follow-up): kept to plain dict reads.
     source = ref_of(raw)
     period = raw.get("effectivePeriod")
-    when = as_date(
+    effective = (
         raw.get("effectiveDateTime")
         or (period.get("start") if type(period) is dict else None)
         or raw.get("effectiveInstant")
         or raw.get("issued")
     )
+    when = as_date(effective)
     found = raw.get("valueQuantity")
     quantity: dict[str, Any] = found if type(found) is dict else {}
     value = measured_number(quantity.get("value"))
@@ -69,7 +70,7 @@ def cea_from_raw(raw: dict[str, Any], term: Terminology, unconvertible: bool) ->
         return CeaResult(source, when, None, comparator, shown, why, raw)
     if when is None:
         return CeaResult(source, None, None, comparator, shown, "no date", raw)
-    return CeaResult(source, when, value * factor, comparator, shown, None, raw)
+    return CeaResult(source, when, value * factor, comparator, shown, None, raw, as_instant(effective))
 
 
 def read_observations(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
@@ -108,11 +109,23 @@ def read_observations(chart: Chart, term: Terminology, facts: PatientFacts) -> N
         observation = validated(Observation, raw, facts)
         if observation is not None and observation.status in term.tnm_statuses:
             staging.append((observation, what, kind))
-    # By date, then value, then source: the CEA rule's order (factors.pick_cea picks the last).
-    facts.cea.sort(
-        key=lambda c: (c.date or dt.date.min, -1.0 if c.ng_ml is None else c.ng_ml, c.source or "")
-    )
+    sort_cea(facts.cea)
     read_staging(staging, term, facts, OtherDiseases(chart, term))
+
+
+def sort_cea(results: list[CeaResult]) -> None:
+    """The CEA rule's order (factors.pick_cea picks the last): by day; within a day by the instant
+    (UTC) when every readable result of that day carries a time, else by value, so results that
+    cannot be told apart tie and the higher counts (clinical-logic §8.24); then by source."""
+    untimed = {c.date for c in results if c.ng_ml is not None and c.instant is None}
+    results.sort(
+        key=lambda c: (
+            c.date or dt.date.min,
+            c.instant.timestamp() if c.instant is not None and c.date not in untimed else 0.0,
+            -1.0 if c.ng_ml is None else c.ng_ml,
+            c.source or "",
+        )
+    )
 
 
 def validate_used_cea(facts: PatientFacts, cutoffs: set[dt.date | None]) -> None:

@@ -253,9 +253,10 @@ def score_range(factors: tuple[Factor, ...]) -> tuple[int, int]:
 def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str = "") -> CeaPick:
     """The latest readable CEA dated before `before` when given, else the latest (clinical-logic §8.4, §8.13).
 
-    `results` in PatientFacts.cea's order: by date, then value, then source. Results are dated
-    calendar days: a CEA on the day of the therapy is not "before" it. Same-day ties go to the
-    higher value, so a tie can never make a patient look lower-risk.
+    `results` in PatientFacts.cea's order (facts.observations.sort_cea): by day, then by time when
+    every result of the day has one, else by value. Results are dated calendar days: a CEA on the
+    day of the therapy is not "before" it. Same-day ties go to the higher value, so a tie can never
+    make a patient look lower-risk.
     """
     readable = [r for r in results if r.ng_ml is not None and r.date]
     if before is not None:
@@ -267,6 +268,14 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
         candidates = readable
         rule = "latest CEA in the chart"
     picked = candidates[-1] if candidates else None
+    if picked is not None:
+        same_day = [r for r in candidates if r.date == picked.date]
+        if len(same_day) > 1 and any(r.instant is None for r in same_day):
+            # Results of one day that cannot be put in order tie; the card names it (§8.24).
+            rule += (
+                f"; {len(same_day)} results on {picked.date} without times to order them: "
+                "the higher is used"
+            )
     cutoff = picked.date if picked and picked.date else dt.date.min
     not_used = [
         r

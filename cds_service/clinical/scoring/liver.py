@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from cds_service.clinical.facts.model import DatedProcedure, PatientFacts, Tumor, TumorSize
+from cds_service.clinical.facts.model import DatedProcedure, PatientFacts, SystemicTherapy, Tumor, TumorSize
 from cds_service.clinical.knowledge.thresholds import LiverParams, group_of, liver_params
 from cds_service.clinical.scoring.factors import (
     ABSENT,
@@ -42,6 +42,7 @@ class LiverAssessment(Assessment):
     liver_sources: tuple[str, ...]
     lung_involved: bool
     local_therapy_done: tuple[DatedProcedure, ...]
+    systemic: tuple[SystemicTherapy, ...] = ()  # started on or after the liver-metastasis date
 
 
 def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
@@ -181,6 +182,7 @@ def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
 def recommend(
     *,
     local_therapy_done: bool = False,
+    systemic_started: bool = False,
     not_oligometastatic: bool,
     score_min: int,
     score_max: int,
@@ -188,9 +190,12 @@ def recommend(
 ) -> str:
     """Treatment state first, as on the lung card (service contract §4): once the liver metastases
     were resected or ablated, advice on what to do before hepatectomy no longer applies; the score
-    is then shown for information (an extension value, README)."""
+    is then shown for information (an extension value, README). Systemic therapy started for the
+    liver metastases makes the question response to it (clinical-logic §8.23)."""
     if local_therapy_done:
         return "post-local-therapy-follow-up"
+    if systemic_started:
+        return "assess-nac-response"
     if not_oligometastatic:
         return "systemic-therapy-first"
     high_from = params.groups["high"][0]
@@ -210,6 +215,7 @@ def assess_liver(
         return None
     detected, sources = facts.detected("liver")
     done = tuple(facts.therapies("liver", done=True))
+    systemic = tuple(facts.systemic_since("liver"))
     cutoff, what = facts.treatment_cutoff("liver")
     cea = pick_cea(facts.cea, cutoff, what)
     factors: tuple[Factor, ...] = (
@@ -260,6 +266,7 @@ def assess_liver(
         group=group_of(score_min, score_max, params.groups),
         recommendation=recommend(
             local_therapy_done=bool(done),
+            systemic_started=bool(systemic),
             not_oligometastatic=bool(reasons),
             score_min=score_min,
             score_max=score_max,
@@ -272,4 +279,5 @@ def assess_liver(
         liver_sources=tuple(sources),
         lung_involved=bool(facts.sites("lung")),
         local_therapy_done=done,
+        systemic=systemic,
     )
