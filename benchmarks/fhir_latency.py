@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from flask import Flask  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
-from cds_service.cli.main import demo_resources  # noqa: E402
+from cds_service.cli.fixtures import demo_resources  # noqa: E402
 from cds_service.hooks.catalogue import fill_template, services  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
 from cds_service.web.app import create_app  # noqa: E402

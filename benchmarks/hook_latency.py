@@ -40,7 +40,8 @@ from werkzeug.test import EnvironBuilder
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cds_service.cli.main import prepare_heap_for_serving, request_from_bundle  # noqa: E402
+from cds_service.cli.commands import request_from_bundle  # noqa: E402
+from cds_service.cli.server import prepare_heap_for_serving  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
 from cds_service.store.audit import AuditTrail  # noqa: E402
 from cds_service.web.app import create_app  # noqa: E402

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hook_latency import synthetic_chart  # noqa: E402
 
-from cds_service.cli.main import request_from_bundle  # noqa: E402
+from cds_service.cli.commands import request_from_bundle  # noqa: E402
 from cds_service.settings import Settings  # noqa: E402
 from cds_service.store.database import open_store  # noqa: E402
 

@@ -1,15 +1,19 @@
-"""Configuration from the environment (service contract §3), validated at start-up."""
+"""Configuration from the environment (the README's Configuration table), validated at start-up."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cds_service.urls import is_loopback
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+# The commands that run the service; their logs default to JSON lines at INFO.
+SERVER_COMMANDS = ("serve", "demo")
 
 
 class Settings(BaseSettings):
@@ -23,13 +27,13 @@ class Settings(BaseSettings):
     # keeps each id until its token expires, so this also bounds how long it keeps them.
     jwt_max_age_s: int = Field(default=3600, gt=0, le=86400)
     database_url: str = "sqlite:///cds-service.db"
-    # Key of the HMAC that replaces patient ids in the audit store (issue 8). Unset: a random key per
+    # Key of the HMAC that replaces patient ids in the audit store. Unset: a random key per
     # start, so hashes cannot be linked across restarts or instances (store.py warns about it).
     audit_key: SecretStr | None = None
     fhir_timeout_s: float = Field(default=5.0, gt=0, le=120)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     cea_max_age_days: int = Field(default=90, gt=0)
-    # Outbound FHIR safety (issue 4): http only to loopback unless explicitly allowed.
+    # Outbound FHIR safety: http only to loopback unless explicitly allowed.
     allow_insecure_fhir: bool = False
     # Base URLs fhirServer must lie under: a list for every caller, or a JSON object naming them per
     # trusted issuer (`{"<iss>": ["https://..."], "*": [...]}`); unset: any (within the rules).
@@ -45,9 +49,32 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     # Demo mode: the embedded fixtures served at /fhir, auth off.
     demo: bool = False
-    # The card preview page at / (issue 9): always on in `demo`; in `serve` only when asked for, since
+    # The card preview page at /: always on in `demo`; in `serve` only when asked for, since
     # anyone who reaches it can make the service call FHIR servers (within the rules above).
     preview: bool = False
+    # The `cds-service` process itself (read by the command, not by the app): gunicorn's pool for
+    # `serve` (`--workers`/`--threads` override these) and the logs of every command.
+    workers: int = Field(default=2, ge=1, le=256)
+    threads: int = Field(default=8, ge=1, le=1024)
+    # Unset: INFO for `serve`, `demo` and `migrate`; WARNING for `evaluate`, `report` and `fixtures`,
+    # whose stderr is kept for their one-line errors and reports.
+    log_level: LogLevel | None = None
+    # Unset: JSON lines for the servers (`serve`, `demo`), text for the tools.
+    log_format: Literal["json", "text"] | None = None
+
+    def level_for(self, command: str) -> str:
+        return self.log_level or ("INFO" if command in (*SERVER_COMMANDS, "migrate") else "WARNING")
+
+    def json_logs_for(self, command: str) -> bool:
+        return (self.log_format or ("json" if command in SERVER_COMMANDS else "text")) == "json"
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            value = (value.upper() if info.field_name == "log_level" else value.lower()) or None
+        return value
 
     @field_validator("trusted_issuers", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cds_service.cli.main import request_from_bundle
+from cds_service.cli.commands import request_from_bundle
 from cds_service.settings import Settings
 from cds_service.store.audit import close_all
 from cds_service.store.database import close_stores

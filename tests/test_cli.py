@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ def strip_uuids(value):
 
 @pytest.mark.slow
 def test_evaluate_two_bundles_prints_one_document_each(tmp_path):
-    from cds_service.cli.main import request_from_bundle
+    from cds_service.cli.commands import request_from_bundle
     from cds_service.settings import Settings
     from cds_service.web.app import create_app
 
@@ -189,7 +190,7 @@ def test_serving_heap_is_frozen_and_young_collections_spaced_out():
     # In a child interpreter: freezing the heap of the test process would outlive this test.
     script = (
         "import gc, json\n"
-        "from cds_service.cli.main import prepare_heap_for_serving, YOUNG_GC_THRESHOLD\n"
+        "from cds_service.cli.server import prepare_heap_for_serving, YOUNG_GC_THRESHOLD\n"
         "before = gc.get_threshold()\n"
         "prepare_heap_for_serving()\n"
         "print(json.dumps([gc.get_freeze_count(), gc.get_threshold(), before, YOUNG_GC_THRESHOLD]))\n"
@@ -200,3 +201,107 @@ def test_serving_heap_is_frozen_and_young_collections_spaced_out():
     frozen, after, before, young = json.loads(out.stdout)
     assert frozen > 10_000  # the imported service's modules and models
     assert after == [young, before[1], before[2]] and young > before[0]
+
+
+# --- configuration and --help (in-process: main() returns before it sets up logging or serves) ------
+
+BAD_SETTINGS = [
+    ("CDS_WORKERS", "abc"),
+    ("CDS_THREADS", "0"),
+    ("CDS_LOG_LEVEL", "loud"),
+    ("CDS_LOG_FORMAT", "xml"),
+    ("CDS_FHIR_TIMEOUT_S", "soon"),
+    ("CDS_TRUSTED_ISSUERS", "{not json"),
+]
+EVERY_COMMAND = [
+    ["serve"],
+    ["demo"],
+    ["evaluate", str(HIGH_RISK)],
+    ["evaluate", "--fhir-server", "http://127.0.0.1:9/fhir", "--patient", "p"],
+    ["report"],
+    ["migrate"],
+]
+
+
+@pytest.mark.parametrize("var,value", BAD_SETTINGS)
+@pytest.mark.parametrize("argv", EVERY_COMMAND, ids=lambda a: "-".join(a[:2]).replace("/", ""))
+def test_a_bad_setting_is_one_line_and_exit_2_for_every_command(
+    monkeypatch, capsys, tmp_path, argv, var, value
+):
+    from cds_service.cli.main import main
+
+    monkeypatch.chdir(tmp_path)  # migrate must not leave a database behind, should it get that far
+    monkeypatch.setenv(var, value)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"cds-service {argv[0]}: invalid configuration") and var in err, err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_bad_setting_stops_evaluate_as_a_user_runs_it(tmp_path):
+    env = {**os.environ, "CDS_WORKERS": "abc"}
+    proc = subprocess.run(
+        [*CLI, "evaluate", str(HIGH_RISK)], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        "cds-service evaluate: invalid configuration CDS_WORKERS: "
+        "Input should be a valid integer, unable to parse string as an integer\n"
+    )
+
+
+def test_workers_threads_and_log_settings_come_from_settings(monkeypatch):
+    from cds_service.cli import server
+    from cds_service.cli.main import _parser
+    from cds_service.settings import Settings
+
+    calls = []
+    monkeypatch.setattr(server, "create_served_app", lambda settings, **kw: "app")
+    monkeypatch.setattr(server, "run_gunicorn", lambda app, settings, command, **kw: calls.append(kw))
+    monkeypatch.setenv("CDS_WORKERS", "3")
+    monkeypatch.setenv("CDS_THREADS", "5")
+    settings = Settings()
+    server.serve(_parser().parse_args(["serve"]), settings)
+    server.serve(_parser().parse_args(["serve", "--workers", "1", "--threads", "2"]), settings)
+    assert [(c["workers"], c["threads"]) for c in calls] == [(3, 5), (1, 2)]
+    monkeypatch.setenv("CDS_LOG_LEVEL", " debug")
+    assert Settings().level_for("evaluate") == "DEBUG"
+    monkeypatch.delenv("CDS_LOG_LEVEL")
+    assert [Settings().level_for(c) for c in ("serve", "demo", "migrate", "evaluate", "report")] == [
+        "INFO",
+        "INFO",
+        "INFO",
+        "WARNING",
+        "WARNING",
+    ]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_bad_worker_counts_on_the_command_line_are_usage_errors(capsys, value):
+    from cds_service.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--workers", value])
+    assert exit_.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
+def test_help_describes_every_option_and_its_default():
+    from cds_service.cli.main import _parser
+
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) >= {"serve", "demo", "evaluate", "report", "migrate"}
+    for name, sub in subparsers.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.dest} has no help"
+            if action.option_strings:
+                assert "default" in action.help, (
+                    f"{name} {action.option_strings[0]} does not give its default"
+                )
+        text = sub.format_help()
+        assert "exit status" in text and "Traceback" not in text

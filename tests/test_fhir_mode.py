@@ -13,7 +13,7 @@ import pytest
 from flask import Flask, request
 from werkzeug.serving import make_server
 
-from cds_service.cli.main import demo_resources
+from cds_service.cli.fixtures import demo_resources
 from cds_service.web.demo_fhir import create_fhir_blueprint
 
 from .conftest import SERVICE_URL, demo_files, hook_body, load

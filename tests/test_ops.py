@@ -213,14 +213,15 @@ def test_serve_refuses_a_bad_configuration_with_one_line(tmp_path):
     assert proc.returncode == 2 and "CDS_AUDIT_KEY must be at least 32 characters" in proc.stderr
 
 
-@pytest.mark.parametrize("fmt,json_lines", [("json", True), ("text", False)])
+@pytest.mark.parametrize("fmt,json_lines", [("json", True), ("text", False), (" JSON ", True)])
 def test_log_format_setting(monkeypatch, fmt, json_lines):
-    from cds_service.cli.main import _json_logs
+    # CDS_LOG_FORMAT is a Settings field (validated with the rest), read per command.
+    from cds_service.settings import Settings
 
     monkeypatch.setenv("CDS_LOG_FORMAT", fmt)
-    assert _json_logs("evaluate") is json_lines
+    assert Settings().json_logs_for("evaluate") is json_lines
     monkeypatch.delenv("CDS_LOG_FORMAT")
-    assert _json_logs("serve") is True and _json_logs("report") is False
+    assert Settings().json_logs_for("serve") is True and Settings().json_logs_for("report") is False
 
 
 def test_a_metrics_failure_never_costs_an_answer(caplog):

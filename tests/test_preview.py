@@ -16,7 +16,7 @@ from flask import Flask
 from markupsafe import escape
 from werkzeug.serving import make_server
 
-from cds_service.cli.main import demo_resources
+from cds_service.cli.fixtures import demo_resources
 from cds_service.render.markdown import render_markdown
 from cds_service.render.views import card_view
 from cds_service.settings import Settings

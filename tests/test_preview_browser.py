@@ -20,7 +20,7 @@ import pytest
 import yaml
 from werkzeug.serving import make_server
 
-from cds_service.cli.main import demo_resources
+from cds_service.cli.fixtures import demo_resources
 from cds_service.settings import Settings
 from cds_service.web.app import create_app
 

@@ -1,0 +1,216 @@
+"""`cds-service evaluate | report | migrate`: the service's answer and its store, without a server."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cds_service.cli.common import CliError
+from cds_service.errors import ServiceError
+from cds_service.hooks.catalogue import Service, services
+from cds_service.jsonio import dumps, loads
+from cds_service.settings import Settings
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def request_from_bundle(bundle: dict[str, Any]) -> dict[str, Any]:
+    """A complete patient-view request whose prefetch holds the Bundle's chart, as an EHR would send."""
+    service = next(iter(services().values()))
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        raise CliError("the Bundle has no entry list")
+    resources: list[dict[str, Any]] = [
+        e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+    ]
+    patients = [r for r in resources if r.get("resourceType") == "Patient"]
+    if not patients or not isinstance(patients[0].get("id"), str):
+        raise CliError("the Bundle holds no Patient with an id")
+    _resolve_full_urls(entries)
+    patient = patients[0]
+    by_key: dict[str, list[dict[str, Any]]] = {k: [] for k in service.search_keys}
+    for resource in resources:
+        key = service.key_for(str(resource.get("resourceType")))
+        if key is not None:
+            by_key[key].append({"resource": resource})
+    prefetch: dict[str, Any] = {"patient": patient}
+    for key, entry in by_key.items():
+        prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "total": len(entry), "entry": entry}
+    digest = hashlib.sha256(dumps(bundle).encode()).hexdigest()
+    return {
+        "hook": service.hook,
+        "hookInstance": str(uuid.uuid5(uuid.NAMESPACE_URL, f"evaluate:{digest}")),
+        "context": {"patientId": patient["id"]},
+        "prefetch": prefetch,
+    }
+
+
+def _resolve_full_urls(entries: list[Any]) -> None:
+    """Point references at `Type/id`, as a FHIR server's search results do.
+
+    A transaction or document Bundle (Synthea's, say) links its resources by `fullUrl`, often
+    `urn:uuid:…`, which a prefetch search never holds: without this, `subject: urn:uuid:…` would
+    name no patient of the chart, and a TumorSize's focus no Tumor.
+    """
+    by_url = {
+        e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}"
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("fullUrl"), str)
+        and isinstance(e.get("resource"), dict)
+        and isinstance(e["resource"].get("id"), str)
+        and isinstance(e["resource"].get("resourceType"), str)
+    }
+    if not by_url:
+        return
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            ref = value.get("reference")
+            if isinstance(ref, str) and ref in by_url:
+                value["reference"] = by_url[ref]
+            for item in value.values():
+                if isinstance(item, dict | list):
+                    visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict | list):
+                    visit(item)
+
+    for entry in entries:
+        if isinstance(entry, dict):
+            visit(entry.get("resource"))
+
+
+def _read_json(path: str) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from cds_service.pipeline import answer
+
+    service = next(iter(services().values()))
+    today = dt.datetime.now(dt.UTC).date()
+    if args.fhir_server:
+        return _evaluate_fhir_server(args, service, settings, today)
+    if not args.paths:
+        raise CliError("give PATH(s), or --fhir-server URL --patient ID")
+    outputs = []
+    for path in args.paths:
+        doc = _read_json(path)
+        if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+            body = request_from_bundle(doc)
+        elif isinstance(doc, dict) and "hook" in doc and "resourceType" not in doc:
+            body = doc
+        else:
+            raise CliError(f"{path}: neither a FHIR Bundle nor a CDS Hooks request")
+        try:
+            outcome = answer(body, service, settings, today)
+        except ServiceError as exc:
+            raise CliError(f"{path}: {exc.diagnostics}") from None
+        outputs.append(dumps(outcome.answer))
+    for out in outputs:
+        print(out)
+    return 0
+
+
+def _evaluate_fhir_server(
+    args: argparse.Namespace, service: Service, settings: Settings, today: dt.date
+) -> int:
+    """Cards for one patient read from a live FHIR server (no prefetch), and what was fetched."""
+    from cds_service.pipeline import answer
+
+    if not args.patient:
+        raise CliError("--fhir-server needs --patient ID")
+    body: dict[str, Any] = {
+        "hook": service.hook,
+        "hookInstance": str(uuid.uuid4()),
+        "fhirServer": args.fhir_server,
+        "context": {"patientId": args.patient},
+    }
+    if args.token:
+        body["fhirAuthorization"] = {
+            "access_token": args.token,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cds-service-evaluate",
+        }
+    from cds_service.fetch.client import FetchFailed, PatientNotFound
+
+    try:
+        outcome = answer(body, service, settings, today)
+    except PatientNotFound as exc:  # one line says it all
+        raise CliError(exc.diagnostics) from None
+    except FetchFailed as exc:  # what was read and what failed, then the reason
+        _print_fetch_report(args.fhir_server, exc.report)
+        raise CliError(exc.diagnostics) from None
+    except ServiceError as exc:
+        raise CliError(exc.diagnostics) from None
+    print(dumps(outcome.answer))
+    if outcome.source.report is not None:
+        _print_fetch_report(args.fhir_server, outcome.source.report)
+    return 0
+
+
+def _print_fetch_report(fhir_server: str, report: Any) -> None:
+    # The account goes to stderr: stdout stays one JSON document.
+    lines = [f"fetched from {fhir_server} in {report.seconds * 1000:.0f} ms:"]
+    lines += [
+        f"  {s.key:<26} {s.resources:>5} resource(s) {s.pages:>3} page(s) {s.seconds * 1000:>7.0f} ms  {s.outcome}"
+        for s in report.searches
+    ]
+    print("\n".join(lines), file=sys.stderr)
+
+
+# --- report / migrate -------------------------------------------------------------------------------
+
+
+def _open_existing_store(settings: Settings) -> Any:
+    from sqlalchemy.engine import make_url
+
+    from cds_service.store.database import StoreError, open_store
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise CliError(f"no database at {url.database} (CDS_DATABASE_URL)")
+    try:
+        return open_store(settings)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def report(args: argparse.Namespace, settings: Settings) -> int:
+    from cds_service.store.report import as_csv, as_table, build_report, parse_since
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    built = build_report(_open_existing_store(settings), since)
+    sys.stdout.write(as_csv(built) if args.format == "csv" else as_table(built))
+    return 0
+
+
+def migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    from cds_service.store.database import StoreError, open_store
+
+    try:
+        counts = open_store(settings).counts()
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    print("database schema at head: " + ", ".join(f"{table} {n} rows" for table, n in counts.items()))
+    return 0
