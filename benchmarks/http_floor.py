@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hook_latency import synthetic_chart  # noqa: E402
 
-from cds_service.cli.main import request_from_bundle  # noqa: E402
+from cds_service.cli.commands import request_from_bundle  # noqa: E402
 
 SERVICE = "/cds-services/crc-metastases"
 SHARED = ROOT.parent / "shared" / "fhir-external" / "synthea-smart"
@@ -77,7 +77,8 @@ def serve_floor(port: int) -> None:
     """Runs in the floor's own process: the parse-only app under `serve`'s gunicorn setup."""
     from flask import Flask, request
 
-    from cds_service.cli.main import _gunicorn, _parser
+    from cds_service.cli.server import run_gunicorn
+    from cds_service.settings import Settings
 
     floor = Flask("floor")
 
@@ -90,8 +91,16 @@ def serve_floor(port: int) -> None:
     def healthz() -> Any:
         return {"status": "ok"}
 
-    defaults = _parser().parse_args(["serve"])  # serve's workers and threads, env included
-    _gunicorn(floor, "127.0.0.1", port, defaults.workers, defaults.threads)
+    settings = Settings()  # serve's workers, threads and logs, env included
+    run_gunicorn(
+        floor,
+        settings,
+        "serve",
+        host="127.0.0.1",
+        port=port,
+        workers=settings.workers,
+        threads=settings.threads,
+    )
 
 
 def _free_port() -> int:
