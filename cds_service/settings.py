@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -12,6 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from cds_service.urls import is_loopback
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+# SQLAlchemy's URL form, `backend[+driver]://…`.
+_DATABASE_URL = re.compile(r"(?P<backend>[A-Za-z][A-Za-z0-9_]*)(?:\+[\w]+)?://")
 # The commands that run the service; their logs default to JSON lines at INFO.
 SERVER_COMMANDS = ("serve", "demo")
 
@@ -124,13 +127,14 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            make_url(value)
-        except ArgumentError:
-            raise ValueError("CDS_DATABASE_URL is not a database URL (e.g. sqlite:///cds.db)") from None
+        # The form and the backend only (the store parses the rest when it opens): every command checks
+        # its settings at start, and this module stays free of SQLAlchemy.
+        match = _DATABASE_URL.match(value)
+        if not match or match["backend"].lower() not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError(
+                "CDS_DATABASE_URL is not a SQLite or PostgreSQL database URL "
+                "(e.g. sqlite:///cds.db or postgresql://user:pass@host/db)"
+            )
         return value
 
     @field_validator("fhir_server_allowlist", "cors_origins", mode="before")

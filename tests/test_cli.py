@@ -212,6 +212,7 @@ BAD_SETTINGS = [
     ("CDS_LOG_FORMAT", "xml"),
     ("CDS_FHIR_TIMEOUT_S", "soon"),
     ("CDS_TRUSTED_ISSUERS", "{not json"),
+    ("CDS_DATABASE_URL", "mysql://db.example/cds"),
 ]
 EVERY_COMMAND = [
     ["serve"],

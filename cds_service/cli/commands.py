@@ -180,11 +180,9 @@ def _print_fetch_report(fhir_server: str, report: Any) -> None:
 
 
 def _open_existing_store(settings: Settings) -> Any:
-    from sqlalchemy.engine import make_url
+    from cds_service.store.database import StoreError, normalise_url, open_store
 
-    from cds_service.store.database import StoreError, open_store
-
-    url = make_url(settings.database_url)
+    url = normalise_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         raise CliError(f"no database at {url.database} (CDS_DATABASE_URL)")
     try:
