@@ -261,6 +261,7 @@ def test_workers_threads_and_log_settings_come_from_settings(monkeypatch):
     calls = []
     monkeypatch.setattr(server, "create_served_app", lambda settings, **kw: "app")
     monkeypatch.setattr(server, "run_gunicorn", lambda app, settings, command, **kw: calls.append(kw))
+    monkeypatch.setenv("CDS_AUTH_REQUIRED", "false")
     monkeypatch.setenv("CDS_WORKERS", "3")
     monkeypatch.setenv("CDS_THREADS", "5")
     settings = Settings()
