@@ -273,8 +273,7 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
         if len(same_day) > 1 and any(r.instant is None for r in same_day):
             # Results of one day that cannot be put in order tie; the card names it (§8.24).
             rule += (
-                f"; {len(same_day)} results on {picked.date} without times to order them: "
-                "the higher is used"
+                f"; {len(same_day)} results on {picked.date} without times to order them: the higher is used"
             )
     cutoff = picked.date if picked and picked.date else dt.date.min
     not_used = [
