@@ -1,12 +1,18 @@
-"""A clinician's feedback on a card: validated against the audit trail's cards, stored once.
+"""A clinician's feedback on a card: checked to name cards this service returned, then kept durably.
 
-`receive_feedback` checks a feedback POST names cards (and suggestions) this service returned —
-written by `audit.AuditTrail` — and stores it. Flask-free: app.py calls it.
+`receive_feedback` checks a feedback POST names cards (and suggestions) this service returned and
+spools it (`AuditTrail.record_feedback`: on disk before the 200, in the database a moment later,
+each entry once). Flask-free: app.py calls it.
+
+How a card is known to be ours: its uuid carries a signature made with the deployment's key
+(`card_ids`), so any instance sharing CDS_AUDIT_KEY recognises any instance's cards at once, whether
+or not their audit rows have reached the database, and while the database is down. Only a card
+without a valid signature (no key configured, or a card from before one was) is looked up in the
+audit store, waiting a moment for a row another worker may be committing.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections.abc import Mapping
@@ -14,10 +20,11 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from cds_service import card_ids
 from cds_service.errors import ServiceError
 from cds_service.hooks.models import FeedbackEntry, parse_feedback
 from cds_service.store.audit import AuditTrail
-from cds_service.store.database import FeedbackRecord, FeedbackResult
+from cds_service.store.records import FeedbackRecord
 from cds_service.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -46,31 +53,39 @@ class StoreUnavailable(ServiceError):
     issue_code = "transient"
 
 
-def receive_feedback(body: Any, service_id: str, audit: AuditTrail) -> FeedbackResult:
-    """Validate a feedback body (400), check its cards are ours (422), store it once."""
+def receive_feedback(body: Any, service_id: str, audit: AuditTrail) -> int:
+    """Validate a feedback body (400), check its cards are ours (422), keep it; the entries kept."""
     entries = parse_feedback(body)
-    store = audit.store
-    try:
-        known = _known_cards(audit, service_id, {e.card for e in entries})
-        _check_references(entries, known)
-        result = store.record_feedback(service_id, [_record(e) for e in entries], dt.datetime.now(dt.UTC))
-    except SQLAlchemyError as exc:
-        metrics.store_error("record_feedback")
-        log.error("could not store feedback for %s: %s: %s", service_id, type(exc).__name__, _first_line(exc))
-        raise StoreUnavailable(
-            "the feedback store is unavailable; nothing was stored, try again later"
-        ) from None
-    metrics.observe_feedback(service_id, result)
-    log.info("feedback for %s: %d stored, %d duplicate(s)", service_id, result.stored, result.duplicates)
-    return result
+    unsigned = [e for e in entries if not _signed_by_us(e)]
+    if unsigned:
+        try:
+            known = _known_cards(audit, service_id, {e.card for e in unsigned})
+        except SQLAlchemyError as exc:
+            metrics.store_error("record_feedback")
+            log.error(
+                "could not check feedback for %s: %s: %s", service_id, type(exc).__name__, _first_line(exc)
+            )
+            raise StoreUnavailable(
+                "the feedback store is unavailable; nothing was stored, try again later"
+            ) from None
+        _check_references(unsigned, known)
+    audit.record_feedback(service_id, [_record(e) for e in entries])  # durable once it returns
+    log.info("feedback for %s: %d entr%s kept", service_id, len(entries), "y" if len(entries) == 1 else "ies")
+    return len(entries)
+
+
+def _signed_by_us(entry: FeedbackEntry) -> bool:
+    return card_ids.is_ours(entry.card) and all(
+        card_ids.belongs_to(s.id, entry.card) for s in entry.acceptedSuggestions
+    )
 
 
 def _known_cards(audit: AuditTrail, service_id: str, cards: set[str]) -> dict[str, frozenset[str]]:
-    """The cards among `cards` the service returned, each with its suggestion uuids.
+    """The cards among `cards` the audit store holds, each with its suggestion uuids (unsigned cards).
 
-    Audit records are written just behind the answers: this process's queue is flushed first, and
-    a card still missing is looked for again for a moment, since the worker that answered it may be
-    another process committing it right now (an EHR can post feedback milliseconds after a card).
+    Audit records reach the database just behind the answers: this process's spool is forwarded
+    first, and a card still missing is looked for again for a moment, since the worker that answered
+    it may be another process forwarding it right now.
     """
     if not audit.flush(FLUSH_TIMEOUT_S):
         # Our own audit records are stuck (database locked or down): "unknown card" would be wrong.

@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     # Key of the HMAC that replaces patient ids in the audit store. Unset: a random key per
     # start, so hashes cannot be linked across restarts or instances (store.py warns about it).
     audit_key: SecretStr | None = None
+    # The local store-and-forward spool of audit records and feedback (store/spool.py): written and
+    # fsync'd before each answer, forwarded to the database behind it. Unset: a `cds-audit-spool`
+    # folder beside a SQLite database file, or in the working directory for PostgreSQL.
+    audit_spool_dir: str | None = None
+    # False skips the fsync (a killed process still loses nothing; a power cut can lose the last
+    # second's records): for benchmarks and throwaway runs.
+    audit_fsync: bool = True
     fhir_timeout_s: float = Field(default=5.0, gt=0, le=120)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     cea_max_age_days: int = Field(default=90, gt=0)

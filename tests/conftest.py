@@ -44,6 +44,8 @@ def load(path: Path) -> dict[str, Any]:
 def _database_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Apps built from default Settings() must not write cds-service.db into the checkout."""
     monkeypatch.setenv("CDS_DATABASE_URL", f"sqlite:///{tmp_path / 'default.db'}")
+    # PostgreSQL's default audit spool is in the working directory: keep it in the test's folder.
+    monkeypatch.setenv("CDS_AUDIT_SPOOL_DIR", str(tmp_path / "audit-spool"))
     yield
     close_all()  # no audit writer outlives its test's database
 

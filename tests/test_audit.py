@@ -1,5 +1,6 @@
-"""The audit trail written behind the answers: the answer never waits for the database, every record
-still reaches it (batched, at shutdown too), and feedback finds cards another worker is still writing.
+"""The audit trail: spooled before the answer, forwarded behind it. The answer never waits for the
+database, every record still reaches it (batched, at shutdown too, after the database was busy), no
+answer is given that the spool could not keep, and feedback names cards another worker answered.
 
 The database is held busy with a real SQLite write lock (another connection's BEGIN IMMEDIATE), the
 way a long backup or a burst of writers would hold it.
@@ -12,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, event, select
 
-from cds_service import feedback as feedback_module
+from cds_service import card_ids
 from cds_service.settings import Settings
 from cds_service.store.audit import AuditTrail
 from cds_service.store.database import hook_call, normalise_url
@@ -93,45 +93,60 @@ def test_records_queued_while_the_database_is_busy_are_written_together(tmp_path
     assert len(commits) <= 3
 
 
-def test_a_full_queue_drops_records_with_an_error_and_keeps_answering(tmp_path, caplog):
+def test_no_answer_without_its_audit_record_when_the_spool_cannot_be_written(tmp_path, caplog):
     db = tmp_path / "cds.db"
     app = _app(db)
-    audit = app.extensions["cds.audit"] = AuditTrail(app.extensions["cds.store"], max_pending=2)
-    client = app.test_client()
-    body = hook_body(load(HIGH_RISK))
-    errors_before = _store_errors()
-    with write_lock(db):
-        for _ in range(5):
-            assert client.post(SERVICE_URL, json=body).status_code == 200
-        time.sleep(0.05)  # the writer holds one record (waiting for the lock), the queue the next two
-    assert audit.flush()
-    lost = [r for r in caplog.records if "could not audit" in r.getMessage()]
-    assert lost and all("OverflowError" in r.getMessage() for r in lost)
-    assert _count(db) + len(lost) == 5 and _store_errors() - errors_before == len(lost)
-    assert body["context"]["patientId"] not in caplog.text
+    audit: AuditTrail = app.extensions["cds.audit"]
+    audit.spool.folder.parent.mkdir(parents=True, exist_ok=True)
+    audit.spool.folder.write_text("not a folder")  # the spool cannot create its segment
+    resp = app.test_client().post(SERVICE_URL, json=hook_body(load(HIGH_RISK)))
+    assert resp.status_code == 503 and resp.get_json()["issue"][0]["code"] == "transient"
+    assert "could not audit" in caplog.text and "cards" not in resp.get_json()
 
 
-def test_feedback_finds_a_card_another_worker_is_still_writing(tmp_path):
+def test_feedback_for_a_card_another_worker_answered_is_taken_at_once(tmp_path):
     db = tmp_path / "cds.db"
     answering, receiving = _app(db), _app(db)  # two workers on one database
-    statuses: list[int] = []
-
-    def post_feedback(card_uuid: str) -> None:
-        entry = {"card": card_uuid, "outcome": "accepted"}
-        statuses.append(receiving.test_client().post(f"{SERVICE_URL}/feedback", json=entry).status_code)
-
-    with write_lock(db):
+    with write_lock(db):  # the answering worker's audit record cannot reach the database
         card = (
             answering.test_client().post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).get_json()["cards"][0]
         )
-        assert _count(db) == 0  # its audit record is still queued in the answering worker
-        feedback = threading.Thread(target=post_feedback, args=(card["uuid"],))
-        feedback.start()
-        time.sleep(0.1)  # the lock goes well within the grace the receiving worker gives a missing card
-        assert statuses == []  # still looking for the card
-    feedback.join(5)
-    assert statuses == [200]
+        entry = {
+            "card": card["uuid"],
+            "outcome": "accepted",
+            "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+        }
+        started = time.monotonic()
+        resp = receiving.test_client().post(f"{SERVICE_URL}/feedback", json=entry)
+        assert resp.status_code == 200 and time.monotonic() - started < 0.2  # no wait for the row
+        assert _count(db) == 0 and _count(db, "feedback") == 0
+    assert answering.extensions["cds.audit"].flush() and receiving.extensions["cds.audit"].flush()
     assert _count(db) == 1 and _count(db, "feedback") == 1
+
+
+def test_a_forged_suggestion_on_a_signed_card_is_still_checked(tmp_path):
+    app = _app(tmp_path / "cds.db")
+    client = app.test_client()
+    card = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).get_json()["cards"][0]
+    other = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK), hook_instance="another")).get_json()
+    foreign = other["cards"][0]["suggestions"][0]["uuid"]  # a real suggestion, of another card
+    entry = {"card": card["uuid"], "outcome": "accepted", "acceptedSuggestions": [{"id": foreign}]}
+    assert client.post(f"{SERVICE_URL}/feedback", json=entry).status_code == 422
+
+
+def test_without_a_key_cards_are_looked_up_in_the_store(tmp_path):
+    app = create_app(
+        Settings(auth_required=False, database_url=f"sqlite:///{tmp_path / 'cds.db'}"), today=lambda: TODAY
+    )
+    client = app.test_client()
+    card = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).get_json()["cards"][0]
+    assert not card_ids.is_ours(card["uuid"])  # plain uuid5: nothing to verify it by
+    assert (
+        client.post(f"{SERVICE_URL}/feedback", json={"card": card["uuid"], "outcome": "accepted"}).status_code
+        == 200
+    )
+    assert app.extensions["cds.audit"].flush()
+    assert _count(tmp_path / "cds.db", "feedback") == 1
 
 
 @pytest.mark.slow
@@ -175,24 +190,6 @@ def test_a_card_nobody_answered_is_still_422_after_the_grace(client):
     started = time.monotonic()
     resp = client.post(f"{SERVICE_URL}/feedback", json=entry)
     assert resp.status_code == 422 and 0.2 <= time.monotonic() - started < 2
-
-
-def test_feedback_is_a_503_while_its_workers_audit_records_cannot_be_written(tmp_path, monkeypatch):
-    db = tmp_path / "cds.db"
-    app = _app(db)
-    client = app.test_client()
-    monkeypatch.setattr(feedback_module, "FLUSH_TIMEOUT_S", 0.2)
-    with write_lock(db):
-        card = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).get_json()["cards"][0]
-        resp = client.post(f"{SERVICE_URL}/feedback", json={"card": card["uuid"], "outcome": "accepted"})
-        assert resp.status_code == 503 and "try again" in resp.get_json()["issue"][0]["diagnostics"]
-    assert app.extensions["cds.audit"].flush()
-    assert _count(db) == 1 and _count(db, "feedback") == 0
-    # Once written, the same feedback is taken.
-    assert (
-        client.post(f"{SERVICE_URL}/feedback", json={"card": card["uuid"], "outcome": "accepted"}).status_code
-        == 200
-    )
 
 
 @contextmanager

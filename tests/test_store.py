@@ -19,6 +19,7 @@ from cds_service.store.database import (
     CallRecord,
     CardRecord,
     FeedbackRecord,
+    FeedbackResult,
     Store,
     StoreError,
     cards_of,
@@ -30,6 +31,7 @@ from cds_service.store.database import (
     normalise_url,
     open_store,
 )
+from cds_service.store.records import new_record_id, spooled_call, spooled_feedback
 
 KEY = "k" * 40
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -62,7 +64,7 @@ def test_open_creates_the_schema_at_head_and_reopening_is_a_no_op(database_url):
     close_stores()  # a new process: the migration runs again and must change nothing
     again = _store(database_url)
     with again.read() as conn:
-        assert conn.execute(text("SELECT version_num FROM cds_alembic_version")).scalars().all() == ["0001"]
+        assert conn.execute(text("SELECT version_num FROM cds_alembic_version")).scalars().all() == ["0002"]
     assert again.counts()["hook_call"] == 1
 
 
@@ -174,6 +176,26 @@ def test_feedback_is_stored_once_however_often_it_is_posted(database_url):
     assert (again.stored, again.duplicates) == (0, 1)
     assert later.stored == 1  # another interaction with the same card is kept
     assert store.counts()["feedback"] == 2
+
+
+def test_feedback_without_a_timestamp_is_kept_per_post(database_url):
+    store = _store(database_url)
+    entry = _accepted(when=None)  # type: ignore[arg-type]
+    assert store.record_feedback("svc", [entry, entry], NOW).stored == 1
+    assert store.record_feedback("svc", [entry], NOW).stored == 1  # another clinician, or a retry
+    assert store.counts()["feedback"] == 2
+    post = spooled_feedback("svc", [entry], NOW, new_record_id())
+    assert store.write_spooled([post]) == [("svc", FeedbackResult(1, 0, ("accepted",)))]
+    assert store.write_spooled([post]) == [("svc", FeedbackResult(0, 1))]  # a replayed spool segment
+    assert store.counts()["feedback"] == 3
+
+
+def test_a_replayed_call_record_is_written_once(database_url):
+    store = _store(database_url)
+    row = spooled_call(_call(cards=(_card(1), _card(2))), "hash")
+    store.write_spooled([row])
+    store.write_spooled([row, spooled_call(_call(), "hash")])
+    assert store.counts()["hook_call"] == 2 and store.counts()["hook_card"] == 2
 
 
 def test_feedback_fields_round_trip(database_url):

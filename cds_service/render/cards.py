@@ -7,14 +7,13 @@ template reads is built in detail_view.py, which escapes chart text.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import uuid
 from functools import cache
 from typing import Any
 
 import jinja2
 import yaml
 
+from cds_service import card_ids
 from cds_service.clinical.facts.model import PatientFacts
 from cds_service.clinical.scoring.factors import UNKNOWN, Assessment, CeaPick, Factor
 from cds_service.clinical.scoring.liver import LiverAssessment
@@ -25,9 +24,6 @@ from cds_service.paths import data_dir
 from cds_service.render.detail_view import liver_view, lung_view
 from cds_service.render.markdown import environment, md, tidy
 
-# Card and suggestion uuids are derived (uuid5) from hookInstance and content: a retried call gets
-# the same uuids, and feedback traces back to the call that produced the card.
-_UUID_NAMESPACE = uuid.UUID("6f1c1d0e-8a0b-5d53-9a43-6d2f0c3a7e11")
 TOPIC_SYSTEM = "urn:crc-cds:card-topic"
 OVERRIDE_SYSTEM = "urn:crc-cds:override-reason"
 ASSESSMENT_KEY = "crc-cds-assessment"
@@ -68,13 +64,6 @@ def _service_request(patient_id: str, code: dict[str, Any], reasons: list[str], 
     # No requester: the EHR fills it with the user who accepts the suggestion; putting the context
     # user here would also make the same chart give different cards for different users.
     return resource
-
-
-def _derived_uuid(*parts: str) -> str:
-    """uuid5 of the parts. Written out (not uuid.uuid5) so that chart text holding a lone UTF-16
-    surrogate, which JSON allows as a \\u escape, still hashes instead of failing to encode."""
-    digest = hashlib.sha1(_UUID_NAMESPACE.bytes + "|".join(parts).encode("utf-8", "surrogatepass")).digest()
-    return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
 def _assessment_json(model: str, a: Assessment, unavailable: Unavailable = ()) -> dict[str, Any]:
@@ -132,12 +121,14 @@ def _card(
     # What makes this card this card: its words and its assessment (source, links and override
     # reasons follow from the card spec and the recommendation, both named).
     content = dumps([spec_file, card.indicator, card.summary, card.detail, assessment], sort_keys=True)
-    card.uuid = _derived_uuid(hook_instance, content)
+    # Derived from hookInstance and content (a retried call gets the same uuids), and signed with the
+    # deployment's key so any instance recognises its cards' feedback without the store (card_ids).
+    card.uuid = card_ids.card_uuid(hook_instance, content)
     wanted = ["mdt", "cea"] if suggest_cea else ["mdt"]
     card.suggestions = [
         Suggestion(
             label=s["label"],
-            uuid=_derived_uuid(card.uuid, key),
+            uuid=card_ids.suggestion_uuid(card.uuid, key),
             actions=[
                 Action(
                     type="create",

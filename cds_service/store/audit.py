@@ -1,71 +1,106 @@
-"""The hook-call audit trail, written behind the answer.
+"""The hook-call audit trail and the feedback posts: spooled durably before the answer, forwarded behind it.
 
-Each answered call becomes one audit record (its cards, model, score, recommendation, latency).
-Committing it costs an fsync and a millisecond of SQLAlchemy work, and a clinician opening a chart
-should not wait for either, so the route only queues the record; one writer thread per process
-commits what has queued up, many records per transaction. A record is on disk a few milliseconds
-after its answer is sent.
+Each answered call becomes one audit record (its cards, model, score, recommendation, latency, the
+keyed hash of the patient id). `record` appends it to this process's local spool and returns once
+it is fsync'd (group commit: one sync covers every call that arrived meanwhile); the route sends
+the answer only then. A forwarder thread per process copies what has spooled up into the database,
+many records per transaction, a fraction of a second behind, and removes what the database holds.
 
-What that trades: an orderly shutdown (gunicorn's SIGTERM, Ctrl-C, `sys.exit`) writes every queued
-record first (`close_all`, also at interpreter exit); a process killed outright (SIGKILL, out of
-memory, power cut) loses the records of its last few milliseconds, never a committed one. The
-answer never depends on the audit: a store that is down or too slow costs records (logged, counted
-in `cds_store_errors_total`), not answers.
+So a process killed outright (SIGKILL, out of memory) loses no record it answered: its segment
+stays in the spool folder, and any process using the folder adopts and forwards it within seconds
+(the same happens on the next start). A database that is down or locked holds records up in the
+spool (counted by the `cds_audit_spool_records` gauge), and they are forwarded when it is back.
+Feedback takes the same path, so it is never refused because the database is busy or down.
 
-Reading one's own writes: feedback checks its card against the store, so `flush()` first waits
-for this process's queue; a card answered by another worker a moment ago is waited for by
-`feedback.receive_feedback`.
+What the request process pays: building the record, an orjson line, a write() and its share of one
+fdatasync; the forwarder's database work is batched (two multi-row INSERTs per batch, no ORM).
+If the spool itself cannot be written (disk full), the call is answered 503: an answer the audit
+trail cannot keep is not given.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import logging
 import os
+import shutil
+import tempfile
 import threading
+import time
 import weakref
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+import orjson
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
+from cds_service import card_ids
+from cds_service.errors import ServiceError
 from cds_service.pipeline import Outcome
-from cds_service.store.records import CallRecord, cards_of
+from cds_service.store.records import (
+    CallRecord,
+    FeedbackRecord,
+    cards_of,
+    new_record_id,
+    spooled_call,
+    spooled_feedback,
+)
 from cds_service.store.repository import Store
+from cds_service.store.spool import Segment, Spool, SpoolError
 from cds_service.telemetry import metrics
 
 log = logging.getLogger("cds_service.audit")  # the name operators filter on, kept across the move
 
-# Records waiting beyond this are dropped (and counted) instead of growing memory without bound
-# while the database is unreachable: at 100 calls/s that is over a minute and a half of outage.
-MAX_PENDING = 10_000
-# Records per transaction: enough to keep up with a burst, small enough to hold the write lock briefly.
-BATCH = 200
-# An idle writer thread exits; the next record starts a new one (so forks and tests leave none behind).
+# How long records gather in the spool before the forwarder takes them: the larger the batch, the
+# less database work per record; what waits is already durable.
+FORWARD_INTERVAL_S = 0.2
+# How often a forwarder looks for segments whose process died.
+ADOPT_EVERY_S = 2.0
+# Back-off between attempts while the database refuses the records.
+RETRY_MAX_S = 5.0
+# An idle forwarder thread exits (after a last look for orphans); the next record starts a new one.
 IDLE_EXIT_S = 5.0
 
 _trails: weakref.WeakSet[AuditTrail] = weakref.WeakSet()
 
 
-class AuditTrail:
-    """Queues audit records and commits them on a background thread of this process."""
+class AuditUnavailable(ServiceError):
+    """The local audit spool cannot be written (disk full, I/O error): no answer without its record."""
 
-    def __init__(self, store: Store, *, max_pending: int = MAX_PENDING) -> None:
+    status = 503
+    issue_code = "transient"
+
+
+class AuditTrail:
+    """Spools audit records and feedback durably; forwards them to the store on a background thread."""
+
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self._max_pending = max_pending
-        self._cond = threading.Condition()
-        self._pending: deque[CallRecord] = deque()
-        self._queued = 0  # records accepted since start
-        self._settled = 0  # of those, written or given up on
+        card_ids.configure(store.card_key)  # the cards this process renders are signed with it
+        folder = store.spool_dir
+        if folder is None:  # an in-memory database: a private folder, gone with the process
+            folder = Path(tempfile.mkdtemp(prefix="cds-audit-spool-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        self.spool = Spool(folder, fsync=store.spool_fsync)
+        self._forward_lock = threading.Lock()
+        self._held: list[Segment] = []  # sealed or adopted, not yet in the database (oldest first)
         self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._last_adopt = 0.0
+        self._failing_since: float | None = None
         _trails.add(self)
 
+    # --- the request side -------------------------------------------------------------------------
+
     def record(self, body: Mapping[str, Any], service_id: str, outcome: Outcome, latency_s: float) -> None:
-        """Queue the audit of one answered hook call. Never raises: the answer matters more.
+        """Spool the audit of one answered hook call; returns once it is on disk.
 
         `body` has been validated by the engine already (hookInstance and context.patientId exist).
+        Raises AuditUnavailable (503) only when the spool cannot be written.
         """
         try:
             cards = cards_of(outcome.answer)
@@ -85,90 +120,169 @@ class AuditTrail:
         self.submit(call)
 
     def submit(self, call: CallRecord) -> None:
-        """Queue one audit record for the writer thread; dropped (logged, counted) when the queue is full."""
-        with self._cond:
-            if len(self._pending) >= self._max_pending:
-                full = True
-            else:
-                full = False
-                self._pending.append(call)
-                self._queued += 1
-                self._ensure_writer()
-                self._cond.notify_all()
-        if full:
-            _lost(call.service_id, 1, OverflowError(f"{self._max_pending} audit records already waiting"))
+        """Spool one audit record (durably); AuditUnavailable when the spool cannot take it."""
+        self._append(spooled_call(call, self.store.patient_hash(call.patient_id)), call.service_id)
+
+    def record_feedback(self, service_id: str, entries: Iterable[FeedbackRecord]) -> None:
+        """Spool one feedback POST (durably); stored in the database by the forwarder, each entry once."""
+        post = spooled_feedback(service_id, entries, dt.datetime.now(dt.UTC), new_record_id())
+        self._append(post, service_id)
+
+    def _append(self, record: dict[str, Any], service_id: str) -> None:
+        try:
+            self.spool.append(orjson.dumps(record) + b"\n")
+        except (SpoolError, TypeError) as exc:
+            _lost(service_id, 1, exc)
+            raise AuditUnavailable(
+                "the audit trail cannot record this call now; nothing was kept, try again later"
+            ) from None
+        self._ensure_forwarder()
+
+    # --- forwarding -------------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until every record queued so far is written (or given up on); False on timeout."""
-        with self._cond:
-            target = self._queued
-            return self._cond.wait_for(lambda: self._settled >= target, timeout)
+        """Forward everything spooled so far (and any orphaned segment) now; False if the database
+        did not take it all (it stays spooled) or the forwarder stayed busy beyond `timeout`."""
+        if not self._forward_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        try:
+            return self._forward(adopt=True)
+        finally:
+            self._forward_lock.release()
 
     @property
     def pending(self) -> int:
-        with self._cond:
-            return self._queued - self._settled
+        """Records of this process (and adopted ones) in the spool, not yet in the database."""
+        held = sum(max(s.records, 0) for s in list(self._held))
+        active = self.spool._active
+        return held + (active.records if active is not None else 0)
 
-    def _ensure_writer(self) -> None:
-        # Called with the lock held. A thread started before a fork does not exist in the child.
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="cds-audit-writer", daemon=True)
-            self._thread.start()
+    def _ensure_forwarder(self) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return
+        with self._thread_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="cds-audit-forwarder", daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
+        delay = FORWARD_INTERVAL_S
         while True:
-            with self._cond:
-                if not self._cond.wait_for(lambda: self._pending, IDLE_EXIT_S):
+            self._wake.wait(delay)
+            self._wake.clear()
+            now = time.monotonic()
+            with self._forward_lock:
+                ok = self._forward(adopt=now - self._last_adopt >= ADOPT_EVERY_S)
+                busy = bool(self._held) or self.pending > 0
+            delay = FORWARD_INTERVAL_S if ok else min(RETRY_MAX_S, max(delay * 2, 0.5))
+            if busy or not ok:
+                idle_since = now
+            elif now - idle_since >= IDLE_EXIT_S:
+                with self._thread_lock:
                     self._thread = None
-                    return
-                batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
-            self._write(batch)
-            with self._cond:
-                self._settled += len(batch)
-                self._cond.notify_all()
+                return
 
-    def _write(self, batch: list[CallRecord]) -> None:
+    def _forward(self, *, adopt: bool) -> bool:
+        """One pass (the forward lock held): seal the active segment, adopt orphans, write all held."""
+        sealed = self.spool.seal()
+        if sealed is not None:
+            self._held.append(sealed)
+        if adopt:
+            self._last_adopt = time.monotonic()
+            self._held.extend(self.spool.adopt({s.path for s in self._held}))
+        ok = True
+        while self._held:
+            segment = self._held[0]
+            if not self._write(segment):
+                ok = False
+                break
+            self._held.pop(0)
+            self.spool.discard(segment)
+        metrics.audit_spool_records(self.pending)
+        return ok
+
+    def _write(self, segment: Segment) -> bool:
+        """The segment's records into the database (True), or left in the spool (False)."""
+        records = segment.read()
+        segment.records = len(records)
         try:
-            self.store.record_calls(batch)
-        except OperationalError as exc:
-            # Database down, locked too long, disk full: the records are lost, the answers were not.
-            # Retrying them one by one would only wait on the same database again.
-            _lost(batch[0].service_id, len(batch), exc)
-        except Exception:
-            # A record the database refuses (say a NUL byte PostgreSQL will not store) must not
-            # cost the other records of its batch theirs.
-            for call in batch:
+            results = self.store.write_spooled(records)
+        except (DataError, IntegrityError):
+            # A record the database refuses (a value it cannot store) must not hold back the others.
+            results = []
+            for record in records:
                 try:
-                    self.store.record_calls([call])
-                except Exception as exc:
-                    _lost(call.service_id, 1, exc)
+                    results += self.store.write_spooled([record])
+                except (DataError, IntegrityError) as exc:
+                    _lost(str(record.get("sv", "-")), 1, exc)
+                except SQLAlchemyError as exc:
+                    return self._unavailable(exc)
+        except SQLAlchemyError as exc:
+            return self._unavailable(exc)
+        if self._failing_since is not None:
+            log.warning(
+                "audit: the database takes records again after %.0f s; spooled records forwarded",
+                time.monotonic() - self._failing_since,
+            )
+            self._failing_since = None
+        for service_id, result in results:
+            metrics.observe_feedback(service_id, result)
+        return True
+
+    def _unavailable(self, exc: SQLAlchemyError) -> bool:
+        # Database down, locked too long, a table missing: the records wait in the spool.
+        metrics.store_error("record_call")
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.error(
+                "audit: the database refuses records (%s: %s); they are kept in the spool %s and "
+                "forwarded when it is back",
+                type(exc).__name__,
+                _first_line(exc),
+                self.spool.folder,
+            )
+        return False
 
     def _after_fork(self) -> None:
-        # The child starts with the parent's queue copied but no writer thread, and a lock that may
-        # have been held at the fork: start clean (the parent still owns and writes those records).
-        self._cond = threading.Condition()
-        self._pending = deque()
-        self._queued = self._settled = 0
+        # The child must not write the parent's segments: it starts with none, and no thread.
+        held, self._held = self._held, []
+        for segment in held:
+            with contextlib.suppress(OSError):
+                os.close(segment.fd)
+        self.spool.after_fork()
+        self._forward_lock = threading.Lock()
+        self._thread_lock = threading.Lock()
+        self._wake = threading.Event()
         self._thread = None
 
 
 def close_all(timeout: float = 10.0) -> None:
-    """Write every queued record of this process (orderly shutdown, interpreter exit)."""
+    """Forward every spooled record of this process now (orderly shutdown, interpreter exit)."""
     for trail in list(_trails):
         if not trail.flush(timeout):
-            log.error("audit: %d record(s) not written before shutdown", trail.pending)
+            log.error(
+                "audit: %d record(s) left in the spool %s; forwarded when the database is back "
+                "(by the next process using this folder)",
+                trail.pending,
+                trail.spool.folder,
+            )
+        for segment in trail._held:  # unlock them: another process may forward them
+            trail.spool.release(segment)
+        trail._held = []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else "-"
 
 
 def _lost(service_id: str, count: int, exc: BaseException) -> None:
     metrics.store_error("record_call", count)
     # The first line of the driver's message only (hide_parameters keeps values out of it).
-    text = str(getattr(exc, "orig", None) or exc).strip()
     log.error(
-        "could not audit %d %s hook call(s): %s: %s",
-        count,
-        service_id,
-        type(exc).__name__,
-        text.splitlines()[0] if text else "-",
+        "could not audit %d %s hook call(s): %s: %s", count, service_id, type(exc).__name__, _first_line(exc)
     )
 
 
@@ -179,5 +293,5 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
-# Daemon threads still run while atexit handlers do: the queue is written before the process ends.
+# Daemon threads still run while atexit handlers do: the spool is forwarded before the process ends.
 atexit.register(close_all)

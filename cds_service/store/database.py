@@ -16,6 +16,7 @@ rejected by unique constraints with `ON CONFLICT DO NOTHING`, which is atomic ac
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -82,7 +83,33 @@ def open_store(settings: Settings) -> Store:
             if not isinstance(engine.pool, StaticPool):  # disposing it would drop an in-memory database
                 # Pooled connections must not cross a fork (gunicorn forks workers after this).
                 engine.dispose()
-    return Store(engine, _audit_key(settings))
+    card_key = settings.audit_key.get_secret_value().encode() if settings.audit_key else None
+    return Store(
+        engine,
+        _audit_key(settings),
+        spool_dir=spool_folder(settings, url),
+        spool_fsync=settings.audit_fsync,
+        card_key=card_key,
+    )
+
+
+def spool_folder(settings: Settings, url: URL) -> Path | None:
+    """The audit spool of this database: one subfolder per database, so that two databases never
+    forward each other's records even when they share CDS_AUDIT_SPOOL_DIR."""
+    in_memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+    if settings.audit_spool_dir:
+        base = Path(settings.audit_spool_dir).expanduser()
+    elif in_memory:
+        return None  # nothing durable to forward to: the trail uses a private folder
+    elif url.get_backend_name() == "sqlite":
+        base = Path(url.database or "").expanduser().resolve().parent / "cds-audit-spool"
+    else:
+        base = Path.cwd() / "cds-audit-spool"
+    if url.get_backend_name() == "sqlite" and not in_memory:
+        identity = "sqlite:" + str(Path(url.database or "").expanduser().resolve())
+    else:
+        identity = url.render_as_string(hide_password=True)
+    return base.resolve() / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def close_stores() -> None:

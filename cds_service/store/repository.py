@@ -8,11 +8,20 @@ import hmac
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select
 
-from cds_service.store.records import CallRecord, CardRecord, FeedbackRecord, FeedbackResult
+from cds_service.store.records import (
+    CallRecord,
+    FeedbackRecord,
+    FeedbackResult,
+    feedback_of,
+    new_record_id,
+    spooled_call,
+    utc,
+)
 from cds_service.store.schema import client_jti, feedback, hook_call, hook_card, insert_once
 
 
@@ -20,6 +29,11 @@ from cds_service.store.schema import client_jti, feedback, hook_call, hook_card,
 class Store:
     engine: Engine
     audit_key: bytes = field(repr=False)
+    # Where the audit trail spools (None: a private folder, e.g. for an in-memory database), whether
+    # it fsyncs, and the secret card uuids are signed with (None: CDS_AUDIT_KEY unset, not signed).
+    spool_dir: Path | None = None
+    spool_fsync: bool = True
+    card_key: bytes | None = field(default=None, repr=False)
 
     def patient_hash(self, patient_id: str) -> str:
         return hmac.new(self.audit_key, f"Patient/{patient_id}".encode(), hashlib.sha256).hexdigest()
@@ -43,25 +57,28 @@ class Store:
 
     def record_calls(self, calls: Iterable[CallRecord]) -> list[int]:
         """Write several audit records in one transaction (one commit, one fsync); their row ids."""
-        ids = []
+        rows = [spooled_call(call, self.patient_hash(call.patient_id)) for call in calls]
         with self._write() as conn:
-            for call in calls:
-                call_id = conn.execute(
-                    _INSERT_CALL,
-                    {
-                        "hook_instance": call.hook_instance,
-                        "service_id": call.service_id,
-                        "received_at": call.received_at,
-                        "patient_hash": self.patient_hash(call.patient_id),
-                        "fhir_mode": call.fhir_mode,
-                        "latency_ms": call.latency_ms,
-                        "card_count": len(call.cards),
-                    },
-                ).scalar_one()
-                if call.cards:
-                    conn.execute(_INSERT_CARD, [_card_row(call_id, card) for card in call.cards])
-                ids.append(int(call_id))
-        return ids
+            ids = _insert_calls(conn, rows)
+        return [ids[row["rid"]] for row in rows if row["rid"] in ids]
+
+    def write_spooled(self, records: list[dict[str, Any]]) -> list[tuple[str, FeedbackResult]]:
+        """Spooled records (see records.spooled_*) in one transaction; each feedback POST's result.
+
+        Idempotent: a record already written (same record id, same feedback key) is skipped.
+        """
+        calls = [r for r in records if r.get("t") == "call"]
+        results = []
+        with self._write() as conn:
+            if calls:
+                _insert_calls(conn, calls)
+            for r in records:
+                if r.get("t") == "feedback":
+                    entries = feedback_of(r)
+                    results.append(
+                        (r["sv"], _insert_feedback(conn, r["sv"], entries, utc(r["at"]), r["rid"]))
+                    )
+        return results
 
     def card_suggestions(self, service_id: str, card_uuids: Iterable[str]) -> dict[str, frozenset[str]]:
         """The cards of `service_id` among `card_uuids`, each with its suggestion uuids."""
@@ -79,17 +96,9 @@ class Store:
     def record_feedback(
         self, service_id: str, entries: Iterable[FeedbackRecord], received_at: dt.datetime
     ) -> FeedbackResult:
-        """Store each entry once; an entry already stored (same content) counts as a duplicate."""
-        rows: dict[str, dict[str, Any]] = {}
-        for entry in entries:  # a body repeating an entry stores it once, too
-            rows.setdefault(entry.dedupe_key(service_id), _feedback_row(service_id, entry, received_at))
-        outcomes = []
+        """Store one POST's entries now (the service spools them instead: `write_spooled`)."""
         with self._write() as conn:
-            insert_feedback = insert_once(conn.dialect.name, "feedback")
-            for key, row in rows.items():
-                if conn.execute(insert_feedback, {"dedupe_key": key, **row}).first() is not None:
-                    outcomes.append(row["outcome"])
-        return FeedbackResult(len(outcomes), len(rows) - len(outcomes), tuple(outcomes))
+            return _insert_feedback(conn, service_id, entries, received_at, new_record_id())
 
     def claim_jti(self, jti: str, issuer: str, expires_at: dt.datetime) -> bool:
         """True the first time (issuer, jti) is seen, False for a replay; atomic across processes.
@@ -115,9 +124,8 @@ class Store:
             }
 
 
-# Statements built once: they run on every hook call or feedback POST, and building one costs
+# Statements built once: they run on every forwarded batch or feedback POST, and building one costs
 # more than running it.
-_INSERT_CALL = insert(hook_call).returning(hook_call.c.id)
 _INSERT_CARD = insert(hook_card)
 _PRUNE_JTI = delete(client_jti).where(client_jti.c.expires_at < bindparam("now"))
 _CARDS_OF_SERVICE = (
@@ -130,17 +138,64 @@ _CARDS_OF_SERVICE = (
 )
 
 
-def _card_row(call_id: int, card: CardRecord) -> dict[str, Any]:
-    return {
-        "call_id": call_id,
-        "card_uuid": card.uuid,
-        "model": card.model,
-        "recommendation": card.recommendation,
-        "score_min": card.score_min,
-        "score_max": card.score_max,
-        "risk_group": card.group,
-        "suggestion_uuids": list(card.suggestion_uuids),
-    }
+def _insert_calls(conn: Connection, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Spooled call records → hook_call and hook_card rows, two statements for the whole batch
+    (multi-row INSERTs: no per-row round trip, no ORM object). Their row ids by record id; a record
+    already in the database is skipped."""
+    inserted = conn.execute(
+        insert_once(conn.dialect.name, "hook_call"),
+        [
+            {
+                "record_id": r["rid"],
+                "hook_instance": r["hi"],
+                "service_id": r["sv"],
+                "received_at": utc(r["at"]),
+                "patient_hash": r["ph"],
+                "fhir_mode": r["fm"],
+                "latency_ms": r["ms"],
+                "card_count": len(r["cards"]),
+            }
+            for r in rows
+        ],
+    )
+    ids = {record_id: int(call_id) for call_id, record_id in inserted}
+    cards = [
+        {
+            "call_id": ids[r["rid"]],
+            "card_uuid": uuid,
+            "model": model,
+            "recommendation": recommendation,
+            "score_min": score_min,
+            "score_max": score_max,
+            "risk_group": group,
+            "suggestion_uuids": suggestions,
+        }
+        for r in rows
+        if r["rid"] in ids
+        for uuid, model, recommendation, score_min, score_max, group, suggestions in r["cards"]
+    ]
+    if cards:
+        conn.execute(_INSERT_CARD, cards)
+    return ids
+
+
+def _insert_feedback(
+    conn: Connection,
+    service_id: str,
+    entries: Iterable[FeedbackRecord],
+    received_at: dt.datetime,
+    post_id: str,
+) -> FeedbackResult:
+    """Each entry once; an entry already stored (same key) counts as a duplicate."""
+    rows: dict[str, dict[str, Any]] = {}
+    for entry in entries:  # a body repeating an entry stores it once, too
+        rows.setdefault(entry.dedupe_key(service_id, post_id), _feedback_row(service_id, entry, received_at))
+    outcomes = []
+    insert_feedback = insert_once(conn.dialect.name, "feedback")
+    for key, row in rows.items():
+        if conn.execute(insert_feedback, {"dedupe_key": key, **row}).first() is not None:
+            outcomes.append(row["outcome"])
+    return FeedbackResult(len(outcomes), len(rows) - len(outcomes), tuple(outcomes))
 
 
 def _feedback_row(service_id: str, entry: FeedbackRecord, received_at: dt.datetime) -> dict[str, Any]:

@@ -73,6 +73,9 @@ hook_call = Table(
     Column("fhir_mode", String(20), nullable=False),
     Column("latency_ms", Float(), nullable=False),
     Column("card_count", Integer(), nullable=False),
+    # The record's own id, minted when it was spooled: replaying a spool segment skips what is in.
+    # NULL for rows written before the spool existed (NULLs never collide).
+    Column("record_id", String(32), index=True, unique=True),
 )
 
 # One row per card shown. A retried call (same hookInstance) shows cards with the same uuids,
@@ -120,7 +123,7 @@ client_jti = Table(
 
 
 # The unique key each table's duplicates collide on.
-_CONFLICT_KEYS = {"feedback": ("dedupe_key",), "client_jti": ("issuer", "jti")}
+_CONFLICT_KEYS = {"feedback": ("dedupe_key",), "client_jti": ("issuer", "jti"), "hook_call": ("record_id",)}
 
 
 @cache
@@ -133,8 +136,6 @@ def insert_once(dialect_name: str, table_name: str) -> Any:
     if dialect is None:
         raise StoreError(f"unsupported database {dialect_name!r}: use SQLite or PostgreSQL")
     table = metadata.tables[table_name]
-    return (
-        dialect.insert(table)
-        .on_conflict_do_nothing(index_elements=list(_CONFLICT_KEYS[table_name]))
-        .returning(*table.primary_key.columns)
-    )
+    keys = _CONFLICT_KEYS[table_name]
+    returned = [*table.primary_key.columns, *(table.c[k] for k in keys if k not in table.primary_key.columns)]
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=list(keys)).returning(*returned)

@@ -20,6 +20,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -53,6 +54,13 @@ FEEDBACK_DUPLICATES = Counter(
     "cds_feedback_duplicates_total", "Feedback entries received again (not stored twice)", ["service"]
 )
 STORE_ERRORS = Counter("cds_store_errors_total", "Store writes that failed", ["operation"])
+# Summed over the live workers. Records normally sit in the spool for a fraction of a second; a value
+# that stays above zero means the database is not taking them (alert on its minimum over a minute).
+AUDIT_SPOOL_RECORDS = Gauge(
+    "cds_audit_spool_records",
+    "Audit records and feedback posts in the local spool, not yet in the database",
+    multiprocess_mode="livesum",
+)
 
 
 def _never_raises(observe: Callable[P, None]) -> Callable[P, None]:
@@ -89,6 +97,11 @@ def observe_request(service: str, endpoint: str, status: int, seconds: float) ->
 @_never_raises
 def store_error(operation: str, count: int = 1) -> None:
     STORE_ERRORS.labels(operation=operation).inc(count)
+
+
+@_never_raises
+def audit_spool_records(count: int) -> None:
+    AUDIT_SPOOL_RECORDS.set(count)
 
 
 @_never_raises

@@ -1,0 +1,207 @@
+"""A local, append-only, fsync'd spool: what the service answered is on disk before the answer leaves.
+
+Each process appends records (one JSON line each) to its own segment file in the spool folder and
+holds an exclusive `flock` on it while the file is its own. `append` returns once the line is on
+stable storage (`fdatasync`), and the answer is sent only then. Many requests share one sync:
+whoever arrives while a sync is running waits for the next one, which covers every line written
+meanwhile (group commit), so under load an fsync costs each call a fraction of one.
+
+The audit trail's forwarder `seal`s the active segment (new records go to a fresh one), copies its
+records into the database in one transaction, then `discard`s it (unlink, then unlock). A segment
+whose process died (SIGKILL, out of memory, power cut) is no longer locked: any process of any
+instance sharing the folder `adopt`s it and forwards it the same way. Forwarding is idempotent
+(every record carries its own id, which the database keeps unique), so a crash between the
+database's commit and the unlink only replays records the database then ignores.
+
+What a segment holds: no patient id (only the keyed hash the database stores), but clinicians'
+free-text feedback comments as sent — protect the folder as you protect the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+log = logging.getLogger("cds_service.audit")
+
+SUFFIX = ".spool"
+
+
+class SpoolError(OSError):
+    """The spool cannot take a record (disk full, folder gone, I/O error)."""
+
+
+@dataclass
+class Segment:
+    path: Path
+    fd: int
+    records: int  # lines appended (or, for an adopted segment, found)
+
+    def read(self) -> list[dict]:
+        """Every complete record. A torn last line (a power cut mid-write) was never acknowledged."""
+        chunks = []
+        offset = 0
+        while chunk := os.pread(self.fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        records = []
+        for line in b"".join(chunks).split(b"\n"):
+            if not line:
+                continue
+            try:
+                records.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                log.warning("audit spool %s: an incomplete record skipped", self.path.name)
+        return records
+
+
+class Spool:
+    """One process's segments in `folder`: append (durably), seal, adopt others' orphans, discard."""
+
+    def __init__(self, folder: Path, *, fsync: bool = True) -> None:
+        self.folder = folder
+        self.fsync = fsync
+        self._cond = threading.Condition()
+        self._active: Segment | None = None
+        self._pid = os.getpid()
+        self._written = 0  # lines appended by this process (all segments)
+        self._synced = 0  # of those, known to be on stable storage
+        self._syncing = False
+
+    def append(self, line: bytes) -> None:
+        """Write one record (a JSON line) and return once it is on stable storage. SpoolError if not."""
+        with self._cond:
+            try:
+                segment = self._segment()
+                _write_all(segment.fd, line)
+            except OSError as exc:
+                raise SpoolError(exc.errno, f"audit spool write failed: {exc.strerror}") from None
+            segment.records += 1
+            self._written += 1
+            if not self.fsync:
+                return
+            mine = self._written
+            while self._synced < mine:
+                if self._syncing:
+                    self._cond.wait()  # a sync is running; the next one will cover this line
+                    continue
+                # Lead a sync for every line written so far, without holding the lock meanwhile.
+                self._syncing = True
+                fd, target = segment.fd, self._written
+                self._cond.release()
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    raise SpoolError(exc.errno, f"audit spool sync failed: {exc.strerror}") from None
+                finally:
+                    self._cond.acquire()
+                    self._syncing = False
+                    self._cond.notify_all()
+                self._synced = max(self._synced, target)
+
+    def seal(self) -> Segment | None:
+        """Stop appending to the active segment and hand it over (None when it holds nothing)."""
+        with self._cond:
+            segment = self._active
+            if segment is None or segment.records == 0 or self._pid != os.getpid():
+                return None
+            while self._syncing:  # its fd must stay open until that sync returns
+                self._cond.wait()
+            if self.fsync and self._synced < self._written:
+                # Lines whose writers are still waiting for a sync: done here, as the file is handed over.
+                try:
+                    os.fdatasync(segment.fd)
+                except OSError:
+                    return None  # keep appending here; those writers lead the sync and get the error
+                self._synced = self._written
+                self._cond.notify_all()
+            self._active = None
+            return segment
+
+    def adopt(self, exclude: set[Path]) -> Iterator[Segment]:
+        """Segments in the folder no live process holds (their writer died): each one, locked."""
+        try:
+            names = sorted(p for p in self.folder.iterdir() if p.suffix == SUFFIX)
+        except OSError:
+            return
+        for path in names:
+            active = self._active
+            if path in exclude or (active is not None and path == active.path):
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue  # discarded meanwhile by its forwarder
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_nlink == 0:  # forwarded and unlinked between listing and locking
+                    raise BlockingIOError
+            except OSError:
+                os.close(fd)
+                continue
+            yield Segment(path, fd, -1)
+
+    def discard(self, segment: Segment) -> None:
+        """Its records are in the database: remove it (unlink first, so nobody adopts it again)."""
+        try:
+            segment.path.unlink(missing_ok=True)
+        finally:
+            os.close(segment.fd)
+
+    def release(self, segment: Segment) -> None:
+        """Give a segment back unforwarded (its records stay on disk for whoever adopts it)."""
+        os.close(segment.fd)
+
+    def after_fork(self) -> None:
+        # The child inherited the parent's segment fd, and with it a share of its flock: closing the
+        # child's copy keeps the parent's segment adoptable once the parent is gone.
+        active = self._active
+        self._cond = threading.Condition()
+        self._active = None
+        self._syncing = False
+        self._written = self._synced = 0
+        if active is not None and self._pid != os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(active.fd)
+        self._pid = os.getpid()
+
+    def _segment(self) -> Segment:
+        # Called with the lock held. Opened lazily, in the process that writes (gunicorn forks first).
+        if self._active is not None and self._pid == os.getpid():
+            return self._active
+        self._pid = os.getpid()
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.folder / f"{os.getpid()}-{uuid.uuid4().hex}{SUFFIX}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self.fsync:
+                _sync_folder(self.folder)  # the new file's name must survive a power cut too
+        except OSError:
+            os.close(fd)
+            raise
+        self._active = Segment(path, fd, 0)
+        return self._active
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
