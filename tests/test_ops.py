@@ -48,6 +48,7 @@ def test_metrics_count_requests_cards_and_feedback(client):
     client.post(SERVICE_URL, json={"hook": "patient-view"})
     client.post(f"{SERVICE_URL}/feedback", json={"card": card["uuid"], "outcome": "overridden"})
     client.post("/cds-services/nope", json={})
+    assert client.application.extensions["cds.audit"].flush()  # feedback is counted as it is stored
     resp = client.get("/metrics")
     assert resp.status_code == 200 and resp.content_type.startswith("text/plain")
     after = resp.get_data(as_text=True)
