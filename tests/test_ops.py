@@ -10,6 +10,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -166,6 +167,13 @@ def test_serve_with_two_workers_sums_metrics_and_audits_every_call(tmp_path):
                     },
                 )
                 assert fb.status_code == 200, fb.text
+            # Feedback is counted as it is stored, a fraction of a second behind its 200.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                text = http.get(f"{base}/metrics", timeout=10).text
+                if _value(text, "cds_feedback_total", service="crc-metastases", outcome="accepted") == calls:
+                    break
+                time.sleep(0.1)
             # Each scrape may land on either worker; both must report the sum of all workers.
             scrapes = [http.get(f"{base}/metrics", timeout=10).text for _ in range(4)]
     finally:
