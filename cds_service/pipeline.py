@@ -21,6 +21,7 @@ from cds_service.clinical.scoring.lung import assess_lung
 from cds_service.fetch.prefetch import ChartSource, resolve_chart
 from cds_service.hooks.catalogue import Service
 from cds_service.hooks.models import HookRequest, parse_hook_request
+from cds_service.render.cards import DEFAULT_BASE_URL
 from cds_service.render.cards import answer as render_answer
 from cds_service.render.cards import preload as preload_cards
 from cds_service.settings import Settings
@@ -40,8 +41,17 @@ class Outcome:
 
 
 def evaluate(
-    request: HookRequest, service: Service, settings: Settings, today: dt.date, *, issuer: str | None = None
+    request: HookRequest,
+    service: Service,
+    settings: Settings,
+    today: dt.date,
+    *,
+    issuer: str | None = None,
+    base_url: str | None = None,
 ) -> Outcome:
+    """`issuer`: the client JWT's `iss`; `base_url`: where the request reached us, for the cards'
+    evidence-page links when CDS_PUBLIC_BASE_URL is not set (without either, the default `serve`
+    address)."""
     started = time.perf_counter()
     chart, source = resolve_chart(request, service, settings, issuer=issuer)
     facts = derive_facts(chart)
@@ -56,6 +66,7 @@ def evaluate(
         today=today,
         cea_max_age_days=settings.cea_max_age_days,
         unavailable=source.unavailable,
+        base_url=settings.public_base_url or base_url or DEFAULT_BASE_URL,
     )
     recommendations = [a.recommendation for a in assessments]
     return Outcome(doc, source, chart.size, time.perf_counter() - started, tuple(recommendations))
@@ -74,9 +85,15 @@ def warm_up() -> None:
 
 
 def answer(
-    body: Any, service: Service, settings: Settings, today: dt.date, *, issuer: str | None = None
+    body: Any,
+    service: Service,
+    settings: Settings,
+    today: dt.date,
+    *,
+    issuer: str | None = None,
+    base_url: str | None = None,
 ) -> Outcome:
     """Validate a decoded request body for `service` and evaluate it (`issuer`: the client JWT's
     `iss`, which chooses the fhirServer allowlist when it is set per issuer)."""
     request = parse_hook_request(body, service.hook)
-    return evaluate(request, service, settings, today, issuer=issuer)
+    return evaluate(request, service, settings, today, issuer=issuer, base_url=base_url)

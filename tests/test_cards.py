@@ -55,7 +55,8 @@ def test_factor_table_shows_value_date_and_source(client):
     cea = next(f for f in card["extension"]["crc-cds-assessment"]["factors"] if f["id"] == "cea_gt_5")
     assert cea["value"] == "12.4 ng/mL" and cea["date"] and cea["sources"]
     row = next(line for line in card["detail"].splitlines() if line.startswith("| Serum CEA"))
-    assert "12.4 ng/mL" in row and cea["date"] in row and md(cea["sources"][0]) in row
+    # The date with non-breaking hyphens: it never wraps in a narrow EHR panel.
+    assert "12.4 ng/mL" in row and cea["date"].replace("-", "\u2011") in row and md(cea["sources"][0]) in row
 
 
 def test_missing_cea_suggests_ordering_one(client):
@@ -94,11 +95,14 @@ def test_stale_cea_is_flagged(app, settings):
 
 
 def test_consider_nat_card_states_the_conflict_and_limits(client):
-    card = lung_card(_cards(client, FIXTURES / "01-lung-high-risk-all-four.json"))
+    card = lung_card(_cards(client, FIXTURES / "02-lung-moderate-cea-only.json"))  # metachronous, isolated
     assert card["indicator"] == "warning"
-    assert "2019 expert consensus" in card["detail"]
+    assert (
+        "Conflicting view" in card["detail"]
+        and "Chinese expert consensus, limited evidence" in card["detail"]
+    )
     assert "single-centre" in card["detail"]
-    assert "≤ 5 lung lesions" in card["detail"]
+    assert "≤ 5 metastatic lesions" in card["detail"]
     assert "RECIST 1.1" in card["detail"]
 
 
@@ -145,7 +149,7 @@ def test_hostile_text_that_reaches_the_card_is_escaped(client):
     }
     resp = client.post(SERVICE_URL, json=hook_body(_hostile_chart_with(unreadable_unit)))
     card = lung_card(resp.get_json()["cards"])
-    assert "Not used: CEA" in card["detail"]
+    assert "not used (" in card["detail"]
     assert not re.search(r"(?<!\\)<img", card["detail"]), "raw HTML reached the card"
     assert not re.search(r"(?<!\\)\[[^\]]*(?<!\\)\]\(", card["detail"]), (
         "a live Markdown link reached the card"
@@ -166,20 +170,20 @@ def _detail(*extra):
     return card.detail
 
 
-def test_one_non_liver_site_gets_the_staged_treatment_paragraph_with_its_name():
+def test_one_non_liver_site_gets_the_staged_treatment_line_with_its_name():
     detail = _detail(condition(ICD10CM, "C77.2", onset="2022-05-01", id="nodes"))
-    assert "Extrapulmonary organs: distant lymph nodes." in detail  # the organ's name, not its key
-    assert "**Lung and one other site (distant lymph nodes)**" in detail
-    assert "Lung and liver metastases" not in detail
+    assert "- Lung and distant lymph nodes: if both are curable, staged radical treatment" in detail
 
 
-def test_two_other_sites_or_a_liver_site_get_no_other_site_paragraph():
+def test_two_other_sites_get_no_staged_treatment_and_a_liver_site_gets_it():
     two = _detail(
         condition(SNOMED, BONE_MET_SNOMED, id="bone"), condition(SNOMED, BRAIN_MET_SNOMED, id="brain")
     )
-    assert "one other site" not in two
+    assert "staged radical treatment" not in two
+    # Two organs besides the lung, no lymphangitic spread: the lymphangitic wording is not the reason.
+    assert "systemic therapy is the mainstay" in two and "lymphangitic" not in two.split("\n")[0]
     liver = _detail(condition(SNOMED, LIVER_MET_SNOMED, id="liver"))
-    assert "Lung and liver metastases" in liver and "one other site" not in liver
+    assert "- Lung and liver: if both are curable, staged radical treatment" in liver
 
 
 def test_the_app_loads_card_templates_before_its_first_call(settings):

@@ -21,6 +21,7 @@ from cds_service.clinical.scoring.liver import FACTOR_IDS, assess_liver, recomme
 from cds_service.clinical.scoring.lung import assess_lung
 from cds_service.hooks.models import answer_json
 from cds_service.render.cards import liver_card
+from cds_service.render.evidence_pages import model_page
 
 from .builders import (
     BONE_MET_SNOMED,
@@ -692,7 +693,7 @@ def test_after_liver_local_therapy_no_advice_before_hepatectomy(therapy):
     c = card(*high_crs(therapy))
     assert c["indicator"] == "info"
     assert "before hepatectomy" not in c["summary"] + c["detail"]
-    assert "Local therapy done" in c["detail"] and therapy["id"] in c["detail"]
+    assert "- Done: " in c["detail"] and therapy["id"] in c["detail"]
 
 
 @pytest.mark.parametrize("status", ["preparation", "not-done", "entered-in-error"])
@@ -862,7 +863,7 @@ def test_summaries_stay_under_140_characters_with_long_reasons(resources):
 def test_extrahepatic_disease_line_beside_other_metastases():
     c = card(*high_crs(*other_organs(BONE_MET_SNOMED)))
     line = next(x for x in c["detail"].splitlines() if x.startswith("- Disease outside the liver"))
-    assert "bone" in line and "liver-only disease" in line and "excluded other metastases" in line
+    assert "bone" in line and "liver-only disease" in line and "excluded metastases elsewhere" in line
 
 
 def test_no_extrahepatic_line_for_liver_only_disease():
@@ -875,7 +876,7 @@ def test_lung_and_liver_card_names_the_lung_and_points_to_the_lung_card():
     c = card(*high_crs(lung_met(onset="2019-09-09")))
     line = next(x for x in c["detail"].splitlines() if x.startswith("- Disease outside the liver"))
     assert "lung" in line and "liver-only disease" in line
-    assert "**Lung and liver metastases**: see the lung card" in c["detail"]
+    assert "- Lung metastases too: see the lung card." in c["detail"]
 
 
 def test_lung_and_liver_card_names_the_lung_once():
@@ -905,8 +906,8 @@ def test_crs_0_to_2_wording_cites_esmo_2016_and_leaves_the_decision_to_the_mdt()
         == "Liver metastases: clinical risk score 0/5 (low) – upfront hepatectomy is the usual option"
     )
     detail = c["detail"]
-    assert "the usual option under the ESMO 2016 consensus" in detail
-    assert "Van Cutsem et al., Ann Oncol 2016" in detail
+    assert "resection without preoperative chemotherapy is the usual option" in detail
+    assert "(ESMO 2016)" in detail and assessment_json(c)["evidence"][0] == "esmo-2016-low-crs"
     assert "the MDT decides" in detail
     assert "studied CRS 3–5 only" in detail
     assert "remains standard" not in detail  # the unsourced phrase of clinical-logic §5
@@ -919,13 +920,14 @@ def test_bevacizumab_is_evidence_with_its_limits_not_the_recommendation():
     a, detail = assessment_json(c), c["detail"]
     assert a["recommendation"] == "consider-neoadjuvant-chemotherapy"
     assert "consider neoadjuvant chemotherapy before hepatectomy" in c["summary"]
-    # The figures (seed 002), the non-significant OS, and the limits.
-    for shown in ("66.95%", "51.15%", "41.5% vs 27.6%", "66.7% vs 57.0%, not significant", "≥ 5 weeks"):
-        assert shown in detail
-    assert "This is evidence, not a recommendation to add bevacizumab" in detail
-    assert "cetuximab" in detail and "New EPOC" in detail
-    assert "retrospective, not randomised" in detail
-    assert "liver-only metastases" in detail  # the cohort
+    # The key figure, the non-significant OS and the limits on the card; the rest on the evidence page.
+    assert "3-year PFS 41.5% vs 27.6%, OS not significantly different" in detail
+    assert "evidence, not a recommendation" in detail
+    assert "retrospective six-centre cohort" in detail and "liver-only disease" in detail
+    assert "chen-2025-bevacizumab" in a["evidence"]
+    page = model_page("fong-crs-liver").html
+    for shown in ("66.95%", "51.15%", "66.7% vs 57.0%", "≥ 5 weeks", "cetuximab", "New EPOC"):
+        assert shown in page
     # Never the recommendation: not in the summary, not in any suggestion.
     assert "bevacizumab" not in c["summary"].lower()
     for suggestion in c["suggestions"]:
@@ -944,10 +946,12 @@ def test_bevacizumab_never_in_a_summary_or_a_recommendation(recommendation):
 def test_complete_risk_data_card_names_what_is_missing():
     c = card(*CHARTS["complete-risk-data"])
     detail = c["detail"]
-    assert "- Missing: More than one liver metastasis" in detail
-    assert "- Missing: Largest liver metastasis > 5 cm" in detail
-    assert "the score is 2 (low: upfront hepatectomy usual); if present, up to 4" in detail
-    assert "Liver MRI gives lesion count and size" in detail
+    assert (
+        "- Next: obtain what is missing — More than one liver metastasis, Largest liver metastasis > 5 cm"
+        in detail
+    )
+    assert "- If absent, score 2: " in detail and "- If present, up to 4: " in detail
+    assert "liver MRI gives lesion count and size" in detail
 
 
 def test_systemic_therapy_first_card_shows_the_crs_for_information():
@@ -956,7 +960,7 @@ def test_systemic_therapy_first_card_shows_the_crs_for_information():
         "Liver metastases, not oligometastatic (metastases in 2 organs besides the liver) – systemic therapy "
         "first, MDT review"
     )
-    assert "shown for information" in c["detail"]
+    assert "the score is for information" in c["detail"].splitlines()[0]
     assert assessment_json(c)["score"] == {"min": 3, "max": 3}
 
 

@@ -22,6 +22,7 @@ from cds_service.hooks.models import Action, Card, Coding, Link, Source, Suggest
 from cds_service.jsonio import dumps
 from cds_service.paths import data_dir
 from cds_service.render.detail_view import liver_view, lung_view
+from cds_service.render.evidence import catalogue, cite, papers, say, statements
 from cds_service.render.markdown import environment, md, tidy
 
 TOPIC_SYSTEM = "urn:crc-cds:card-topic"
@@ -29,15 +30,14 @@ OVERRIDE_SYSTEM = "urn:crc-cds:override-reason"
 ASSESSMENT_KEY = "crc-cds-assessment"
 # Optional FHIR data the service could not read: (prefetch key, generic cause), in the service's order.
 Unavailable = tuple[tuple[str, str], ...]
+# Where cards link the evidence pages when neither CDS_PUBLIC_BASE_URL nor a request names the base
+# (`cds-service evaluate`): `serve` and `demo` listen there by default.
+DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
 
 @cache
 def _yaml(name: str) -> dict[str, Any]:
     return yaml.safe_load((data_dir("cards") / name).read_text(encoding="utf-8"))
-
-
-def evidence() -> dict[str, Any]:
-    return _yaml("evidence.yaml")["papers"]
 
 
 @cache
@@ -49,6 +49,11 @@ def _detail_template(name: str) -> jinja2.Template:
 @cache
 def _summary_template(spec_file: str, recommendation: str) -> jinja2.Template:
     return environment().from_string(_yaml(spec_file)["recommendations"][recommendation]["summary"])
+
+
+def evidence_page_url(base_url: str, model: str) -> str:
+    """The model's evidence page (service contract §2), absolute under the service's public base."""
+    return f"{base_url.rstrip('/')}/evidence/{model}"
 
 
 def _service_request(patient_id: str, code: dict[str, Any], reasons: list[str], note: str) -> dict[str, Any]:
@@ -67,15 +72,16 @@ def _service_request(patient_id: str, code: dict[str, Any], reasons: list[str], 
 
 
 def _assessment_json(model: str, a: Assessment, unavailable: Unavailable = ()) -> dict[str, Any]:
-    """The `crc-cds-assessment` extension (service contract §4)."""
-    doc = {
+    """The `crc-cds-assessment` extension (service contract §4); `evidence` is added once rendered."""
+    doc: dict[str, Any] = {
         "model": model,
         "recommendation": a.recommendation,
         "score": {"min": a.score_min, "max": a.score_max},
         "group": a.group,
         "factors": [f.assessment() for f in a.factors],
-        "cea_rule": a.cea.rule,
     }
+    if a.cea.result is not None:  # the rule that picked a CEA; with no CEA there is nothing it picked
+        doc["cea_rule"] = a.cea.rule
     if unavailable:
         doc["unavailable"] = [{"search": key, "reason": reason} for key, reason in unavailable]
     return doc
@@ -88,6 +94,22 @@ def _unavailable_view(view: dict[str, Any], unavailable: Unavailable) -> dict[st
     return view
 
 
+def _links(spec: dict[str, Any], cited: list[str], page_url: str) -> list[Link]:
+    """The model's paper, every paper a shown statement quotes, then the evidence page."""
+    keys = [spec["source_paper"]]
+    for statement_id in cited:
+        key = statements()[statement_id]["paper"]
+        if key not in keys:
+            keys.append(key)
+    links = [
+        Link(label=papers()[k]["label"], url=papers()[k]["url"], type="absolute")
+        for k in keys
+        if papers()[k]["url"]
+    ]
+    links.append(Link(label=spec["evidence_page_label"], url=page_url, type="absolute"))
+    return links
+
+
 def _card(
     spec_file: str,
     template: str,
@@ -97,21 +119,25 @@ def _card(
     reasons: list[str],
     suggest_cea: bool,
     hook_instance: str,
+    base_url: str,
 ) -> Card:
-    spec, papers = _yaml(spec_file), evidence()
+    spec = _yaml(spec_file)
     recommendation = assessment["recommendation"]
     rec = spec["recommendations"][recommendation]
-    paper = papers[spec["source_paper"]]
+    paper = papers()[spec["source_paper"]]
+    page_url = evidence_page_url(base_url, spec["model"])
+    detail, cited = cite(tidy(_detail_template(template).render(a=view, say=say, page_url=page_url)))
+    assessment["evidence"] = cited
     card = Card(
         summary=_summary_template(spec_file, recommendation).render(a=view),
-        detail=tidy(_detail_template(template).render(a=view, ev=papers)),
+        detail=detail,
         indicator=rec["indicator"],
         source=Source(
             label=paper["label"],
             url=paper["url"],
             topic=Coding(system=TOPIC_SYSTEM, code=spec["topic"]["code"], display=spec["topic"]["display"]),
         ),
-        links=[Link(label=papers[p]["label"], url=papers[p]["url"], type="absolute") for p in spec["links"]],
+        links=_links(spec, cited, page_url),
         overrideReasons=[
             Coding(system=OVERRIDE_SYSTEM, code=r["code"], display=r["display"])
             for r in spec["override_reasons"]
@@ -119,7 +145,7 @@ def _card(
         extension={ASSESSMENT_KEY: assessment},
     )
     # What makes this card this card: its words and its assessment (source, links and override
-    # reasons follow from the card spec and the recommendation, both named).
+    # reasons follow from the card spec, the recommendation and the statements it cites).
     content = dumps([spec_file, card.indicator, card.summary, card.detail, assessment], sort_keys=True)
     # Derived from hookInstance and content (a retried call gets the same uuids), and signed with the
     # deployment's key so any instance recognises its cards' feedback without the store (card_ids).
@@ -156,7 +182,7 @@ _LIVER = ("liver.yaml", "liver_detail.md.j2")
 
 def preload() -> None:
     """Read every card spec and compile every template now rather than on a first call."""
-    evidence()
+    catalogue()
     for spec_file, template in (_LUNG, _LIVER):
         _detail_template(template)
         for recommendation in _yaml(spec_file)["recommendations"]:
@@ -171,6 +197,8 @@ def lung_card(
     today: dt.date,
     cea_max_age_days: int,
     unavailable: Unavailable = (),
+    base_url: str = DEFAULT_BASE_URL,
+    may_order_cea: bool = True,
 ) -> Card:
     spec = _yaml(_LUNG[0])
     view = _unavailable_view(lung_view(a, facts, spec, today, cea_max_age_days), unavailable)
@@ -181,8 +209,9 @@ def lung_card(
         assessment,
         facts,
         list(a.lung_sources),
-        _needs_cea(a.cea, a.factors[0], view["cea_stale"]),
+        may_order_cea and _needs_cea(a.cea, a.factors[0], view["cea_stale"]),
         hook_instance,
+        base_url,
     )
 
 
@@ -194,6 +223,8 @@ def liver_card(
     today: dt.date,
     cea_max_age_days: int,
     unavailable: Unavailable = (),
+    base_url: str = DEFAULT_BASE_URL,
+    may_order_cea: bool = True,
 ) -> Card:
     spec = _yaml(_LIVER[0])
     view = _unavailable_view(liver_view(a, facts, spec, today, cea_max_age_days), unavailable)
@@ -205,8 +236,9 @@ def liver_card(
         assessment,
         facts,
         list(a.liver_sources),
-        _needs_cea(a.cea, cea_factor, view["cea_stale"]),
+        may_order_cea and _needs_cea(a.cea, cea_factor, view["cea_stale"]),
         hook_instance,
+        base_url,
     )
 
 
@@ -219,20 +251,27 @@ def answer(
     today: dt.date,
     cea_max_age_days: int,
     unavailable: Unavailable = (),
+    base_url: str = DEFAULT_BASE_URL,
 ) -> dict[str, Any]:
     """The hook's answer, `{"cards": [...]}`: the lung card first, then the liver card.
 
     `unavailable`: the optional FHIR data that could not be read, (prefetch key, generic cause).
+    One answer proposes each order once (clinical-logic §8.28): accepting two "Order serum CEA"
+    suggestions in an EHR would create two orders, so only the first card that wants one carries it.
     """
     context: dict[str, Any] = {
         "hook_instance": hook_instance,
         "today": today,
         "cea_max_age_days": cea_max_age_days,
         "unavailable": unavailable,
+        "base_url": base_url,
     }
     cards: list[Card] = []
     if lung is not None:
         cards.append(lung_card(lung, facts, **context))
+    cea_proposed = any(
+        s.uuid == _derived_uuid(c.uuid or "", "cea") for c in cards for s in c.suggestions or ()
+    )
     if liver is not None:
-        cards.append(liver_card(liver, facts, **context))
+        cards.append(liver_card(liver, facts, may_order_cea=not cea_proposed, **context))
     return answer_json(cards)

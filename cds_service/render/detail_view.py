@@ -7,6 +7,7 @@ cannot inject links or HTML into the EHR.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from cds_service.clinical.facts.model import UNREADABLE, DatedProcedure, PatientFacts
 from cds_service.clinical.knowledge.terminology import terminology
 from cds_service.clinical.knowledge.thresholds import group_of, lung_params
-from cds_service.clinical.scoring.factors import UNKNOWN, Assessment, Factor
+from cds_service.clinical.scoring.factors import ABSENT, PRESENT, UNKNOWN, Assessment, Factor
 from cds_service.clinical.scoring.liver import LiverAssessment
 from cds_service.clinical.scoring.lung import LungAssessment
 from cds_service.render.markdown import md
@@ -31,16 +32,41 @@ class FactorView:
     reason: str
 
 
+# SNOMED CT fully specified names end with a semantic tag, "(disorder)", "(qualifier value)": the FHIR
+# display should not carry it, but charts do; on a card it only nests parentheses.
+_SEMANTIC_TAG = re.compile(
+    r"\s*\((?:qualifier value|disorder|finding|procedure|morphologic abnormality|body structure|"
+    r"observable entity|regime/therapy|situation|tumor staging|staging scale)\)",
+    re.IGNORECASE,
+)
+NB_HYPHEN = "\u2011"  # a hyphen a line never breaks at: dates stay whole in a narrow side panel
+
+
+def day(date: dt.date | None) -> str:
+    """A date as the card shows it: ISO 8601 with non-breaking hyphens."""
+    return date.isoformat().replace("-", NB_HYPHEN) if date else "—"
+
+
+_ISO_DAY = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
+
+
+def clean(text: str) -> str:
+    """Chart text for a card: semantic tags dropped, made inert Markdown, dates kept whole."""
+    return _ISO_DAY.sub(f"\\1{NB_HYPHEN}\\2{NB_HYPHEN}\\3", md(_SEMANTIC_TAG.sub("", text)))
+
+
 def _factor_view(f: Factor, label: str) -> FactorView:
-    shown = f"*unknown: {md(f.reason or 'not in the chart')}*" if f.status == UNKNOWN else md(f.value or "")
+    shown = (
+        f"*unknown: {clean(f.reason or 'not in the chart')}*" if f.status == UNKNOWN else clean(f.value or "")
+    )
     return FactorView(
         id=f.id,
         label=label,
         status=f.status,
         value_or_reason=shown or "—",
-        date=f.date.isoformat() if f.date else "—",
+        date=day(f.date),
         sources=", ".join(md(s) for s in f.sources) or "—",
-        reason=md(f.reason or ""),
+        reason=clean(f.reason or ""),
     )
 
 
@@ -51,34 +77,34 @@ def _score_text(lo: int, hi: int) -> str:
 def common_view(
     a: Assessment, facts: PatientFacts, spec: dict, today: dt.date, max_age: int
 ) -> dict[str, Any]:
-    """What both cards show: the factor table, the CEA rule and what was not used."""
+    """What both cards show: the factor table, the CEA used and what was not used."""
     cea, labels, reasons_not_oligo = a.cea, spec["factor_labels"], a.reasons_not_oligometastatic
     result = cea.result
     age = (today - result.date).days if result and result.date else None
     lo, hi = a.score_min, a.score_max
+    notes = [
+        f"CEA {md(r.shown)}{' of ' + day(r.date) if r.date else ''} not used ({md(r.unreadable or '')})"
+        for r in cea.not_used
+    ]
+    if facts.skipped:
+        notes.append("not read, not valid FHIR: " + ", ".join(md(s) for s in facts.skipped))
     return {
         "factors": [_factor_view(f, labels[f.id]) for f in a.factors],
         "unknown_factors": [_factor_view(f, labels[f.id]) for f in a.unknown],
+        "unknown_labels": ", ".join(labels[f.id] for f in a.unknown),
         "score_min": lo,
         "score_max": hi,
         "score_text": _score_text(lo, hi),
         "group": a.group,
         "recommendation": a.recommendation,
-        "cea_rule": (
-            f"{md(cea.rule)} ({md(result.shown)}, {result.date.isoformat()})"
-            if result and result.date
-            else f"none ({md(cea.reason or 'no CEA')})"
-        ),
+        # The rule that picked the CEA, shown under the table; nothing when no CEA was picked.
+        "cea_rule": clean(cea.rule) if result is not None else "",
         "cea_stale": bool(cea.picked_latest and age is not None and age > max_age),
         "cea_age_days": age,
         "cea_max_age_days": max_age,
-        "cea_not_used": [
-            f"{md(r.shown)}{' of ' + r.date.isoformat() if r.date else ''} ({md(r.unreadable or '')})"
-            for r in cea.not_used
-        ],
-        "skipped": ", ".join(md(s) for s in facts.skipped),
+        "chart_notes": "; ".join(notes),
+        "not_oligo": "; ".join(md(r) for r in reasons_not_oligo),
         "not_oligo_short": reasons_not_oligo[0] if reasons_not_oligo else "",
-        "not_oligo_long": "; ".join(reasons_not_oligo),
         "mdt_line": spec["mdt_line"],
     }
 
@@ -87,35 +113,39 @@ def lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.date
     groups = lung_params().groups
     view = common_view(a, facts, spec, today, max_age)
     at_min, at_max = group_of(a.score_min, a.score_min, groups), group_of(a.score_max, a.score_max, groups)
+    organs = a.extrapulmonary_organs
+    extrapulmonary = next(f for f in a.factors if f.id == "extrapulmonary_metastases")
+    dfi = next(f for f in a.factors if f.id == "dfi_lt_24m")
+    oligometastatic = not a.reasons_not_oligometastatic
     view.update(
         {
-            "group_text": a.group if a.group != "undetermined" else f"{at_min}-to-{at_max}",
+            "group_text": a.group if a.group != "undetermined" else f"{at_min} to {at_max}",
             "group_at_min": at_min,
             "group_at_max": at_max,
-            "lung_detected": a.lung_detected.isoformat() if a.lung_detected else None,
             "timing": a.timing,
-            "extrapulmonary_organs": ", ".join(_organ_display(o) for o in a.extrapulmonary_organs),
-            # Seed 003 applies its lung-and-liver staging to one extrapulmonary site other than liver.
-            "staged_site": (
-                _organ_display(a.extrapulmonary_organs[0])
-                if not a.liver_involved and len(a.extrapulmonary_organs) == 1
-                else None
-            ),
-            "thoracic": [f"{md(m.display)} ({md(m.source or 'no id')})" for m in a.thoracic],
+            # Isolated (seed 003): no metastatic organ but the lung, as far as the chart can tell.
+            "isolated": extrapulmonary.status == ABSENT and oligometastatic,
+            "dfi_zero": dfi.status == PRESENT and (dfi.value or "").startswith("0 months"),
+            "many_organs": len(organs) > lung_params().max_extrapulmonary_organs,
+            "lymphangitic": bool(a.lymphangitic),
+            "pleural": bool(a.pleural),
+            # Seed 003 Table 4: lung and liver, or lung and one other organ, when oligometastatic.
+            "staged_site": _organ_display(organs[0]) if oligometastatic and len(organs) == 1 else None,
+            "thoracic": ", ".join(f"{clean(m.display)} ({md(m.source or 'no id')})" for m in a.thoracic),
             # Unreadable ones are listed with the other skipped resources.
-            "uncoded": [
+            "uncoded": ", ".join(
                 md(m.source or "a Condition without id") for m in a.uncoded_sites if m.display != UNREADABLE
-            ],
+            ),
             "local_therapy": _procedures_text(a.local_therapy_done),
             "liver_involved": a.liver_involved,
             "systemic": "; ".join(
-                f"{md(t.drug)} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')}; "
-                f"matched by {t.matched_by})"
+                f"{clean(t.drug)} from {day(t.start) if t.start else '(no date)'} ({md(t.source or 'no id')})"
                 for t in a.systemic
             ),
             "systemic_start": min((t.start for t in a.systemic if t.start), default=dt.date.min).isoformat(),
+            "systemic_start_day": day(min((t.start for t in a.systemic if t.start), default=None)),
             "planned": "; ".join(
-                f"{md(t.display)}{' ' + t.date.isoformat() if t.date else ''} ({md(t.source or 'no id')})"
+                f"{clean(t.display)}{' ' + day(t.date) if t.date else ''} ({md(t.source or 'no id')})"
                 for t in a.ablation_planned
             ),
             "planned_kind": "SBRT"
@@ -129,7 +159,7 @@ def lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.date
 
 def _procedures_text(procedures: Iterable[DatedProcedure]) -> str:
     return "; ".join(
-        f"{md(t.display)} {t.date.isoformat() if t.date else '(no date)'} ({md(t.source or 'no id')})"
+        f"{clean(t.display)} {day(t.date) if t.date else '(no date)'} ({md(t.source or 'no id')})"
         for t in procedures
     )
 
@@ -151,11 +181,10 @@ def liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.da
     view = common_view(a, facts, spec, today, max_age)
     view.update(
         {
-            "liver_detected": a.liver_detected.isoformat() if a.liver_detected else None,
             "extrahepatic": ", ".join(_organ_display(o) for o in a.extrahepatic_organs),
             "lung_involved": a.lung_involved,
             "systemic": "; ".join(
-                f"{md(t.drug)} from {t.start.isoformat() if t.start else '(no date)'} ({md(t.source or 'no id')})"
+                f"{clean(t.drug)} from {day(t.start) if t.start else '(no date)'} ({md(t.source or 'no id')})"
                 for t in facts.systemic_since("liver")
             ),
             "systemic_start": min((t.start for t in a.systemic if t.start), default=dt.date.min).isoformat(),

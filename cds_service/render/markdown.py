@@ -43,16 +43,23 @@ class _Environment(jinja2.Environment):
         return super().getattr(obj, attribute)
 
 
+def lower_first(text: str) -> str:
+    """A sentence continued after a semicolon: "Assess response…" → "assess response…"."""
+    return text[:1].lower() + text[1:]
+
+
 @cache
 def environment() -> jinja2.Environment:
     """Card templates: Markdown, not HTML, so no autoescape (chart text went through md() first)."""
-    return _Environment(
+    env = _Environment(
         loader=jinja2.FileSystemLoader(str(data_dir("cards"))),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["lower_first"] = lower_first
+    return env
 
 
 # Same as \n{3,}, but its literal prefix lets the regex engine skip ahead: ~10x faster on a card.

@@ -25,7 +25,7 @@ from cds_service.pipeline import answer, warm_up
 from cds_service.settings import Settings
 from cds_service.store.audit import AuditTrail
 from cds_service.store.database import open_store
-from cds_service.web import auth, ops
+from cds_service.web import auth, evidence, ops
 
 log = logging.getLogger("cds_service.app")  # the name operators filter on, kept across the move
 
@@ -104,7 +104,7 @@ def hook(service_id: str) -> Response:
     settings = _settings()
     auth.authenticate(request, settings)
     body = _body()
-    outcome = answer(body, service, settings, current_app.extensions["cds.today"]())
+    outcome = answer(body, service, settings, current_app.extensions["cds.today"](), request.host_url)
     log.info(
         "hook %s answered: %d card(s) %s, chart %d resources, %s, %.1f ms",
         service.id,
@@ -243,6 +243,7 @@ def create_app(
     auth.init_app(app, settings)  # the trusted issuers' key caches; warns when auth is off
     ops.init_app(app)
     app.register_blueprint(bp)
+    app.register_blueprint(evidence.bp)
     if demo_resources is not None:
         from cds_service.web.demo_fhir import create_fhir_blueprint
 
