@@ -104,7 +104,9 @@ def hook(service_id: str) -> Response:
     settings = _settings()
     auth.authenticate(request, settings)
     body = _body()
-    outcome = answer(body, service, settings, current_app.extensions["cds.today"](), request.host_url)
+    outcome = answer(
+        body, service, settings, current_app.extensions["cds.today"](), base_url=request.host_url
+    )
     log.info(
         "hook %s answered: %d card(s) %s, chart %d resources, %s, %.1f ms",
         service.id,
