@@ -270,7 +270,7 @@ def answer(
     if lung is not None:
         cards.append(lung_card(lung, facts, **context))
     cea_proposed = any(
-        s.uuid == _derived_uuid(c.uuid or "", "cea") for c in cards for s in c.suggestions or ()
+        s.uuid == card_ids.suggestion_uuid(c.uuid or "", "cea") for c in cards for s in c.suggestions or ()
     )
     if liver is not None:
         cards.append(liver_card(liver, facts, may_order_cea=not cea_proposed, **context))
