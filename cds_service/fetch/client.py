@@ -208,6 +208,7 @@ def run_tasks(
     reports: dict[str, SearchReport] = {}
     results: dict[str, dict[str, Any] | None] = {}
     fails: dict[str, Fail] = {}
+    bugs: list[BaseException] = []
     workers = Workers(budget, len(tasks), _PAGE_THREADS)
 
     def work(key: str, query: str, task: Task) -> None:
@@ -220,6 +221,10 @@ def run_tasks(
                 budget.abort.set()
             reports[key] = SearchReport(key, query, 0, 0, round(time.monotonic() - t0, 3), fail.cause)
             return
+        except BaseException as exc:
+            bugs.append(exc)  # a bug, not the FHIR server's doing: re-raised in the caller's thread
+            budget.abort.set()
+            raise
         count = (
             len(value.get("entry") or [])
             if value and value.get("resourceType") == "Bundle"
@@ -249,6 +254,9 @@ def run_tasks(
         for future in pending:
             key = futures[future]
             fails.setdefault(key, Fail("timeout", "timeout", detail="not finished within the budget"))
+            fails[key].timed_out = True
+    if bugs:
+        raise bugs[0]
     report = _report(tasks, reports, fails, required, started)
     if patient_key is not None and patient_key in results and results[patient_key] is None:
         raise PatientNotFound(
@@ -268,9 +276,9 @@ def _report(
     started: float,
 ) -> FetchReport:
     unavailable = {
-        key: fail.cause
+        key: "timeout" if fail.timed_out else fail.cause
         for key, fail in fails.items()
-        if key not in required and fail.cause in DEGRADABLE and not fail.fatal
+        if key not in required and (fail.cause in DEGRADABLE or fail.timed_out) and not fail.fatal
     }
     searches = []
     for key, (query, _) in tasks.items():

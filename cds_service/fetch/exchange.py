@@ -80,7 +80,7 @@ class Exchange:
                 url, headers=headers, timeout=remaining, stream=True, allow_redirects=False
             )
         except requests.RequestException as exc:
-            raise transport_failure(exc, past_deadline=self._past_deadline()) from None
+            raise transport_failure(exc, past_deadline=self._past_deadline(), answered=False) from None
 
     def _past_deadline(self) -> bool:
         return self.budget.abort.is_set() or time.monotonic() >= self.budget.deadline
@@ -158,7 +158,7 @@ class Exchange:
         except Fail:
             raise
         except Exception as exc:  # urllib3/socket errors, also from a socket we shut down
-            raise transport_failure(exc, past_deadline=self._past_deadline()) from None
+            raise transport_failure(exc, past_deadline=self._past_deadline(), answered=True) from None
         finally:
             response.close()
         return bytes(body)

@@ -35,13 +35,20 @@ class Fail(Exception):
     `detail` is for the operator's log and never holds upstream text."""
 
     def __init__(
-        self, cause: str, code: str = "incomplete", *, detail: str = "", fatal: bool = False
+        self,
+        cause: str,
+        code: str = "incomplete",
+        *,
+        detail: str = "",
+        fatal: bool = False,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(cause)
         self.cause = cause
         self.code = code
         self.detail = detail
         self.fatal = fatal  # ends the whole call (its budget is spent), optional search or not
+        self.timed_out = timed_out or cause == "timeout"  # an optional search just ran out of time
 
 
 class AddressRefused(OSError):
@@ -187,19 +194,23 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         )
 
 
-def transport_failure(exc: BaseException, *, past_deadline: bool) -> Fail:
-    """A generic cause for the EHR (closed port, non-HTTP peer, TLS and DNS failures all read
-    "connection failed"); the kind of failure, by exception class only, for the operator's log."""
+def transport_failure(exc: BaseException, *, past_deadline: bool, answered: bool) -> Fail:
+    """A generic cause for the EHR; the kind of failure (exception classes only) for the log.
+
+    Before the server has answered, a closed port, a peer that does not speak HTTP, a TLS failure
+    and a silent peer all read "connection failed": the service must not become a port scanner for
+    whoever can name a fhirServer. Once it has answered, running out of time is "timeout". Either
+    way `timed_out` tells an optional search that simply ran out of time (no data of that kind).
+    """
     causes = list(_causes(exc))
     if any(isinstance(c, AddressRefused) for c in causes):
         return Fail("refused (link-local or metadata address)", "security", detail="address policy")
-    kinds = sorted({type(c).__name__ for c in causes if not isinstance(c, str)})
-    detail = "/".join(kinds)[:200]
-    timed_out = isinstance(exc, requests.Timeout) or any(
-        isinstance(c, TimeoutError | urllib3.exceptions.TimeoutError)
+    detail = "/".join(sorted({type(c).__name__ for c in causes}))[:200]
+    timed_out = past_deadline or any(
+        isinstance(c, TimeoutError | urllib3.exceptions.TimeoutError | requests.Timeout)
         and not isinstance(c, urllib3.exceptions.NewConnectionError)
         for c in causes
     )
-    if past_deadline or timed_out:
-        return Fail("timeout", "timeout", detail=detail)
-    return Fail("connection failed", "exception", detail=detail)
+    if answered and timed_out:
+        return Fail("timeout", "timeout", detail=detail, timed_out=True)
+    return Fail("connection failed", "exception", detail=detail, timed_out=timed_out)
