@@ -507,3 +507,84 @@ def test_follow_next_links_failure_names_the_key(fhir: HTTPServer, base: str) ->
     first = bundle([condition(1)], fhir.url_for("/fhir/Condition") + "?page=2")
     with pytest.raises(FetchError, match=r"'conditions'.*HTTP 401"):
         follow_next_links(first, base, TOKEN, settings(), key="conditions")
+
+
+# --------------------------------------------------------------------------- paging and pacing
+
+
+def test_offset_pages_are_fetched_side_by_side(fhir: HTTPServer, base: str) -> None:
+    """A server that pages at 20 whatever _count says, numbering pages by offset (HAPI style)."""
+    total, size = 200, 20
+
+    def pages(request: Request) -> Response:
+        time.sleep(0.1)
+        offset = int(request.args.get("_getpagesoffset", "0"))
+        nxt = None
+        if offset + size < total:
+            nxt = fhir.url_for("/fhir") + f"?_getpages=abc&_getpagesoffset={offset + size}&_count={size}"
+        page = bundle([condition(i) for i in range(offset, min(total, offset + size))], nxt)
+        page["total"] = total
+        return fhir_response(page)
+
+    fhir.expect_request("/fhir/Condition").respond_with_handler(pages)
+    fhir.expect_request("/fhir").respond_with_handler(pages)
+    t0 = time.monotonic()
+    results, report = fetch(base, {"conditions": "Condition?patient=p1"}, cfg=settings(fhir_timeout_s=3))
+    elapsed = time.monotonic() - t0
+    assert [e["resource"]["id"] for e in results["conditions"]["entry"]] == [f"c{i}" for i in range(total)]
+    assert report.searches[0].pages == 10
+    assert elapsed < 0.6, f"10 pages of 0.1 s took {elapsed:.2f} s: fetched one after the other"
+    assert int(fhir.log[0][0].args["_count"]) >= 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"RateLimit-Reset": "1"},
+        {"RateLimit": '"default";r=0;t=1'},
+        {"RateLimit": "limit=10, remaining=0, reset=1"},
+    ],
+)
+def test_429_waits_for_the_ratelimit_reset(fhir: HTTPServer, base: str, headers: dict[str, str]) -> None:
+    answers = iter(
+        [Response("slow down", status=429, headers=headers), fhir_response(bundle([condition(1)]))]
+    )
+    fhir.expect_request("/fhir/Condition").respond_with_handler(lambda request: next(answers))
+    t0 = time.monotonic()
+    results, _ = fetch(base, {"conditions": "Condition?patient=p1"}, cfg=settings(fhir_timeout_s=3))
+    assert results["conditions"]["total"] == 1 and time.monotonic() - t0 >= 0.95
+
+
+def test_optional_search_refused_is_unavailable_not_a_failure(fhir: HTTPServer, base: str) -> None:
+    fhir.expect_request("/fhir/Condition").respond_with_json(bundle([condition(1)]))
+    fhir.expect_request("/fhir/BodyStructure").respond_with_response(Response("no", status=403))
+    results, report = fetch(
+        base,
+        {"conditions": "Condition?patient=p1", "bodystructures": "BodyStructure?patient=p1"},
+        required=("conditions",),
+    )
+    assert "bodystructures" not in results and report.unavailable == {"bodystructures": "HTTP 403"}
+    assert [s.outcome for s in report.searches] == ["ok", "unavailable: HTTP 403"]
+
+
+def test_optional_search_that_is_not_fhir_still_fails_the_call(fhir: HTTPServer, base: str) -> None:
+    fhir.expect_request("/fhir/BodyStructure").respond_with_response(Response("oops", status=500))
+    with pytest.raises(FetchError, match=r"'bodystructures' \(BodyStructure\): HTTP 500"):
+        fetch(base, {"bodystructures": "BodyStructure?patient=p1"}, required=())
+
+
+# --------------------------------------------------------------------------- allowlist per issuer
+
+
+def test_allowlist_per_trusted_issuer() -> None:
+    cfg = Settings(
+        fhir_server_allowlist='{"https://ehr-a.example/iss": ["https://a.example/fhir"], "*": "https://shared.example/r4"}'
+    )
+    assert check_fhir_server("https://a.example/fhir", cfg, "https://ehr-a.example/iss")
+    assert check_fhir_server("https://shared.example/r4/t1", cfg, "https://ehr-b.example/iss")
+    with pytest.raises(FetchError, match="ALLOWLIST"):
+        check_fhir_server("https://a.example/fhir", cfg, "https://ehr-b.example/iss")
+    # Auth off (no issuer): any server listed for any issuer.
+    assert check_fhir_server("https://a.example/fhir", cfg, None)
+    with pytest.raises(FetchError, match="ALLOWLIST"):
+        check_fhir_server("https://other.example/fhir", cfg, None)

@@ -60,7 +60,7 @@ _slots: tuple[int, _Slots] | None = None  # (pid, slots): a forked worker starts
 def process_slots(settings: Settings) -> _Slots:
     global _slots
     with _slots_lock:
-        if _slots is None or _slots[0] != os.getpid():
+        if _slots is None or _slots[0] != os.getpid() or _slots[1].total != settings.fhir_fetch_threads:
             _slots = (os.getpid(), _Slots(settings.fhir_fetch_threads))
         return _slots[1]
 

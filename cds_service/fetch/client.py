@@ -251,6 +251,8 @@ def run_tasks(
     if pending:
         # The budget is spent: wake every thread still reading and let it go.
         budget.tracker.close_all()
+        # Woken by their closed sockets, the threads record their own (generic) cause at once.
+        wait(pending, timeout=_GRACE_S)
         for future in pending:
             key = futures[future]
             fails.setdefault(key, Fail("timeout", "timeout", detail="not finished within the budget"))
@@ -275,10 +277,13 @@ def _report(
     required: Collection[str],
     started: float,
 ) -> FetchReport:
-    unavailable = {
+    unavailable = {  # in the service's order of searches, not the order they failed in
         key: "timeout" if fail.timed_out else fail.cause
-        for key, fail in fails.items()
-        if key not in required and (fail.cause in DEGRADABLE or fail.timed_out) and not fail.fatal
+        for key in tasks
+        if (fail := fails.get(key)) is not None
+        and key not in required
+        and (fail.cause in DEGRADABLE or fail.timed_out)
+        and not fail.fatal
     }
     searches = []
     for key, (query, _) in tasks.items():
