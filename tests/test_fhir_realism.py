@@ -16,7 +16,7 @@ import pytest
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
-from cds_service.cli.main import demo_resources
+from cds_service.cli.fixtures import demo_resources
 from cds_service.fetch.prefetch import resolve_chart
 from cds_service.hooks.catalogue import services
 from cds_service.hooks.models import parse_hook_request
