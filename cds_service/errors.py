@@ -74,6 +74,17 @@ class FetchBusy(FetchError):
         self.retry_after = retry_after
 
 
+class Overloaded(ServiceError):
+    """This worker is at its limit of calls waiting on FHIR servers (503; retry after `retry_after` s)."""
+
+    status = 503
+    issue_code = "transient"
+
+    def __init__(self, diagnostics: str, *, retry_after: int = 1) -> None:
+        super().__init__(diagnostics)
+        self.retry_after = retry_after
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     issue_code = "too-long"

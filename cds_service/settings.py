@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # second's records): for benchmarks and throwaway runs.
     audit_fsync: bool = True
     fhir_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    # Hook calls waiting on FHIR servers at once per worker process; the next is answered 503 with
+    # Retry-After. Unset: `serve` uses its threads less one (a thread stays free for /healthz).
+    max_fhir_calls: int | None = Field(default=None, ge=1)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     cea_max_age_days: int = Field(default=90, gt=0)
     # Outbound FHIR safety: http only to loopback unless explicitly allowed.

@@ -101,7 +101,8 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             "set CDS_PUBLIC_BASE_URL to the URL EHRs call (client JWTs name it in aud), "
             "or CDS_AUTH_REQUIRED=false on a trusted network"
         )
-    app = create_served_app(settings)
+    threads = args.threads or settings.threads
+    app = create_served_app(with_fhir_call_limit(settings, threads))
     run_gunicorn(
         app,
         settings,
@@ -109,9 +110,16 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers or settings.workers,
-        threads=args.threads or settings.threads,
+        threads=threads,
     )
     return 0
+
+
+def with_fhir_call_limit(settings: Settings, threads: int) -> Settings:
+    """Unless CDS_MAX_FHIR_CALLS says otherwise, a worker keeps one thread free of FHIR-bound calls."""
+    if settings.max_fhir_calls is not None:
+        return settings
+    return settings.model_copy(update={"max_fhir_calls": max(1, threads - 1)})
 
 
 def demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -148,6 +156,6 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
             f"-d '{json.dumps(body, separators=(',', ':'))}'"
         )
     print("\n".join(banner), flush=True)
-    app = create_served_app(settings, demo_resources=resources)
+    app = create_served_app(with_fhir_call_limit(settings, 8), demo_resources=resources)
     run_gunicorn(app, settings, "demo", host=args.host, port=args.port, workers=1, threads=8)
     return 0

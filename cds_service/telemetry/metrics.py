@@ -61,6 +61,9 @@ AUDIT_SPOOL_RECORDS = Gauge(
     "Audit records and feedback posts in the local spool, not yet in the database",
     multiprocess_mode="livesum",
 )
+SHED = Counter(
+    "cds_calls_shed_total", "Hook calls answered 503: the worker's FHIR-bound calls were at their limit"
+)
 
 
 def _never_raises(observe: Callable[P, None]) -> Callable[P, None]:
@@ -92,6 +95,11 @@ def observe_request(service: str, endpoint: str, status: int, seconds: float) ->
         )
     series[0].inc()
     series[1].observe(seconds)
+
+
+@_never_raises
+def count_shed() -> None:
+    SHED.inc()
 
 
 @_never_raises

@@ -26,6 +26,7 @@ from cds_service.settings import Settings
 from cds_service.store.audit import AuditTrail
 from cds_service.store.database import open_store
 from cds_service.web import auth, evidence, ops
+from cds_service.web.capacity import FhirGate, fhir_bound
 
 log = logging.getLogger("cds_service.app")  # the name operators filter on, kept across the move
 
@@ -104,9 +105,11 @@ def hook(service_id: str) -> Response:
     settings = _settings()
     auth.authenticate(request, settings)
     body = _body()
-    outcome = answer(
-        body, service, settings, current_app.extensions["cds.today"](), base_url=request.host_url
-    )
+    gate: FhirGate = current_app.extensions["cds.fhir_gate"]
+    with gate.admit(fhir_bound(body, service)):  # 503 when this worker's FHIR-bound calls are at their limit
+        outcome = answer(
+            body, service, settings, current_app.extensions["cds.today"](), base_url=request.host_url
+        )
     log.info(
         "hook %s answered: %d card(s) %s, chart %d resources, %s, %.1f ms",
         service.id,
@@ -242,6 +245,7 @@ def create_app(
     # Opens the audit/feedback store and migrates its schema to head (under a lock: store.migrate).
     app.extensions["cds.store"] = store = open_store(settings)
     app.extensions["cds.audit"] = AuditTrail(store)
+    app.extensions["cds.fhir_gate"] = FhirGate(settings.max_fhir_calls)
     auth.init_app(app, settings)  # the trusted issuers' key caches; warns when auth is off
     ops.init_app(app)
     app.register_blueprint(bp)
