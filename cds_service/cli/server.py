@@ -41,6 +41,7 @@ def run_gunicorn(
 ) -> None:
     from gunicorn.app.base import BaseApplication
 
+    from cds_service.cli.worker import Worker
     from cds_service.store import audit
     from cds_service.telemetry import metrics
     from cds_service.telemetry.logs import gunicorn_logconfig
@@ -58,19 +59,22 @@ def run_gunicorn(
         def load_config(self) -> None:
             self.cfg.set("bind", f"{host}:{port}")
             self.cfg.set("workers", workers)
-            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("worker_class", Worker)  # gthread, answering what it refuses in FHIR
             self.cfg.set("threads", threads)
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)
+            if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 25.1 opens one by default
+                self.cfg.set("control_socket_disable", True)
             self.cfg.set("logconfig_dict", logconfig)
             self.cfg.set("child_exit", child_exit)
             self.cfg.set("worker_exit", worker_exit)
             # Extra settings for operators, e.g. GUNICORN_CMD_ARGS="--workers 4 --keep-alive 5".
-            for key, value in (
-                self.cfg.parser().parse_args(os.environ.get("GUNICORN_CMD_ARGS", "").split()).__dict__.items()
-            ):
+            given = self.cfg.parser().parse_args(os.environ.get("GUNICORN_CMD_ARGS", "").split())
+            for key, value in given.__dict__.items():
                 if value is not None and key in self.cfg.settings and key != "args":
                     self.cfg.set(key, value)
+            if getattr(given, "control_socket", None) and not getattr(given, "control_socket_disable", None):
+                self.cfg.set("control_socket_disable", False)  # a path asked for: the operator wants it
 
         def load(self) -> Any:
             return app
