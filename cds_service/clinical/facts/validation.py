@@ -4,8 +4,11 @@ validate. A picked resource that is not valid FHIR is skipped and named, never g
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from cds_service.clinical.facts.model import PatientFacts
@@ -16,6 +19,24 @@ log = logging.getLogger("cds_service.facts")  # the name operators filter on, ke
 
 
 def validated(model: Any, resource: dict[str, Any], facts: PatientFacts) -> Any | None:
+    """The resource as a `model` instance (shared: read it, never change it), or None when it is
+    not valid FHIR (then logged and named in `facts.skipped`)."""
+    key = _content_key(model, resource)
+    outcome = OUTCOMES.get(key) if key is not None else None
+    if outcome is None:
+        outcome = _validate(model, resource)
+        if key is not None:
+            OUTCOMES.put(key, outcome)
+    if not isinstance(outcome, tuple):
+        return outcome
+    where = ref_of(resource) or json_str(resource.get("resourceType")) or "resource"
+    log.warning("skipped %s: not valid FHIR R4 (%s)", where, ", ".join(outcome))
+    facts.skipped.append(where)
+    return None
+
+
+def _validate(model: Any, resource: dict[str, Any]) -> Any:
+    """A `model` instance, or the problems (field paths) that make the resource invalid."""
     try:
         problems = _dates_not_strings(resource)
         if not problems:
@@ -26,10 +47,75 @@ def validated(model: Any, resource: dict[str, Any], facts: PatientFacts) -> Any 
     except (KeyError, TypeError, ValueError) as exc:
         # fhir.resources itself trips over some shapes (a contained resource of no known type).
         problems = [type(exc).__name__]
-    where = ref_of(resource) or json_str(resource.get("resourceType")) or "resource"
-    log.warning("skipped %s: not valid FHIR R4 (%s)", where, ", ".join(problems))
-    facts.skipped.append(where)
-    return None
+    return tuple(problems)
+
+
+# Validation with fhir.resources costs 0.3-0.5 ms a resource: most of a card call's own work. An EHR
+# sends the same resources again each time the chart is opened (patient-view), so each outcome is
+# kept by content. The key is the resource's exact JSON text, keys sorted: only an identical resource
+# gets a kept outcome back, whichever call or patient sent it, so what is accepted or refused is
+# what validating it again would give. Kept: the model (about 12 KB for a 1 KB resource) or the
+# problems, the least recently used dropped first, bounded in number and in bytes of JSON so that
+# no chart can make the cache large.
+CACHE_ENTRIES = 1024
+CACHE_JSON_BYTES = 2_000_000
+_LARGEST_KEPT = 64_000  # bytes of JSON: a larger resource is validated every time
+# What orjson would write as something JSON does not hold (a datetime, a str subclass) raises
+# instead; NaN and infinities, which it writes as null, are kept out by the null test below.
+_KEY_OPTIONS = (
+    orjson.OPT_SORT_KEYS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def _content_key(model: Any, resource: dict[str, Any]) -> tuple[Any, bytes] | None:
+    try:
+        text = orjson.dumps(resource, option=_KEY_OPTIONS)
+    except TypeError:  # beyond orjson: integers over 64 bits, lone surrogates, non-JSON values
+        return None
+    if len(text) > _LARGEST_KEPT or b"null" in text:
+        return None
+    return model, text
+
+
+class _Outcomes:
+    """A least-recently-used map, shared by a worker's threads."""
+
+    def __init__(self, entries: int, json_bytes: int) -> None:
+        self._entries, self._json_bytes = entries, json_bytes
+        self._kept: OrderedDict[tuple[Any, bytes], Any] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, bytes]) -> Any | None:
+        with self._lock:
+            outcome = self._kept.get(key)
+            if outcome is not None:
+                self._kept.move_to_end(key)
+            return outcome
+
+    def put(self, key: tuple[Any, bytes], outcome: Any) -> None:
+        with self._lock:
+            if key in self._kept:
+                return
+            self._kept[key] = outcome
+            self._size += len(key[1])
+            while len(self._kept) > self._entries or self._size > self._json_bytes:
+                (_, text), _ = self._kept.popitem(last=False)
+                self._size -= len(text)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
+            self._size = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+OUTCOMES = _Outcomes(CACHE_ENTRIES, CACHE_JSON_BYTES)
 
 
 # The date elements the facts are read from. FHIR JSON writes dates as strings; fhir.resources

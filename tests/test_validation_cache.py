@@ -1,0 +1,123 @@
+"""Validation outcomes kept by content: a resource seen before is not validated again, and what is
+accepted or refused stays what validating it again would give."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fhir.resources.R4B.condition import Condition
+
+from cds_service.clinical.facts import validation
+from cds_service.clinical.facts.derive import derive_facts
+from cds_service.clinical.facts.model import PatientFacts
+
+from .builders import PATIENT_ID, chart, crc, lung_met
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """Every resource fhir.resources validates as a Condition, from a cache emptied for the test."""
+    validation.OUTCOMES.clear()
+    seen: list[dict[str, Any]] = []
+    original = Condition.model_validate
+
+    def spy(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(obj)
+        return original(obj, *args, **kwargs)
+
+    monkeypatch.setattr(Condition, "model_validate", spy)
+    yield seen
+    validation.OUTCOMES.clear()
+
+
+def _facts() -> PatientFacts:
+    return PatientFacts(patient_id=PATIENT_ID)
+
+
+def test_an_identical_resource_is_validated_once_and_read_the_same(calls):
+    first = validation.validated(Condition, lung_met(), _facts())
+    again = validation.validated(Condition, copy.deepcopy(lung_met()), _facts())
+    assert len(calls) == 1
+    assert again is first and first is not None and first.id == "lung-met"
+
+
+def test_the_facts_of_a_chart_seen_again_are_the_same_without_validating_again(calls):
+    def facts() -> PatientFacts:
+        return derive_facts(chart(crc(), lung_met()))
+
+    before = facts()
+    validated_first_time = len(calls)
+    assert validated_first_time == 2
+    assert facts() == before
+    assert len(calls) == validated_first_time
+
+
+def test_a_resource_that_differs_in_one_value_is_validated_on_its_own(calls):
+    validation.validated(Condition, lung_met(onset="2021-01-10"), _facts())
+    later = validation.validated(Condition, lung_met(onset="2022-03-04"), _facts())
+    assert len(calls) == 2 and later is not None
+    assert later.onsetDateTime.isoformat().startswith("2022-03-04")
+
+
+def test_an_invalid_resource_is_refused_and_named_every_time(calls, caplog):
+    broken = lung_met()
+    broken["clinicalStatus"] = {"coding": True}
+    caplog.set_level(logging.WARNING, logger="cds_service.facts")
+    for _ in range(2):
+        facts = _facts()
+        assert validation.validated(Condition, copy.deepcopy(broken), facts) is None
+        assert facts.skipped == ["Condition/lung-met"]
+    assert len(calls) == 1
+    warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warnings) == 2 and warnings[0] == warnings[1]
+    assert "clinicalStatus" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), 10**30, "lone \ud800 surrogate"],
+    ids=["nan", "infinity", "int-beyond-64-bits", "lone-surrogate"],
+)
+def test_what_the_key_cannot_tell_apart_is_never_kept(calls, value):
+    # NaN and infinities would be written as null, like a null; the others cannot be written at all.
+    resource = lung_met()
+    resource["code"]["text"] = value
+    for _ in range(2):
+        validation.validated(Condition, copy.deepcopy(resource), _facts())
+    assert len(calls) == 2
+    assert len(validation.OUTCOMES) == 0
+
+
+def test_a_large_resource_is_validated_every_time(calls):
+    resource = lung_met()
+    resource["code"]["text"] = "x" * 70_000
+    for _ in range(2):
+        assert validation.validated(Condition, copy.deepcopy(resource), _facts()) is not None
+    assert len(calls) == 2
+
+
+def test_the_cache_is_bounded_in_entries_and_bytes():
+    outcomes = validation._Outcomes(entries=3, json_bytes=100)
+    for n in range(5):
+        outcomes.put((Condition, json.dumps({"n": n}).encode()), object())
+    assert len(outcomes) == 3
+    assert outcomes.get((Condition, b'{"n": 0}')) is None
+    assert outcomes.get((Condition, b'{"n": 4}')) is not None
+    outcomes.put((Condition, b"x" * 95), object())
+    assert len(outcomes) == 1  # the others went to stay within 100 bytes of JSON
+
+
+def test_the_least_recently_used_goes_first():
+    outcomes = validation._Outcomes(entries=2, json_bytes=1000)
+    kept = object()
+    outcomes.put((Condition, b"a"), kept)
+    outcomes.put((Condition, b"b"), object())
+    assert outcomes.get((Condition, b"a")) is kept  # used: now the most recent
+    outcomes.put((Condition, b"c"), object())
+    assert outcomes.get((Condition, b"a")) is kept
+    assert outcomes.get((Condition, b"b")) is None
