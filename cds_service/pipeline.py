@@ -55,8 +55,8 @@ def evaluate(
     started = time.perf_counter()
     chart, source = resolve_chart(request, service, settings, issuer=issuer)
     facts = derive_facts(chart)
-    lung = assess_lung(facts) if facts.in_scope else None
-    liver = assess_liver(facts, lung) if facts.in_scope else None
+    lung = assess_lung(facts, today=today) if facts.in_scope else None
+    liver = assess_liver(facts, lung, today=today) if facts.in_scope else None
     assessments: list[Assessment] = [a for a in (lung, liver) if a is not None]
     doc = render_answer(
         lung,

@@ -16,10 +16,17 @@ from cds_service.clinical.scoring.liver import assess_liver
 from cds_service.clinical.scoring.lung import assess_lung
 
 from .builders import (
+    BONE_MET_SNOMED,
     CPT,
     HEPATECTOMY_CPT,
+    ICD10CM,
+    LOINC,
+    SNOMED,
+    WEDGE_SNOMED,
     cea,
     chart,
+    concept,
+    condition,
     crc,
     liver_met,
     lung_met,
@@ -28,6 +35,7 @@ from .builders import (
     patient,
     procedure,
     resection,
+    tumor,
 )
 from .conftest import SERVICE_URL, hook_body
 
@@ -191,3 +199,245 @@ def test_results_of_different_days_are_never_a_tie(client):
     )
     assert _factor(card, "cea_gt_5")["sources"] == ["Observation/newer"]
     assert "without times" not in _assessment(card)["cea_rule"]
+
+
+# --- §8.26 metastases recorded only as text ----------------------------------------------------------
+
+
+def _text_condition(text: str, id: str = "text-met", **kw: Any) -> dict[str, Any]:
+    resource = condition(SNOMED, "0", id=id, **kw)
+    resource["code"] = {"text": text}
+    return resource
+
+
+def test_a_text_only_metastasis_never_brings_a_patient_into_scope(client):
+    assert _cards(client, crc(), resection(), _text_condition("Lung metastases, right lower lobe")) == []
+
+
+def test_a_text_only_metastasis_makes_the_extrapulmonary_factor_unknown_and_is_quoted(client):
+    card = _lung(client, crc(), resection(), lung_met(), _text_condition("Bone metastases T10, L2"))
+    f = _factor(card, "extrapulmonary_metastases")
+    assert f["status"] == "unknown" and "Bone metastases T10, L2" in f["reason"]
+    assert f["sources"] == ["Condition/text-met"]
+    context = {c["id"]: c for c in _assessment(card)["context"]}
+    assert "Bone metastases T10, L2" in context["uncoded-metastasis-entry"]["value"]
+    assert "Bone metastases T10, L2" in card["detail"]
+    assert "none in the chart" not in card["detail"]
+
+
+def test_a_text_only_entry_does_not_undo_a_coded_extrapulmonary_site(client):
+    card = _lung(
+        client,
+        crc(),
+        lung_met(),
+        condition(SNOMED, BONE_MET_SNOMED, onset="2021-01-10", id="bone"),
+        _text_condition("secondary malignancy of brain?"),
+    )
+    assert _factor(card, "extrapulmonary_metastases")["status"] == "present"
+
+
+def test_a_text_only_entry_makes_one_recorded_liver_lesion_unknown(client):
+    lesion = tumor(related="Condition/liver-met", id="t1")
+    one = _liver(client, crc(), liver_met(), lesion)
+    assert _factor(one, "multiple_liver_metastases")["status"] == "absent"
+    card = _liver(client, crc(), liver_met(), lesion, _text_condition("liver mets segments 2 and 7"))
+    f = _factor(card, "multiple_liver_metastases")
+    assert f["status"] == "unknown" and "liver mets segments 2 and 7" in f["reason"]
+
+
+def test_unrelated_text_and_refuted_text_entries_change_nothing(client):
+    card = _lung(
+        client,
+        crc(),
+        lung_met(),
+        _text_condition("Hypertension"),
+        _text_condition("Bone metastases", id="refuted-text", verification="refuted"),
+    )
+    assert _factor(card, "extrapulmonary_metastases")["status"] == "absent"
+
+
+# --- §8.27 context lines ------------------------------------------------------------------------------
+
+
+def _context(card: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["id"]: c for c in _assessment(card).get("context", [])}
+
+
+RIGHT_LUNG_MET = "353561000119103"
+LEFT_LUNG_MET = "353741000119106"
+
+
+def test_bilateral_lung_metastases_are_a_context_line_not_a_factor(client):
+    card = _lung(
+        client,
+        crc(),
+        resection(),
+        condition(SNOMED, RIGHT_LUNG_MET, onset="2021-01-10", id="right"),
+        condition(ICD10CM, "C78.02", onset="2021-01-10", id="left"),
+    )
+    line = _context(card)["bilateral-lung-metastases"]
+    assert line["sources"] == ["Condition/left", "Condition/right"] or set(line["sources"]) == {
+        "Condition/left",
+        "Condition/right",
+    }
+    one_side = _lung(client, crc(), resection(), condition(SNOMED, RIGHT_LUNG_MET, onset="2021-01-10"))
+    assert "bilateral-lung-metastases" not in _context(one_side)
+    assert _assessment(card)["score"] == _assessment(one_side)["score"]
+
+
+def test_bilateral_from_body_sites(client):
+    card = _lung(
+        client,
+        crc(),
+        lung_met(id="a", body_site="3341006"),
+        lung_met(id="b", body_site="44029006"),
+    )
+    assert "bilateral-lung-metastases" in _context(card)
+
+
+def test_age_over_70_is_shown_from_the_birth_date(client):
+    old = patient()
+    old["birthDate"] = "1940-05-01"
+    card = _lung(client, old, crc(), lung_met())
+    line = _context(card)["age-over-70"]
+    assert line["value"].startswith("age 8") and line["sources"] == ["Patient/p1"]
+    assert "age-over-70" not in _context(_lung(client, crc(), lung_met()))  # born 1960
+
+
+def test_rectal_primary(client):
+    card = _lung(client, condition(ICD10CM, "C20", onset="2019-01-10", id="rectum"), lung_met())
+    assert _context(card)["rectal-primary"]["sources"] == ["Condition/rectum"]
+    assert "rectal-primary" not in _context(_lung(client, crc(), lung_met()))
+
+
+def test_another_primary_cancer_including_primary_lung_cancer(client):
+    card = _lung(client, crc(), lung_met(), condition(ICD10CM, "C34.11", onset="2018-01-01", id="lungca"))
+    line = _context(card)["other-primary-cancer"]
+    assert line["sources"] == ["Condition/lungca"] and "origin" in line["value"]
+    # It is not a metastasis and changes no factor.
+    assert _factor(card, "extrapulmonary_metastases")["status"] == "absent"
+
+
+def test_systemic_therapy_before_the_metastasis_is_context(client):
+    card = _lung(
+        client, crc(), lung_met(onset="2021-01-10"), medication_request(authored="2019-03-01", id="adj")
+    )
+    line = _context(card)["prior-systemic-therapy"]
+    assert line["sources"] == ["MedicationRequest/adj"] and "2019-03-01" in line["value"]
+
+
+def test_unconfirmed_and_resolved_metastases(client):
+    provisional = _lung(client, crc(), lung_met(verification="provisional", id="prov"))
+    assert _context(provisional)["unconfirmed-metastasis"]["sources"] == ["Condition/prov"]
+    resolved = lung_met(id="res")
+    resolved["clinicalStatus"] = {
+        "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "resolved"}]
+    }
+    resolved["abatementDateTime"] = "2021-06-01"
+    card = _lung(client, crc(), resolved)
+    assert _context(card)["resolved-metastasis"]["sources"] == ["Condition/res"]
+    treated = _lung(client, crc(), resolved, procedure(SNOMED, WEDGE_SNOMED, performed="2021-03-01"))
+    assert "resolved-metastasis" not in _context(treated)
+
+
+def _variant(genes: list[str], value: str, id: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": id,
+        "status": "final",
+        "code": concept(LOINC, "69548-6"),
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": "2021-01-20",
+        "valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA9633-4", "display": value}]},
+        "component": [
+            {
+                "code": concept(LOINC, "48018-6"),
+                "valueCodeableConcept": {
+                    "coding": [{"system": "http://www.genenames.org/geneId", "code": g}]
+                },
+            }
+            for g in genes
+        ],
+    }
+
+
+def test_molecular_results_are_shown_when_charted(client):
+    msi = {
+        "resourceType": "Observation",
+        "id": "msi",
+        "status": "final",
+        "code": concept(LOINC, "81695-9"),
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": "2021-01-20",
+        "valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA14122-8", "display": "Stable"}]},
+    }
+    card = _lung(
+        client,
+        crc(),
+        lung_met(),
+        _variant(["HGNC:6407"], "Present", "kras"),
+        _variant(["HGNC:7989", "HGNC:1097"], "Absent", "nras-braf"),
+        _variant(["HGNC:3236"], "Present", "egfr"),  # another gene: not shown
+        msi,
+    )
+    line = _context(card)["molecular-status"]
+    assert set(line["sources"]) == {"Observation/kras", "Observation/nras-braf", "Observation/msi"}
+    assert "KRAS: Present" in line["value"] and "BRAF/NRAS: Absent" in line["value"]
+    assert "MSI: Stable" in line["value"]
+
+
+def test_no_molecular_results_is_one_line(client):
+    card = _lung(client, crc(), lung_met())
+    line = _context(card)["molecular-status"]
+    assert "not in the chart" in line["value"] and "sources" not in line
+    assert card["detail"].count("not in the chart") == 1
+    assert "suggestions" not in line
+
+
+def test_molecular_and_history_codes_are_in_the_observations_prefetch_template():
+    from cds_service.hooks.catalogue import services
+
+    template = next(iter(services().values())).prefetch["observations"]
+    for code in ("81695-9", "69548-6", "1287652008", "1098951000119108"):
+        assert code in template
+
+
+# --- §8.29 history of metastatic disease (mCODE HistoryOfMetastaticCancer) ------------------------------
+
+
+def _history(
+    code: str = "1098951000119108", *, value: bool | None = True, body_site: str | None = None, id: str = "hx"
+):
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": id,
+        "status": "final",
+        "code": concept(SNOMED, code),
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": "2020-06-01",
+    }
+    if value is not None:
+        resource["valueBoolean"] = value
+    if body_site is not None:
+        resource["bodySite"] = concept(SNOMED, body_site)
+    return resource
+
+
+def test_a_history_of_liver_metastases_counts_for_the_extrapulmonary_factor_but_makes_no_liver_card(client):
+    cards = _cards(client, crc(), lung_met(), _history())
+    assert [_assessment(c)["model"] for c in cards] == ["cai-2025-lung"]
+    f = _factor(cards[0], "extrapulmonary_metastases")
+    assert f["status"] == "present" and f["sources"] == ["Observation/hx"]
+
+
+def test_a_history_at_a_body_site_counts_and_a_denied_history_does_not(client):
+    bone = _lung(client, crc(), lung_met(), _history("1287652008", body_site="272673000"))
+    assert _factor(bone, "extrapulmonary_metastases")["status"] == "present"
+    denied = _lung(client, crc(), lung_met(), _history(value=False))
+    assert _factor(denied, "extrapulmonary_metastases")["status"] == "absent"
+    siteless = _lung(client, crc(), lung_met(), _history("1287652008"))
+    assert _factor(siteless, "extrapulmonary_metastases")["status"] == "absent"
+
+
+def test_a_history_never_brings_a_patient_into_scope(client):
+    assert _cards(client, crc(), _history()) == []

@@ -82,6 +82,9 @@ def _assessment_json(model: str, a: Assessment, unavailable: Unavailable = ()) -
     }
     if a.cea.result is not None:  # the rule that picked a CEA; with no CEA there is nothing it picked
         doc["cea_rule"] = a.cea.rule
+    context = getattr(a, "context", ())  # clinical-logic §8.27: shown, never scored
+    if context:
+        doc["context"] = [c.assessment() for c in context]
     if unavailable:
         doc["unavailable"] = [{"search": key, "reason": reason} for key, reason in unavailable]
     return doc

@@ -106,6 +106,11 @@ def common_view(
         "not_oligo": "; ".join(md(r) for r in reasons_not_oligo),
         "not_oligo_short": reasons_not_oligo[0] if reasons_not_oligo else "",
         "mdt_line": spec["mdt_line"],
+        # Context lines (clinical-logic §8.27): chart text inside them is escaped like all chart text.
+        "context": [
+            f"{md(c.value)}{' (' + ', '.join(md(s) for s in c.sources) + ')' if c.sources else ''}"
+            for c in getattr(a, "context", ())
+        ],
     }
 
 

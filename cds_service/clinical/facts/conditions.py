@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from fhir.resources.R4B.condition import Condition
 
 from cds_service.clinical.chart import Chart
 from cds_service.clinical.facts.dates import condition_date, condition_onset
-from cds_service.clinical.facts.model import UNREADABLE, Metastasis, NodalEvidence, PatientFacts
+from cds_service.clinical.facts.model import UNREADABLE, Entry, Metastasis, NodalEvidence, PatientFacts
+from cds_service.clinical.facts.rawjson import json_list
 from cds_service.clinical.facts.staging import kind_of, stage_value
 from cds_service.clinical.facts.validation import validated
-from cds_service.clinical.fhir_fields import codings, codings_of_list, raw_codings, ref_of
-from cds_service.clinical.knowledge.terminology import Terminology
+from cds_service.clinical.fhir_fields import codings, codings_of_list, display_of, raw_codings, ref_of
+from cds_service.clinical.knowledge.terminology import Coding, Terminology
 
 _EXCLUDED_VERIFICATION = {"entered-in-error", "refuted"}
 
@@ -27,8 +29,10 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
     onsets: list[dt.date] = []
     staged: list[Condition] = []
     for raw in chart.of_type("Condition"):
-        concept = term.condition_concept(raw_codings(raw.get("code")))
+        found = raw_codings(raw.get("code"))
+        concept = term.condition_concept(found)
         if concept is None:
+            _read_context_condition(raw, found, chart, term, facts)
             continue
         if not chart.claim(raw):
             continue
@@ -46,6 +50,8 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
         if concept.kind == "primary":
             if source:
                 facts.primaries.append(source)
+                if term.rectal_primary.any(found):
+                    facts.rectal_primary.append(source)
                 if raw.get("stage"):
                     staged.append(condition)
             if when:
@@ -72,9 +78,19 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
                 )
             )
             continue
+        status = _status(condition, term)
         if site is None:
-            facts.metastases.append(Metastasis(source, None, "site not coded", "unknown", when))
+            facts.metastases.append(
+                Metastasis(source, None, "site not coded", "unknown", when, status=status)
+            )
         else:
+            body_sites = codings_of_list(condition.bodySite)
+            side = None
+            if site.organ == "lung":
+                sides = [
+                    s for s, codes in term.lung_sides.items() if codes.any(found) or codes.any(body_sites)
+                ]
+                side = sides[0] if len(sides) == 1 else None
             facts.metastases.append(
                 Metastasis(
                     source,
@@ -83,7 +99,9 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
                     site.region,
                     when,
                     "site",
-                    frozenset(codings_of_list(condition.bodySite)),
+                    frozenset(body_sites),
+                    side,
+                    status,
                 )
             )
     facts.primary_diagnosis = min(primary_dates, default=None)
@@ -91,6 +109,46 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
     facts.primaries.sort()
     facts.metastases.sort(key=lambda m: (m.organ or "~", m.detected or dt.date.max, m.source or ""))
     return staged
+
+
+def _status(condition: Condition, term: Terminology) -> str | None:
+    """Unconfirmed (histology to confirm) or resolved (confirm current disease): context, §8.27."""
+    if _verification(condition) & term.unconfirmed_verification:
+        return "unconfirmed"
+    if {code for _, code in codings(condition.clinicalStatus)} & term.resolved_clinical:
+        return "resolved"
+    return None
+
+
+def _read_context_condition(
+    raw: dict[str, Any], found: list[Coding], chart: Chart, term: Terminology, facts: PatientFacts
+) -> None:
+    """A Condition that is neither the colorectal primary nor a coded metastasis: another primary
+    cancer (§8.27), or a metastasis recorded only as text (§8.26). Read from the raw JSON, cheap
+    tests first: most Conditions of a problem list are neither."""
+    other = term.other_primary_cancer.any(found)
+    text = None
+    if not other:
+        code = raw.get("code")
+        texts = [code.get("text")] if type(code) is dict else []
+        texts += [
+            c.get("display")
+            for c in json_list(code.get("coding") if type(code) is dict else None)
+            if type(c) is dict
+        ]
+        text = next((t for t in texts if type(t) is str and term.text_metastasis.search(t)), None)
+        if text is None:
+            return
+    if not chart.claim(raw):
+        return
+    condition = validated(Condition, raw, facts)
+    if condition is None or _verification(condition) & _EXCLUDED_VERIFICATION:
+        return
+    if other:
+        shown = display_of(condition.code) or "another cancer (coded)"
+        facts.other_primaries.append(Entry(ref_of(condition), shown, condition_date(condition)))
+    elif text is not None:
+        facts.text_metastases.append(Entry(ref_of(condition), text.strip(), condition_date(condition)))
 
 
 def read_condition_stages(staged: list[Condition], term: Terminology, facts: PatientFacts) -> None:

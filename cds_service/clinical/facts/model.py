@@ -18,6 +18,8 @@ class Metastasis:
     detected: dt.date | None
     kind: str = "site"  # site | lymphangitic | pleural-effusion
     body_sites: frozenset[Coding] = frozenset()  # Condition.bodySite codings (distinct lesions, §8.16)
+    side: str | None = None  # lung metastases: "left" | "right" when the code or body site says
+    status: str | None = None  # "unconfirmed" | "resolved" (context, §8.27), else None
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,15 @@ class SystemicTherapy:
     matched_by: str  # "RxNorm code" | "Medication ingredient" | "drug name" | "chemotherapy procedure code"
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A chart entry shown as context (clinical-logic §8.26, §8.27): where it is and what it says."""
+
+    source: str | None
+    text: str
+    date: dt.date | None = None
+
+
 @dataclass
 class PatientFacts:
     patient_id: str
@@ -101,6 +112,13 @@ class PatientFacts:
     tumors: list[Tumor] = field(default_factory=list)
     tumor_sizes: list[TumorSize] = field(default_factory=list)
     systemic: list[SystemicTherapy] = field(default_factory=list)
+    # Context (clinical-logic §8.26, §8.27, §8.29): shown on the card, never scored, never scope.
+    birth_date: dt.date | None = None
+    rectal_primary: list[str] = field(default_factory=list)  # sources
+    other_primaries: list[Entry] = field(default_factory=list)
+    text_metastases: list[Entry] = field(default_factory=list)  # metastases recorded only as text
+    history: list[Metastasis] = field(default_factory=list)  # mCODE HistoryOfMetastaticCancer
+    molecular: list[Entry] = field(default_factory=list)
 
     @property
     def has_crc(self) -> bool:

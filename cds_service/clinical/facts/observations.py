@@ -9,6 +9,7 @@ from typing import Any
 from fhir.resources.R4B.observation import Observation
 
 from cds_service.clinical.chart import Chart
+from cds_service.clinical.facts.context import read_history, read_molecular
 from cds_service.clinical.facts.model import CeaResult, PatientFacts
 from cds_service.clinical.facts.rawjson import json_str, measured_number
 from cds_service.clinical.facts.staging import OtherDiseases, read_staging
@@ -107,7 +108,13 @@ def read_observations(chart: Chart, term: Terminology, facts: PatientFacts) -> N
                 facts.cea.append(cea_from_raw(raw, term, unconvertible=kind == "unconvertible"))
             continue
         observation = validated(Observation, raw, facts)
-        if observation is not None and observation.status in term.tnm_statuses:
+        if observation is None:
+            continue
+        if what == "history":
+            read_history(observation, kind, term, facts)
+        elif what == "molecular":
+            read_molecular(observation, kind, term, facts)
+        elif observation.status in term.tnm_statuses:
             staging.append((observation, what, kind))
     sort_cea(facts.cea)
     read_staging(staging, term, facts, OtherDiseases(chart, term))

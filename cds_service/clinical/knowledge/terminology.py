@@ -132,6 +132,16 @@ class Terminology:
             self._condition_exact.update(dict.fromkeys(code_set.exact, concept))
             self._condition_icd.update(dict.fromkeys(code_set.icd10_prefixes, concept))
         self._icd10_systems = frozenset(self._systems["icd10"])
+        context = cond["context"]
+        self.rectal_primary = self.code_set(context["rectal_primary"])
+        self.other_primary_cancer = self.code_set(context["other_primary_cancer"])
+        self.lung_sides = {side: self.code_set(spec) for side, spec in context["lung_sides"].items()}
+        self.unconfirmed_verification = frozenset(context["unconfirmed_verification"])
+        self.resolved_clinical = frozenset(context["resolved_clinical"])
+        words = sorted((str(w) for w in cond["text_metastasis_keywords"]), key=len, reverse=True)
+        self.text_metastasis = re.compile(
+            r"(?<![\w-])(" + "|".join(re.escape(w) for w in words) + r")(?![\w-])", re.IGNORECASE
+        )
 
         self.primary_resection = self.code_set(proc["primary_resection"])
         self.local_excision = self.code_set(proc["local_excision"])
@@ -192,6 +202,17 @@ class Terminology:
         index.update(dict.fromkeys(self.cea_unconvertible.exact, ("cea", "unconvertible")))
         index.update(dict.fromkeys(self.cea_mass.exact, ("cea", "mass")))
         index.update(dict.fromkeys(self.code_set(obs["tumor_size"]).exact, ("size", "")))
+        history = obs["history_of_metastatic_cancer"]
+        self.history_any = self.code_set(history["any"])
+        self.history_organs = {organ: self.code_set(s) for organ, s in history["by_organ"].items()}
+        index.update(dict.fromkeys(self.history_any.exact, ("history", "")))
+        for organ, code_set in self.history_organs.items():
+            index.update(dict.fromkeys(code_set.exact, ("history", organ)))
+        molecular = obs["molecular"]
+        index.update(dict.fromkeys(self.code_set(molecular["msi"]).exact, ("molecular", "msi")))
+        index.update(dict.fromkeys(self.code_set(molecular["variant"]).exact, ("molecular", "variant")))
+        self.gene_studied = self.code_set(molecular["gene_studied"])
+        self.molecular_genes: dict[str, str] = {str(k): str(v) for k, v in molecular["genes"].items()}
         self.observation_index = index
         # Every Observation code the service reads: the prefetch and FHIR searches ask for these only.
         self.observation_codes: tuple[Coding, ...] = tuple(
@@ -202,6 +223,10 @@ class Terminology:
                 *obs["n_category"].values(),
                 *obs["stage_group"].values(),
                 obs["tumor_size"],
+                history["any"],
+                *history["by_organ"].values(),
+                molecular["msi"],
+                molecular["variant"],
             )
             for alias in ("loinc", "snomed")
             for code in spec.get(alias) or ()

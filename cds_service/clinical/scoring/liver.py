@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from cds_service.clinical.facts.model import DatedProcedure, PatientFacts, SystemicTherapy, Tumor, TumorSize
 from cds_service.clinical.knowledge.thresholds import LiverParams, group_of, liver_params
+from cds_service.clinical.scoring.context import ContextLine, context_lines
 from cds_service.clinical.scoring.factors import (
     ABSENT,
     PRESENT,
@@ -43,6 +44,7 @@ class LiverAssessment(Assessment):
     lung_involved: bool
     local_therapy_done: tuple[DatedProcedure, ...]
     systemic: tuple[SystemicTherapy, ...] = ()  # started on or after the liver-metastasis date
+    context: tuple[ContextLine, ...] = ()  # shown, never scored (clinical-logic §8.27)
 
 
 def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
@@ -128,6 +130,8 @@ def lesion_count_factor(facts: PatientFacts) -> Factor:
         return Factor(fid, PRESENT, f"{len(measured)} liver lesions measured on {when}", when, refs)
     if tumors:
         refs = tuple(t.source for t in tumors)
+        if len(tumors) == 1 and facts.text_metastases:
+            return _text_entry_unknown(fid, facts, "1 liver lesion recorded")
         status = PRESENT if len(tumors) > 1 else ABSENT
         return Factor(fid, status, f"{len(tumors)} liver lesion(s) recorded", None, refs)
     return Factor(
@@ -136,6 +140,18 @@ def lesion_count_factor(facts: PatientFacts) -> Factor:
         sources=tuple(m.source for m in conditions if m.source),
         reason="the chart does not say how many liver metastases there are (no Tumor "
         "BodyStructures or lesion sites)",
+    )
+
+
+def _text_entry_unknown(fid: str, facts: PatientFacts, value: str) -> Factor:
+    """A metastasis recorded only as text may be another liver lesion (§8.26): quoted, unknown."""
+    return Factor(
+        fid,
+        UNKNOWN,
+        value,
+        sources=tuple(e.source for e in facts.text_metastases if e.source),
+        reason="a chart entry recorded only as text may be another lesion: "
+        + "; ".join(f"“{e.text}”" for e in facts.text_metastases[:3]),
     )
 
 
@@ -207,7 +223,10 @@ def recommend(
 
 
 def assess_liver(
-    facts: PatientFacts, lung: Assessment | None, params: LiverParams | None = None
+    facts: PatientFacts,
+    lung: Assessment | None,
+    params: LiverParams | None = None,
+    today: dt.date | None = None,
 ) -> LiverAssessment | None:
     """`lung`: the chart's lung assessment, if any; only its oligometastatic verdict is used."""
     params = params or liver_params()
@@ -280,4 +299,5 @@ def assess_liver(
         lung_involved=bool(facts.sites("lung")),
         local_therapy_done=done,
         systemic=systemic,
+        context=context_lines(facts, "liver", today),
     )

@@ -16,6 +16,7 @@ from cds_service.clinical.facts.model import (
     SystemicTherapy,
 )
 from cds_service.clinical.knowledge.thresholds import LungParams, group_of, lung_params
+from cds_service.clinical.scoring.context import ContextLine, context_lines
 from cds_service.clinical.scoring.factors import (
     ABSENT,
     PRESENT,
@@ -48,13 +49,18 @@ class LungAssessment(Assessment):
     lung_sources: tuple[str, ...]
     timing: str | None  # synchronous | metachronous | None
     liver_involved: bool
+    context: tuple[ContextLine, ...] = ()  # shown, never scored (clinical-logic §8.27)
 
 
 def extrapulmonary_factor(facts: PatientFacts) -> tuple[Factor, tuple[str, ...]]:
-    """Metastases outside the chest, by organ; thoracic sites do not count (terminology decisions)."""
-    sites = [m for m in facts.metastases if m.region == "extrapulmonary" and m.kind == "site"]
-    organs = tuple(sorted({m.organ for m in sites if m.organ}))
-    if organs:
+    """Metastases outside the chest, by organ; thoracic sites do not count (terminology decisions).
+
+    A recorded history of extrapulmonary metastases counts for the factor (clinical-logic §8.29) but
+    not among the organs that decide oligometastatic disease, which are the current sites."""
+    current = [m for m in facts.metastases if m.region == "extrapulmonary" and m.kind == "site"]
+    organs = tuple(sorted({m.organ for m in current if m.organ}))
+    sites = current + [m for m in facts.history if m.region == "extrapulmonary"]
+    if sites:
         first = min((m.detected for m in sites if m.detected), default=None)
         sources = tuple(sorted({m.source for m in sites if m.source}))
         displays = sorted({m.display for m in sites})
@@ -68,6 +74,15 @@ def extrapulmonary_factor(facts: PatientFacts) -> tuple[Factor, tuple[str, ...]]
             sources=tuple(m.source for m in uncoded if m.source),
             reason=f"a metastasis Condition {'is not valid FHIR R4' if unreadable else 'has no coded site'}, "
             "so it may lie outside the lung",
+        ), ()
+    if facts.text_metastases:
+        # Recorded only as text (§8.26): it may name a site outside the lung; quoted on the card.
+        return Factor(
+            "extrapulmonary_metastases",
+            UNKNOWN,
+            sources=tuple(e.source for e in facts.text_metastases if e.source),
+            reason="a chart entry recorded only as text may be a metastasis outside the lung: "
+            + "; ".join(f"“{e.text}”" for e in facts.text_metastases[:3]),
         ), ()
     return Factor("extrapulmonary_metastases", ABSENT, "none in the chart"), ()
 
@@ -106,8 +121,11 @@ def recommend(
     return "complete-risk-data"
 
 
-def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAssessment | None:
-    """The lung card's assessment; None when the chart has no lung metastasis."""
+def assess_lung(
+    facts: PatientFacts, params: LungParams | None = None, today: dt.date | None = None
+) -> LungAssessment | None:
+    """The lung card's assessment; None when the chart has no lung metastasis. `today` dates the
+    patient's age for the context lines (none without it)."""
     params = params or lung_params()
     if not facts.sites("lung"):
         return None
@@ -174,4 +192,5 @@ def assess_lung(facts: PatientFacts, params: LungParams | None = None) -> LungAs
         timing=timing(facts, detected, params),
         liver_involved=bool(facts.sites("liver")),
         reasons_not_oligometastatic=tuple(reasons),
+        context=context_lines(facts, "lung", today),
     )

@@ -1,0 +1,114 @@
+"""What a card shows but never scores (clinical-logic §8.27): one short line each, with its source.
+
+Pure: PatientFacts in, ContextLine tuple out. The ids are the assessment's `context` ids.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cds_service.clinical.facts.model import PatientFacts
+
+AGE_LIMIT_YEARS = 70  # seed 003 Table 1 (age over 70 weighs on the choice of treatment)
+
+
+@dataclass(frozen=True)
+class ContextLine:
+    id: str
+    value: str
+    sources: tuple[str, ...] = ()
+
+    def assessment(self) -> dict:
+        return {"id": self.id, "value": self.value, "sources": list(self.sources)}
+
+
+def _age(born: dt.date, today: dt.date) -> int:
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+def _refs(*sources: str | None) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(s for s in sources if s))
+
+
+def context_lines(facts: PatientFacts, organ: str, today: dt.date | None) -> tuple[ContextLine, ...]:
+    """The context lines of the `organ` ("lung" | "liver") card, in a fixed order."""
+    lines: list[ContextLine] = []
+    detected, _ = facts.detected(organ)
+    if organ == "lung":
+        sides = {m.side for m in facts.sites("lung") if m.side}
+        if {"left", "right"} <= sides:
+            refs = _refs(*(m.source for m in facts.sites("lung") if m.side))
+            lines.append(ContextLine("bilateral-lung-metastases", "lung metastases on both sides", refs))
+    if today is not None and facts.birth_date is not None:
+        age = _age(facts.birth_date, today)
+        if age > AGE_LIMIT_YEARS:
+            lines.append(ContextLine("age-over-70", f"age {age}", _refs(f"Patient/{facts.patient_id}")))
+    if facts.rectal_primary:
+        lines.append(ContextLine("rectal-primary", "rectal primary", _refs(*facts.rectal_primary)))
+    if facts.other_primaries:
+        names = "; ".join(e.text for e in facts.other_primaries[:3])
+        why = "confirm the lung lesions' origin" if organ == "lung" else "confirm the liver lesions' origin"
+        lines.append(
+            ContextLine(
+                "other-primary-cancer",
+                f"another primary cancer in the chart ({names}): {why}",
+                _refs(*(e.source for e in facts.other_primaries)),
+            )
+        )
+    before = [
+        t for t in facts.systemic if t.start is not None and detected is not None and t.start < detected
+    ]
+    if before:
+        drugs = ", ".join(dict.fromkeys(t.drug for t in before))
+        lines.append(
+            ContextLine(
+                "prior-systemic-therapy",
+                f"systemic therapy before the {organ} metastases ({drugs}, from {before[0].start})",
+                _refs(*(t.source for t in before)),
+            )
+        )
+    unconfirmed = [m for m in facts.metastases if m.status == "unconfirmed"]
+    if unconfirmed:
+        lines.append(
+            ContextLine(
+                "unconfirmed-metastasis",
+                "metastasis recorded as provisional or unconfirmed: histology to confirm",
+                _refs(*(m.source for m in unconfirmed)),
+            )
+        )
+    resolved = [
+        m
+        for m in facts.metastases
+        if m.status == "resolved" and not facts.therapies(m.organ or "", done=True)
+    ]
+    if resolved:
+        lines.append(
+            ContextLine(
+                "resolved-metastasis",
+                "metastasis recorded as resolved with no local therapy in the chart: confirm current disease",
+                _refs(*(m.source for m in resolved)),
+            )
+        )
+    if organ == "lung":
+        thoracic = [m for m in facts.metastases if m.region == "thoracic" and m.organ != "pleura"]
+        if thoracic:
+            names = ", ".join(dict.fromkeys(m.display for m in thoracic))
+            lines.append(ContextLine("thoracic-nodes", names, _refs(*(m.source for m in thoracic))))
+    if facts.text_metastases:
+        quoted = "; ".join(f"“{e.text}”" for e in facts.text_metastases[:3])
+        lines.append(
+            ContextLine(
+                "uncoded-metastasis-entry",
+                f"metastasis recorded only as text: {quoted}",
+                _refs(*(e.source for e in facts.text_metastases)),
+            )
+        )
+    if facts.molecular:
+        results = "; ".join(f"{e.text}{f' ({e.date})' if e.date else ''}" for e in facts.molecular[:4])
+        lines.append(ContextLine("molecular-status", results, _refs(*(e.source for e in facts.molecular))))
+    else:
+        lines.append(
+            ContextLine("molecular-status", "KRAS/NRAS/BRAF and MSI/MMR results are not in the chart")
+        )
+    return tuple(lines)
