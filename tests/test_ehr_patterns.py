@@ -313,7 +313,7 @@ def test_rectal_primary(client):
 def test_another_primary_cancer_including_primary_lung_cancer(client):
     card = _lung(client, crc(), lung_met(), condition(ICD10CM, "C34.11", onset="2018-01-01", id="lungca"))
     line = _context(card)["other-primary-cancer"]
-    assert line["sources"] == ["Condition/lungca"] and "origin" in line["value"]
+    assert line["sources"] == ["Condition/lungca"] and "histology to confirm" in line["value"]
     # It is not a metastasis and changes no factor.
     assert _factor(card, "extrapulmonary_metastases")["status"] == "absent"
 

@@ -48,7 +48,7 @@ def context_lines(facts: PatientFacts, organ: str, today: dt.date | None) -> tup
         lines.append(ContextLine("rectal-primary", "rectal primary", _refs(*facts.rectal_primary)))
     if facts.other_primaries:
         names = "; ".join(e.text for e in facts.other_primaries[:3])
-        why = "confirm the lung lesions' origin" if organ == "lung" else "confirm the liver lesions' origin"
+        why = f"histology to confirm that the {organ} metastases come from the colorectal cancer"
         lines.append(
             ContextLine(
                 "other-primary-cancer",
