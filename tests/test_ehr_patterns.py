@@ -313,7 +313,7 @@ def test_rectal_primary(client):
 def test_another_primary_cancer_including_primary_lung_cancer(client):
     card = _lung(client, crc(), lung_met(), condition(ICD10CM, "C34.11", onset="2018-01-01", id="lungca"))
     line = _context(card)["other-primary-cancer"]
-    assert line["sources"] == ["Condition/lungca"] and "histology to confirm" in line["value"]
+    assert line["sources"] == ["Condition/lungca"] and "confirm by histology" in line["value"]
     # It is not a metastasis and changes no factor.
     assert _factor(card, "extrapulmonary_metastases")["status"] == "absent"
 
@@ -441,3 +441,34 @@ def test_a_history_at_a_body_site_counts_and_a_denied_history_does_not(client):
 
 def test_a_history_never_brings_a_patient_into_scope(client):
     assert _cards(client, crc(), _history()) == []
+
+
+def test_many_context_lines_keep_the_card_within_2000_characters(client):
+    old = patient()
+    old["birthDate"] = "1938-02-01"
+    card = _lung(
+        client,
+        old,
+        condition(ICD10CM, "C20", onset="2019-01-10", id="rectum"),
+        condition(SNOMED, RIGHT_LUNG_MET, onset="2021-01-10", id="right", verification="provisional"),
+        condition(ICD10CM, "C78.02", onset="2021-01-10", id="left"),
+        condition(ICD10CM, "C77.1", onset="2021-01-10", id="nodes"),
+        condition(ICD10CM, "C34.11", onset="2015-01-01", id="lungca"),
+        condition(ICD10CM, "C50.911", onset="2012-01-01", id="breast"),
+        _text_condition("Bone metastases T10, L2 — " + "vertebral body involvement " * 8),
+        medication_request(authored="2019-03-01", id="adj"),
+    )
+    ids = [c["id"] for c in _assessment(card)["context"]]
+    assert ids == [
+        "bilateral-lung-metastases",
+        "age-over-70",
+        "rectal-primary",
+        "other-primary-cancer",
+        "prior-systemic-therapy",
+        "unconfirmed-metastasis",
+        "thoracic-nodes",
+        "uncoded-metastasis-entry",
+        "molecular-status",
+    ]
+    assert len(card["detail"]) <= 2000
+    assert "more in the card's assessment" in card["detail"]

@@ -113,6 +113,10 @@ def _links(spec: dict[str, Any], cited: list[str], page_url: str) -> list[Link]:
     return links
 
 
+MAX_DETAIL_CHARS = 2000  # clinical-logic §7
+_MORE_CONTEXT = "more in the card's assessment"
+
+
 def _card(
     spec_file: str,
     template: str,
@@ -130,6 +134,13 @@ def _card(
     paper = papers()[spec["source_paper"]]
     page_url = evidence_page_url(base_url, spec["model"])
     detail, cited = cite(tidy(_detail_template(template).render(a=view, say=say, page_url=page_url)))
+    # The context lines give way first when a card would pass its 2,000 characters (clinical-logic
+    # §7): those left out stay in the assessment's `context`, which the card then points to.
+    context = list(view.get("context") or [])
+    while len(detail) > MAX_DETAIL_CHARS and context and context != [_MORE_CONTEXT]:
+        context = [*context[: -2 if context[-1] == _MORE_CONTEXT else -1], _MORE_CONTEXT]
+        view = {**view, "context": context}
+        detail, cited = cite(tidy(_detail_template(template).render(a=view, say=say, page_url=page_url)))
     assessment["evidence"] = cited
     card = Card(
         summary=_summary_template(spec_file, recommendation).render(a=view),

@@ -106,12 +106,18 @@ def common_view(
         "not_oligo": "; ".join(md(r) for r in reasons_not_oligo),
         "not_oligo_short": reasons_not_oligo[0] if reasons_not_oligo else "",
         "mdt_line": spec["mdt_line"],
-        # Context lines (clinical-logic §8.27): chart text inside them is escaped like all chart text.
-        "context": [
-            f"{md(c.value)}{' (' + ', '.join(md(s) for s in c.sources) + ')' if c.sources else ''}"
-            for c in getattr(a, "context", ())
-        ],
+        "context": _context_lines(getattr(a, "context", ())),
     }
+
+
+def _context_lines(lines: Iterable[Any]) -> list[str]:
+    """Context lines (clinical-logic §8.27) with their sources; chart text escaped like all chart text.
+    cards._card leaves the last ones out when the card would be too long."""
+    return [
+        f"{md(c.value)}{' (' + ', '.join(md(s) for s in c.sources) + ')' if c.sources else ''}"
+        for c in lines
+        if c.id != "thoracic-nodes"  # the card has its own line for them, with the evidence
+    ]
 
 
 def lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.date, max_age: int) -> dict:

@@ -23,6 +23,15 @@ class ContextLine:
         return {"id": self.id, "value": self.value, "sources": list(self.sources)}
 
 
+QUOTE_CHARS = 80  # a chart entry is quoted up to this many characters
+
+
+def quoted(texts: list[str]) -> str:
+    """Chart entries as the card quotes them: at most three, each cut to QUOTE_CHARS."""
+    cut = [t if len(t) <= QUOTE_CHARS else t[: QUOTE_CHARS - 1].rstrip() + "…" for t in texts[:3]]
+    return "; ".join(f"“{t}”" for t in cut)
+
+
 def _age(born: dt.date, today: dt.date) -> int:
     return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
 
@@ -47,12 +56,12 @@ def context_lines(facts: PatientFacts, organ: str, today: dt.date | None) -> tup
     if facts.rectal_primary:
         lines.append(ContextLine("rectal-primary", "rectal primary", _refs(*facts.rectal_primary)))
     if facts.other_primaries:
-        names = "; ".join(e.text for e in facts.other_primaries[:3])
-        why = f"histology to confirm that the {organ} metastases come from the colorectal cancer"
+        names = "; ".join(e.text for e in facts.other_primaries[:2])
+        why = f"confirm by histology that the {organ} metastases are colorectal"
         lines.append(
             ContextLine(
                 "other-primary-cancer",
-                f"another primary cancer in the chart ({names}): {why}",
+                f"another primary cancer ({names}): {why}",
                 _refs(*(e.source for e in facts.other_primaries)),
             )
         )
@@ -96,11 +105,10 @@ def context_lines(facts: PatientFacts, organ: str, today: dt.date | None) -> tup
             names = ", ".join(dict.fromkeys(m.display for m in thoracic))
             lines.append(ContextLine("thoracic-nodes", names, _refs(*(m.source for m in thoracic))))
     if facts.text_metastases:
-        quoted = "; ".join(f"“{e.text}”" for e in facts.text_metastases[:3])
         lines.append(
             ContextLine(
                 "uncoded-metastasis-entry",
-                f"metastasis recorded only as text: {quoted}",
+                f"metastasis recorded only as text: {quoted([e.text for e in facts.text_metastases])}",
                 _refs(*(e.source for e in facts.text_metastases)),
             )
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from cds_service.clinical.facts.model import DatedProcedure, PatientFacts, SystemicTherapy, Tumor, TumorSize
 from cds_service.clinical.knowledge.thresholds import LiverParams, group_of, liver_params
-from cds_service.clinical.scoring.context import ContextLine, context_lines
+from cds_service.clinical.scoring.context import ContextLine, context_lines, quoted
 from cds_service.clinical.scoring.factors import (
     ABSENT,
     PRESENT,
@@ -151,7 +151,7 @@ def _text_entry_unknown(fid: str, facts: PatientFacts, value: str) -> Factor:
         value,
         sources=tuple(e.source for e in facts.text_metastases if e.source),
         reason="a chart entry recorded only as text may be another lesion: "
-        + "; ".join(f"“{e.text}”" for e in facts.text_metastases[:3]),
+        + quoted([e.text for e in facts.text_metastases]),
     )
 
 

@@ -16,7 +16,7 @@ from cds_service.clinical.facts.model import (
     SystemicTherapy,
 )
 from cds_service.clinical.knowledge.thresholds import LungParams, group_of, lung_params
-from cds_service.clinical.scoring.context import ContextLine, context_lines
+from cds_service.clinical.scoring.context import ContextLine, context_lines, quoted
 from cds_service.clinical.scoring.factors import (
     ABSENT,
     PRESENT,
@@ -82,7 +82,7 @@ def extrapulmonary_factor(facts: PatientFacts) -> tuple[Factor, tuple[str, ...]]
             UNKNOWN,
             sources=tuple(e.source for e in facts.text_metastases if e.source),
             reason="a chart entry recorded only as text may be a metastasis outside the lung: "
-            + "; ".join(f"“{e.text}”" for e in facts.text_metastases[:3]),
+            + quoted([e.text for e in facts.text_metastases]),
         ), ()
     return Factor("extrapulmonary_metastases", ABSENT, "none in the chart"), ()
 
