@@ -6,7 +6,9 @@ Each case is a mutation of demo patient 02 (colon cancer, lung metastasis, CEA 7
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -131,3 +133,57 @@ def test_json_log_lines_stay_one_valid_json_document():
         line = _one_record(JsonFormatter(), exc=exc)
         assert line.splitlines() == [line] and len(line.split("\u2028")) == 1 and "\x85" not in line
         assert json.loads(line)["message"] == f"refused: {FORGED}"
+
+
+# --- what a FHIR server or a JWKS endpoint writes never reaches the log ------------------------------
+
+PHI = ("John Smith", "998877")
+
+
+def _phi_handler(request: Any) -> Any:
+    from werkzeug import Response
+
+    if request.path.endswith("/Patient/p1"):
+        # A server refusing with the patient's name and MRN in the reason phrase and the body.
+        outcome = {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {"severity": "error", "code": "forbidden", "diagnostics": "John Smith MRN 998877 restricted"}
+            ],
+        }
+        return Response(
+            json.dumps(outcome),
+            status="403 Restricted John Smith 998877",
+            content_type="application/fhir+json",
+        )
+    # Every search: a body that is not FHIR, quoting the patient.
+    return Response("<html>John Smith, MRN 998877: error</html>", status=200, content_type="text/html")
+
+
+def test_no_upstream_text_reaches_the_log_or_the_answer(client, httpserver, caplog):
+    httpserver.expect_request(re.compile(".*")).respond_with_handler(_phi_handler)
+    body = {
+        "hook": "patient-view",
+        "hookInstance": "9c1a5b2e-0000-4000-8000-000000000001",
+        "fhirServer": httpserver.url_for("/fhir"),
+        "context": {"patientId": "p1"},
+    }
+    caplog.set_level(logging.DEBUG)
+    resp = client.post(SERVICE_URL, json=body)
+    assert resp.status_code == 412, resp.get_data(as_text=True)[:300]
+    for text in PHI:
+        assert text not in caplog.text, [r.getMessage() for r in caplog.records if text in r.getMessage()]
+        assert text not in resp.get_data(as_text=True)
+
+
+def test_a_jwks_error_page_is_not_quoted_in_the_log(tmp_path, httpserver, caplog):
+    from werkzeug import Response
+
+    from cds_service.hooks.jwks import IssuerKeys, KeysUnavailable
+
+    httpserver.expect_request("/jwks").respond_with_response(
+        Response("John Smith 998877", status="500 John Smith 998877")
+    )
+    with pytest.raises(KeysUnavailable) as refused:
+        IssuerKeys(httpserver.url_for("/jwks")).key("k1")
+    assert "HTTP 500" in str(refused.value) and "998877" not in str(refused.value)
