@@ -4,7 +4,9 @@
 Starts the real `cds-service demo` (gunicorn) on a free loopback port, opens the page in Debian's
 chromium through Playwright, picks a demo patient, waits for its cards and saves a PNG:
 
-    python scripts/preview_screenshot.py [--patient demo-d01] [--out docs/preview.png]
+    python scripts/preview_screenshot.py [--patient demo-d01] [--out docs/preview.png] [--width 1280]
+
+`--width 360` shows the narrowest panel (a phone, or an EHR side panel): the card comes first there.
 
 Exit 0 when the cards were shown and saved; 1 when the page did not show them; 2 without chromium.
 tests/test_preview_browser.py runs it, so the README's picture cannot silently go stale.
@@ -55,7 +57,7 @@ def _wait_until_up(url: str, demo: subprocess.Popen[bytes], seconds: float = 30)
     raise SystemExit(f"cds-service demo did not answer {url} within {seconds:.0f} s")
 
 
-def screenshot(patient: str, out: Path) -> int:
+def screenshot(patient: str, out: Path, width: int = 1280) -> int:
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
@@ -77,7 +79,7 @@ def screenshot(patient: str, out: Path) -> int:
             _wait_until_up(base + "/healthz", demo)
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page = browser.new_page(viewport={"width": width, "height": 900})
                 page.goto(base + "/")
                 page.click(f"button.patient[value='{patient}']")
                 page.wait_for_selector(".call-line", timeout=20_000)
@@ -104,11 +106,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patient", default="demo-d01")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "preview.png")
+    parser.add_argument("--width", type=int, default=1280, help="viewport width in CSS pixels")
     args = parser.parse_args()
     if not Path(CHROMIUM).exists():
         print(f"{CHROMIUM} is absent: bash scripts/install-test-deps.sh", file=sys.stderr)
         return 2
-    return screenshot(args.patient, args.out)
+    return screenshot(args.patient, args.out, args.width)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from flask import Flask
 from markupsafe import escape
 from werkzeug.serving import make_server
@@ -24,7 +25,7 @@ from cds_service.web.app import create_app
 from cds_service.web.demo_fhir import create_fhir_blueprint
 from cds_service.web.preview import CSP, own_fhir_base
 
-from .conftest import TODAY, expected
+from .conftest import FIXTURES, TODAY, expected
 from .preview_charts import HOSTILE_PATIENT, HOSTILE_UNIT, hostile_bundle
 
 
@@ -85,10 +86,17 @@ def test_on_in_serve_mode_with_cds_preview_true(monkeypatch, tmp_path):
 
 def test_demo_list_shows_every_demo_patient_with_its_story_escaped(demo_client):
     text = demo_client.get("/").get_data(as_text=True)
-    stories = expected()
-    for name, entry in stories.items():
+    plain = yaml.safe_load((FIXTURES / "patients.yaml").read_text(encoding="utf-8"))
+    assert sorted(plain) == sorted(expected())  # every demo patient has a title and a plain story
+    for name, entry in plain.items():
+        # A title a clinician recognises (not the file name), and the story in plain words, as text.
+        assert f"{name[:2]}. {escape(entry['title'])}" in text, name
         assert str(escape(entry["story"])) in text, name
-    assert text.count('name="patient"') == len(stories) + 1  # + the hostile chart of these tests
+        assert (
+            name.removesuffix(".json") not in text
+            and name.removesuffix(".json").replace("-", " ") not in text
+        )
+    assert text.count('name="patient"') == len(plain) + 1  # + the hostile chart of these tests
     assert "<script>alert" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # fixture 21's story, as text
 

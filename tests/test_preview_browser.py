@@ -206,6 +206,69 @@ def test_accept_and_override_post_real_feedback(server, page):
     assert page.dialogs == [] and page.errors == []
 
 
+def test_taking_one_suggestion_leaves_the_other_and_the_override_usable(server, page):
+    """CDS Hooks lets a user take several suggestions and still override: only the taken one is spent."""
+    base, _app = server
+    _show(page, base, "demo-d04")  # no CEA: the card suggests an MDT review and a CEA order
+    card = page.locator("article.card").first
+    mdt, cea = card.locator("button.suggestion").nth(0), card.locator("button.suggestion").nth(1)
+    mdt.click()
+    sync_api.expect(card.locator(".feedback-status")).to_have_attribute("data-state", "ok")
+    assert mdt.is_disabled() and mdt.get_attribute("data-taken") == "true"
+    assert cea.is_enabled() and card.locator("button.dismiss").is_enabled()
+    cea.click()
+    sync_api.expect(cea).to_have_attribute("data-taken", "true")
+    sent = json.loads(card.locator(".feedback-json").text_content())["feedback"][0]
+    assert sent["acceptedSuggestions"] == [{"id": cea.get_attribute("data-suggestion")}]
+    assert card.locator("button.dismiss").is_enabled()
+
+
+def test_narrow_panel_shows_the_card_first_and_its_evidence_one_click_away(server, browser):
+    """At 360 px (a phone, or the narrowest EHR panel) the card comes before the patient list, fits
+    the width, and its evidence page opens from one link: HTML without script, holding its ids."""
+    base, _app = server
+    context = browser.new_context(viewport={"width": 360, "height": 800})
+    page = context.new_page()
+    _show(page, base, "demo-d14")
+    card = page.locator("article.card").first
+    assert card.bounding_box()["y"] < page.locator("aside.pick").bounding_box()["y"]
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360  # nothing wider than the screen
+    table = card.locator(".detail table")
+    assert table.bounding_box()["x"] + table.bounding_box()["width"] <= 360
+    for date in card.locator(".detail td:nth-child(3)").all_text_contents():
+        assert "-" not in date.split("·")[0]  # non-breaking hyphens: a date never wraps
+    # The assessment (with the same factors) is folded away: the factor table is shown once.
+    assert not card.locator("details.assessment").evaluate("d => d.open")
+    link = card.locator("li.evidence-page a")
+    href = link.get_attribute("href")
+    assert href == base + "/evidence/cai-2025-lung"
+    evidence = context.new_page()
+    evidence.goto(href)
+    assert evidence.locator("script").count() == 0
+    ids = json.loads(page.locator(".response-json pre").text_content())["cards"][0]["extension"][
+        "crc-cds-assessment"
+    ]["evidence"]
+    for statement in ids:
+        assert evidence.locator(f"section#{statement}").count() == 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "preview-360.png"), full_page=True)
+    evidence.screenshot(path=str(ARTIFACTS / "evidence-360.png"))
+    context.close()
+
+
+def test_a_chosen_patient_far_down_the_list_is_scrolled_into_view(server, page):
+    base, _app = server
+    _show(page, base, "demo-d33")
+    chosen = page.locator("button.patient.chosen")
+    assert chosen.get_attribute("value") == "demo-d33"
+    in_view = chosen.evaluate(
+        "b => { const l = b.closest('.patients').getBoundingClientRect(), r = b.getBoundingClientRect();"
+        " return r.top >= l.top && r.bottom <= l.bottom; }"
+    )
+    assert in_view
+    assert page.errors == []
+
+
 def test_refused_feedback_is_shown(server, page):
     base, _app = server
     _show(page, base, "demo-d03")

@@ -50,15 +50,19 @@ def day(date: dt.date | None) -> str:
 _ISO_DAY = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
 
 
+_ONE_OF = re.compile(r"\b1 (\w+ )?(\w+)\(s\)")  # "1 liver lesion(s)" → "1 liver lesion"
+_SOME_OF = re.compile(r"(\w)\(s\)")  # "2 liver lesion(s)" → "2 liver lesions"
+
+
 def clean(text: str) -> str:
-    """Chart text for a card: semantic tags dropped, made inert Markdown, dates kept whole."""
-    return _ISO_DAY.sub(f"\\1{NB_HYPHEN}\\2{NB_HYPHEN}\\3", md(_SEMANTIC_TAG.sub("", text)))
+    """Chart text for a card: semantic tags dropped, plurals written out, made inert Markdown, dates
+    kept whole."""
+    text = _SOME_OF.sub(r"\1s", _ONE_OF.sub(r"1 \1\2", _SEMANTIC_TAG.sub("", text)))
+    return _ISO_DAY.sub(f"\\1{NB_HYPHEN}\\2{NB_HYPHEN}\\3", md(text))
 
 
 def _factor_view(f: Factor, label: str) -> FactorView:
-    shown = (
-        f"*unknown: {clean(f.reason or 'not in the chart')}*" if f.status == UNKNOWN else clean(f.value or "")
-    )
+    shown = f"*{clean(f.reason or 'not in the chart')}*" if f.status == UNKNOWN else clean(f.value or "")
     return FactorView(
         id=f.id,
         label=label,

@@ -28,6 +28,10 @@ class LinkView:
     label: str
     url: str | None  # None when not http(s): shown as text, never as a link
 
+    @property
+    def evidence_page(self) -> bool:  # the service's own page for the card's model
+        return self.url is not None and "/evidence/" in urlsplit(self.url).path
+
 
 @dataclass(frozen=True)
 class SuggestionView:
@@ -66,6 +70,7 @@ class AssessmentView:
     group: str
     cea_rule: str
     factors: tuple[FactorRow, ...]
+    evidence: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ def _assessment(doc: Any) -> AssessmentView | None:
         group=_text(doc.get("group")),
         cea_rule=_text(doc.get("cea_rule")),
         factors=rows,
+        evidence=tuple(_text(e) for e in doc.get("evidence") or () if isinstance(e, str)),
     )
 
 

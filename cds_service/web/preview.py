@@ -18,6 +18,7 @@ from ipaddress import ip_address
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
 from flask import Blueprint, Response, abort, current_app, render_template, request, url_for
 
 from cds_service.clinical.fhir_fields import is_fhir_id
@@ -43,23 +44,26 @@ CSP = (
 @dataclass(frozen=True)
 class DemoPatient:
     id: str
-    title: str  # the fixture's name, e.g. "01 lung high risk all four"
-    story: str  # what the chart holds and what the card must say (fixtures/fhir/expected.json)
+    title: str  # what a clinician would call the chart, e.g. "01. Lung + adrenal metastases, …"
+    story: str  # in plain words: what the chart holds and what the card should say
 
 
 @cache
 def _fixture_stories() -> dict[str, tuple[str, str]]:
-    """Patient id → (fixture title, story), from the fixture files and expected.json."""
+    """Patient id → (title, story), from the fixture files and fixtures/fhir/patients.yaml."""
     folder = data_dir("fixtures")
-    expected = json.loads((folder / "expected.json").read_text(encoding="utf-8"))
+    plain_file = folder / "patients.yaml"
+    plain = yaml.safe_load(plain_file.read_text(encoding="utf-8")) if plain_file.is_file() else {}
     stories: dict[str, tuple[str, str]] = {}
     for path in sorted(folder.glob("*.json")):
         if path.name == "expected.json":
             continue
+        entry = plain.get(path.name) or {}
+        number = path.stem.split("-", 1)[0]
+        title = f"{number}. {entry['title']}" if entry.get("title") else path.stem.replace("-", " ")
         bundle = json.loads(path.read_text(encoding="utf-8"))
         for patient in _patients(bundle.get("entry", [])):
-            title = path.stem.replace("-", " ")
-            stories[patient["id"]] = (title, str(expected.get(path.name, {}).get("story", "")))
+            stories[patient["id"]] = (title, str(entry.get("story", "")))
     return stories
 
 

@@ -44,10 +44,11 @@
     card.querySelector(".feedback-json").textContent = JSON.stringify(sent, null, 2);
   }
 
-  async function send(card, entry, what) {
+  // Only the button that was pressed waits for the answer: CDS Hooks lets a user take one suggestion
+  // and still take another, or override the card, so the rest of the card stays usable.
+  async function send(card, entry, what, button) {
     const body = { feedback: [entry] };
-    const buttons = card.querySelectorAll("button");
-    buttons.forEach((b) => { b.disabled = true; });
+    button.disabled = true;
     try {
       const response = await fetch(feedbackUrl, {
         method: "POST",
@@ -59,6 +60,11 @@
       if (response.ok) {
         card.dataset.outcome = entry.outcome;
         show(card, "ok", what + ": feedback stored (HTTP " + response.status + ")", body);
+        if (button.classList.contains("suggestion")) {
+          button.dataset.taken = "true";  // a taken suggestion stays taken: no second order
+        } else {
+          button.disabled = false;
+        }
         return;
       }
       let reason = text;
@@ -72,7 +78,16 @@
     } catch (error) {
       show(card, "error", what + ": could not reach the service (" + error + ")", body);
     }
-    buttons.forEach((b) => { b.disabled = false; });  // refused or failed: let the user try again
+    button.disabled = false;  // refused or failed: let the user try again
+  }
+
+  // A chosen patient far down the list is scrolled into view in the list (not the page).
+  const chosen = document.querySelector(".patient.chosen");
+  if (chosen) {
+    const list = chosen.closest(".patients");
+    if (list) {
+      list.scrollTop = Math.max(0, chosen.offsetTop - list.clientHeight / 3);
+    }
   }
 
   results.addEventListener("click", (event) => {
@@ -82,9 +97,9 @@
       return;
     }
     if (button.classList.contains("suggestion")) {
-      send(card, accepted(card, button), "Accepted \u201c" + button.textContent.trim() + "\u201d");
+      send(card, accepted(card, button), "Accepted \u201c" + button.textContent.trim() + "\u201d", button);
     } else if (button.classList.contains("dismiss")) {
-      send(card, overridden(card), "Overridden");
+      send(card, overridden(card), "Overridden", button);
     }
   });
 })();
