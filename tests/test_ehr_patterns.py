@@ -20,7 +20,9 @@ from .builders import (
     CPT,
     HEPATECTOMY_CPT,
     ICD10CM,
+    LIVER_BODY_SITE,
     LOINC,
+    LYMPHANGITIC_SNOMED,
     SNOMED,
     WEDGE_SNOMED,
     cea,
@@ -36,6 +38,7 @@ from .builders import (
     procedure,
     resection,
     tumor,
+    tumor_size,
 )
 from .conftest import SERVICE_URL, hook_body
 
@@ -472,3 +475,69 @@ def test_many_context_lines_keep_the_card_within_2000_characters(client):
     ]
     assert len(card["detail"]) <= 2000
     assert "more in the card's assessment" in card["detail"]
+
+
+# --- §8.30 a liver lesion measured more than once ----------------------------------------------------
+
+
+def test_a_lesion_measured_before_and_after_chemotherapy_uses_the_size_before(client):
+    common = (
+        crc(),
+        liver_met(onset="2021-01-10"),
+        tumor(related="Condition/liver-met", id="t1"),
+        tumor_size(6.2, focus="BodyStructure/t1", date="2021-01-12", id="before"),
+        tumor_size(3.1, focus="BodyStructure/t1", date="2021-05-01", id="after"),
+    )
+    untreated = _liver(client, *common)
+    assert _factor(untreated, "largest_liver_metastasis_gt_5cm")["sources"] == ["Observation/before"]
+    treated = _liver(client, *common, medication_request(authored="2021-02-01"))
+    f = _factor(treated, "largest_liver_metastasis_gt_5cm")
+    assert f["status"] == "present" and f["sources"] == ["Observation/before"]
+
+
+def test_the_latest_size_before_treatment_counts_not_the_largest(client):
+    card = _liver(
+        client,
+        crc(),
+        liver_met(onset="2020-06-01"),
+        tumor(related="Condition/liver-met", id="t1"),
+        tumor_size(6.0, focus="BodyStructure/t1", date="2020-06-05", id="first"),
+        tumor_size(4.0, focus="BodyStructure/t1", date="2021-01-05", id="restaged"),
+        medication_request(authored="2021-02-01"),
+    )
+    f = _factor(card, "largest_liver_metastasis_gt_5cm")
+    assert f["status"] == "absent" and f["sources"] == ["Observation/restaged"]
+
+
+def test_only_sizes_after_treatment_leave_the_size_unknown(client):
+    card = _liver(
+        client,
+        crc(),
+        liver_met(onset="2021-01-10"),
+        tumor_size(3.0, focus="Condition/liver-met", date="2021-05-01", id="after"),
+        medication_request(authored="2021-02-01"),
+    )
+    f = _factor(card, "largest_liver_metastasis_gt_5cm")
+    assert f["status"] == "unknown" and "before the start of systemic therapy" in f["reason"]
+
+
+# --- §8.31 malignant pleural effusion and site-less lymphangitic codes -------------------------------
+
+
+def test_malignant_pleural_effusion_is_pleural_dissemination_for_a_patient_in_scope(client):
+    effusion = condition(ICD10CM, "J91.0", onset="2021-02-01", id="effusion")
+    card = _lung(client, crc(), resection(), lung_met(), effusion)
+    assert _assessment(card)["recommendation"] == "systemic-therapy-first"
+    assert _factor(card, "extrapulmonary_metastases")["status"] == "absent"  # thoracic, not extrapulmonary
+    liver_only = _liver(client, crc(), liver_met(), effusion)
+    assert _assessment(liver_only)["recommendation"] == "systemic-therapy-first"
+    assert _cards(client, crc(), effusion) == []  # never brings a patient into scope
+
+
+def test_a_lymphangitic_code_without_a_lung_metastasis_condition_is_lung_involvement(client):
+    lymphangitic = condition(SNOMED, LYMPHANGITIC_SNOMED, onset="2021-02-01", id="lymph")
+    card = _lung(client, crc(), resection(), lymphangitic)
+    assert _assessment(card)["recommendation"] == "systemic-therapy-first"
+    assert "lymphangitic" in card["detail"].lower()
+    elsewhere = condition(SNOMED, LYMPHANGITIC_SNOMED, onset="2021-02-01", body_site=LIVER_BODY_SITE)
+    assert _cards(client, crc(), elsewhere) == []

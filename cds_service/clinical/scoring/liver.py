@@ -176,6 +176,21 @@ def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
     tumors, sizes = _liver_lesions(facts)
     if not sizes:
         return Factor(fid, UNKNOWN, reason="no liver tumour size (TumorSize longest dimension) in the chart")
+    cutoff, what = facts.treatment_cutoff("liver")
+    if cutoff is not None:
+        # A lesion measured more than once: its size before treatment (§8.30, as the CEA rule §8.19).
+        latest: dict[frozenset[str], TumorSize] = {}
+        for size in sorted(sizes, key=lambda s: (s.date or dt.date.min, s.source or "")):
+            if size.date is not None and size.date < cutoff:
+                latest[size.focus] = size
+        if not latest:
+            return Factor(
+                fid,
+                UNKNOWN,
+                sources=tuple(sorted(s.source for s in sizes if s.source)),
+                reason=f"no liver tumour size from before the {what} (later sizes may reflect treatment)",
+            )
+        sizes = list(latest.values())
     largest = max(sizes, key=lambda s: (s.longest_cm, s.date or dt.date.min))
     value = f"{largest.longest_cm:.1f} cm"
     refs = (largest.source,) if largest.source else ()
