@@ -12,7 +12,10 @@ workers and threads, or CDS_WORKERS / CDS_THREADS / GUNICORN_CMD_ARGS when set):
 Latency: for each body, one keep-alive connection per server; every round sends the same bytes
 (with a fresh hookInstance) to both servers one after the other, the first of the pair alternating
 from round to round, so both see the same machine. Prints median and p95 (from sending the request
-to the answer's last byte) for each server and the ratios. The bodies:
+to the answer's last byte) for each server and the ratios, and each server's CPU per call (user +
+system time of all its processes over the measured calls, from /proc): on a machine shared with
+other work the wall-clock ratios mostly measure waiting for a core, the CPU ratio what a call costs.
+The bodies:
 - demo patient 01 (fixtures/fhir/01-*.json, a patient-view request with full prefetch; a card);
 - the same, every resource with a new meta.versionId on every call ("never seen": no work done for
   a resource's content on an earlier call can be reused; an EHR sends the same chart again each
@@ -281,11 +284,18 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def latency(service: Server, floor: Server, body: Body, rounds: int) -> dict[str, list[float]]:
+def latency(
+    service: Server, floor: Server, body: Body, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Interleaved calls: the latencies, and each server's CPU ms per measured call (all its
+    processes and threads, the audit writer included), which a busy machine distorts far less."""
     clients = {s.name: (s, Client(s.port)) for s in (service, floor)}
     times: dict[str, list[float]] = {"service": [], "floor": []}
+    cpu = {}
     try:
         for n in range(rounds + 10):  # the first 10 rounds warm up connections, caches, templates
+            if n == 10:
+                cpu = {name: server.cpu_seconds() for name, (server, _) in clients.items()}
             payload = body.fresh()
             order = ("service", "floor") if n % 2 else ("floor", "service")
             for name in order:
@@ -294,10 +304,14 @@ def latency(service: Server, floor: Server, body: Body, rounds: int) -> dict[str
                 _check(server, body, status, data)
                 if n >= 10:
                     times[name].append(ms)
+        time.sleep(0.2)  # the audit record of the last call is written behind its answer
+        cpu = {
+            name: (server.cpu_seconds() - cpu[name]) * 1000 / rounds for name, (server, _) in clients.items()
+        }
     finally:
         for _, client in clients.values():
             client.close()
-    return times
+    return times, cpu
 
 
 # --- saturation -------------------------------------------------------------------------------------
@@ -400,18 +414,26 @@ def main() -> int:
         print(defaults_note)
         print(
             f"{'body':<22}{'resources':>10}{'KB':>6}{'service p50':>12}{'p95':>8}"
-            f"{'floor p50':>11}{'p95':>8}{'ratio p50':>11}{'p95':>7}  target"
+            f"{'floor p50':>11}{'p95':>8}{'ratio p50':>11}{'p95':>7}  {'target':<26}"
+            f"{'CPU ms/call service':>20}{'floor':>7}{'ratio':>7}"
         )
         for body in rows:
-            t = latency(service, floor, body, args.rounds)
+            t, cpu_ms = latency(service, floor, body, args.rounds)
             s50, s95 = statistics.median(t["service"]), _pct(t["service"], 0.95)
             f50, f95 = statistics.median(t["floor"]), _pct(t["floor"], 0.95)
             target = "p50<=1.5 p95<=2" if body.cards else "p50<=1.3"
             ok = (s50 / f50 <= 1.5 and s95 / f95 <= 2) if body.cards else s50 / f50 <= 1.3
+            verdict = f"{target} {'ok' if ok else 'MISSED'}"
             print(
                 f"{body.label:<22}{body.resources:>10}{len(body.template) // 1024:>6}{s50:>12.2f}{s95:>8.2f}"
-                f"{f50:>11.2f}{f95:>8.2f}{s50 / f50:>11.2f}{s95 / f95:>7.2f}  {target} {'ok' if ok else 'MISSED'}"
+                f"{f50:>11.2f}{f95:>8.2f}{s50 / f50:>11.2f}{s95 / f95:>7.2f}  {verdict:<26}"
+                f"{cpu_ms['service']:>20.2f}{cpu_ms['floor']:>7.2f}{cpu_ms['service'] / max(cpu_ms['floor'], 1e-9):>7.2f}"
             )
+        print(
+            "CPU ms/call: user + system CPU of all the server's processes over the measured calls\n"
+            "(/proc, 10 ms ticks), the audit writer included; on a busy machine the wall-clock ratios\n"
+            "mostly measure waiting for a core, the CPU ratios what each call costs."
+        )
         # Saturation, alternating servers so both share the machine's noise; a short burst first
         # warms every worker and thread.
         for s in (service, floor):
