@@ -56,7 +56,7 @@ class Peer:
     Use as a context manager; set `behaviours` after creating it when they need `stop`.
     """
 
-    def __init__(self, *behaviours: Behaviour) -> None:
+    def __init__(self, *behaviours: Behaviour, read_request: bool = True) -> None:
         self.behaviours = list(behaviours)
         self.connections = 0
         self.stop = threading.Event()  # set at close: hanging and trickling handlers end
@@ -71,7 +71,8 @@ class Peer:
                 behave = peer.behaviours[min(index, len(peer.behaviours) - 1)]
                 self.request.settimeout(10)
                 try:
-                    _read_head(self.request)
+                    if read_request:  # a TLS client speaks first with its hello: not HTTP
+                        _read_head(self.request)
                     behave(self.request)
                 except OSError:
                     pass  # the client gave up: that is what these peers are for

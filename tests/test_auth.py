@@ -663,6 +663,29 @@ def test_a_trickling_jwks_is_a_401_within_8_s(tmp_path, rsa_key, ec_key, body, c
     assert f"not read within {jwks.JWKS_TIMEOUT_S:g} s" in caplog.text
 
 
+def _trickle_tls_handshake(stop: threading.Event) -> Callable[[Any], None]:
+    """A "TLS server" that starts a 16 KiB handshake record and sends it a byte a second."""
+
+    def behave(sock: Any) -> None:
+        sock.sendall(b"\x16\x03\x03\x40\x00")  # handshake record, TLS 1.2, 16,384 bytes follow
+        while not stop.wait(1.0):
+            sock.sendall(b"\x00")
+
+    return behave
+
+
+@pytest.mark.slow
+def test_a_jwks_endpoint_trickling_its_tls_handshake_is_a_401_within_8_s(tmp_path, rsa_key, ec_key, body):
+    # The deadline covers the TLS handshake too: every read of OpenSSL's waits only for what is left.
+    with Peer(read_request=False) as endpoint:
+        endpoint.behaviours = [_trickle_tls_handshake(endpoint.stop)]
+        url = f"https://127.0.0.1:{endpoint.port}/jwks.json"
+        app = make_app(auth_settings(tmp_path, url))
+        started = time.monotonic()
+        assert_refused(call(app, Signer(url, rsa_key, ec_key).rs384(), body))
+        assert time.monotonic() - started < 8
+
+
 @pytest.mark.slow
 def test_while_a_refresh_trickles_other_callers_use_the_cache_and_the_cooldown_runs_from_its_end(
     tmp_path, rsa_key, ec_key, evil_key, body, monkeypatch
