@@ -8,14 +8,18 @@ import hashlib
 import json
 import sys
 import uuid
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cds_service.cli.common import CliError
-from cds_service.errors import ServiceError
+from cds_service.errors import ServiceError, operation_outcome
 from cds_service.hooks.catalogue import Service, services
 from cds_service.jsonio import dumps, loads
 from cds_service.settings import Settings
+
+if TYPE_CHECKING:
+    from cds_service.store.report import Report
 
 # --- evaluate -------------------------------------------------------------------------------------
 
@@ -88,18 +92,61 @@ def _resolve_full_urls(entries: list[Any]) -> None:
             visit(entry.get("resource"))
 
 
-def _read_json(path: str) -> Any:
+# Any input file, and a gzip file once decompressed, is read whole: this bounds the memory one costs.
+MAX_INPUT_BYTES = 128 * 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _read_input(path: str) -> bytes:
+    """The file's bytes, gunzipped when it is gzip (by its first bytes, whatever its name)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_INPUT_BYTES + 1)
     except OSError as exc:
-        raise CliError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise CliError(f"cannot read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_INPUT_BYTES:
+        raise CliError(f"larger than {MAX_INPUT_BYTES // 2**20} MiB")
+    return _gunzip(raw) if raw.startswith(_GZIP_MAGIC) else raw
+
+
+def _gunzip(raw: bytes) -> bytes:
+    out: list[bytes] = []
+    size = 0
+    while raw:  # `gzip -c a b` writes one member per file
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            chunk = inflater.decompress(raw, MAX_INPUT_BYTES + 1 - size)
+        except zlib.error:
+            raise CliError("not a readable gzip file") from None
+        size += len(chunk)
+        if size > MAX_INPUT_BYTES or inflater.unconsumed_tail:
+            raise CliError(f"larger than {MAX_INPUT_BYTES // 2**20} MiB once decompressed")
+        if not inflater.eof:
+            raise CliError("a truncated gzip file")
+        out.append(chunk)
+        raw = inflater.unused_data
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _request_from_file(path: str) -> dict[str, Any]:
     try:
-        return loads(text)
+        doc = loads(_read_input(path))
     except json.JSONDecodeError as exc:
-        raise CliError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        where = f" at line {exc.lineno}" if exc.doc else ""
+        raise CliError(f"not valid JSON ({exc.msg}{where})") from None
+    if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+        return request_from_bundle(doc)
+    if isinstance(doc, dict) and "hook" in doc and "resourceType" not in doc:
+        return doc
+    raise CliError("neither a FHIR Bundle nor a CDS Hooks request")
 
 
 def evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    """One JSON document per PATH on stdout, in the order given (see the `evaluate --help` epilog).
+
+    Every file is answered on its own: a bad one is reported (stderr, and in its place on stdout when
+    there are several) and the others still answered. Exit 2 when any input was bad, 1 on a bug.
+    """
     from cds_service.pipeline import answer
 
     service = next(iter(services().values()))
@@ -108,23 +155,34 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
         return _evaluate_fhir_server(args, service, settings, today)
     if not args.paths:
         raise CliError("give PATH(s), or --fhir-server URL --patient ID")
-    outputs = []
+    several = len(args.paths) > 1
+    status = 0
     for path in args.paths:
-        doc = _read_json(path)
-        if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
-            body = request_from_bundle(doc)
-        elif isinstance(doc, dict) and "hook" in doc and "resourceType" not in doc:
-            body = doc
-        else:
-            raise CliError(f"{path}: neither a FHIR Bundle nor a CDS Hooks request")
         try:
-            outcome = answer(body, service, settings, today)
-        except ServiceError as exc:
-            raise CliError(f"{path}: {exc.diagnostics}") from None
-        outputs.append(dumps(outcome.answer))
-    for out in outputs:
-        print(out)
-    return 0
+            body = _request_from_file(path)
+            line = dumps(answer(body, service, settings, today).answer)
+        except (CliError, ServiceError) as exc:
+            reason = exc.diagnostics if isinstance(exc, ServiceError) else str(exc)
+            status = status or 2
+            code = exc.issue_code if isinstance(exc, ServiceError) else "invalid"
+            line = dumps(operation_outcome(f"{path}: {reason}", code))
+            print(f"cds-service evaluate: {path}: {reason}", file=sys.stderr, flush=True)
+            if not (several or args.with_path):
+                continue  # one file: stdout stays empty, as it always was
+        except Exception as exc:  # a bug: this file gets one line, the others are still answered
+            status = 1
+            line = dumps(operation_outcome(f"{path}: internal error", "exception"))
+            print(
+                f"cds-service evaluate: {path}: internal error ({type(exc).__name__})",
+                file=sys.stderr,
+                flush=True,
+            )
+            if not (several or args.with_path):
+                continue
+        if args.with_path:
+            line = f'{{"path":{dumps(path)},"answer":{line}}}'
+        print(line, flush=several)
+    return status
 
 
 def _evaluate_fhir_server(
@@ -198,9 +256,25 @@ def report(args: argparse.Namespace, settings: Settings) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    built = build_report(_open_existing_store(settings), since)
+    built = _with_our_reason_displays(build_report(_open_existing_store(settings), since))
     sys.stdout.write(as_csv(built) if args.format == "csv" else as_table(built))
     return 0
+
+
+def _with_our_reason_displays(built: Report) -> Report:
+    """Name our own override reasons that feedback carried without a display."""
+    from dataclasses import replace
+
+    from cds_service.render.cards import override_reason_displays
+
+    known = override_reason_displays()
+    reasons = [
+        replace(r, display=known[(r.system, r.code)])
+        if r.display == "-" and (r.system, r.code) in known
+        else r
+        for r in built.override_reasons
+    ]
+    return replace(built, override_reasons=reasons)
 
 
 def migrate(_args: argparse.Namespace, settings: Settings) -> int:

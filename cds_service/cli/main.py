@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -17,6 +18,15 @@ from cds_service.settings import Settings
 from cds_service.telemetry.logs import configure_logging
 
 Command = Callable[[argparse.Namespace, Settings], int]
+
+EVALUATE_OUTPUT = """output:
+  stdout holds one JSON document per line, one line per PATH, in the order given: the answer
+  {"cards": [...]} exactly as the service sends it over HTTP. With several PATHs, a file that
+  cannot be answered keeps its line: an OperationOutcome whose diagnostics start with its PATH
+  (as the service answers a bad request), so line N is always the answer for the Nth PATH; the
+  reason also goes to stderr, one line per file, and the other files are still answered. With
+  one PATH a bad file prints nothing on stdout. --with-path labels every line with its PATH.
+  A reader that stops early (| head) ends the command quietly."""
 
 _EXIT_CODES = (
     """exit status: 0 done; 2 bad input or configuration (one line on stderr); 1 a bug (one line)."""
@@ -94,13 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="print the cards for FHIR Bundle or hook-request files, or for a patient on a FHIR server",
-        description='Print the service\'s answer ({"cards": [...]}) as one JSON line per file: a FHIR '
-        "Bundle with one patient's chart, or a complete CDS Hooks request. With --fhir-server, read one "
-        "patient from a live FHIR R4 server instead and report on stderr what was fetched.",
-        epilog=_EXIT_CODES,
+        description="Print the service's answer for each PATH: a FHIR Bundle holding one patient's chart "
+        "(collection, transaction or document), or a complete CDS Hooks request; JSON or gzip-compressed "
+        "JSON (.json.gz). With --fhir-server, read one patient from a live FHIR R4 server instead and "
+        "report on stderr what was fetched.",
+        epilog=EVALUATE_OUTPUT + "\n\n" + _EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument(
-        "paths", nargs="*", metavar="PATH", help="FHIR Bundle or CDS Hooks request JSON files"
+        "paths", nargs="*", metavar="PATH", help="FHIR Bundle or CDS Hooks request files (.json, .json.gz)"
+    )
+    evaluate.add_argument(
+        "--with-path",
+        action="store_true",
+        help='print each answer as {"path": PATH, "answer": ...} (default: off, the bare answer)',
     )
     evaluate.add_argument(
         "--fhir-server",
@@ -151,12 +168,22 @@ def main(argv: list[str] | None = None) -> int:
         logging.disable(logging.WARNING)  # their stderr is for a one-line error only
     try:
         return int(func(args, settings) or 0)
+    except BrokenPipeError:
+        return _reader_gone()
     except CliError as exc:
         print(f"cds-service {args.command}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug: one line for the user, not a traceback
         print(f"cds-service {args.command}: internal error ({type(exc).__name__})", file=sys.stderr)
         return 1
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (`| head`): not an error. Later writes, and the flush at exit, go nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 if __name__ == "__main__":

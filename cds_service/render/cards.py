@@ -194,6 +194,16 @@ _LUNG = ("lung.yaml", "lung_detail.md.j2")
 _LIVER = ("liver.yaml", "liver_detail.md.j2")
 
 
+def override_reason_displays() -> dict[tuple[str, str], str]:
+    """The display of every override reason our cards offer, by (system, code): clients may send
+    back only the code and system (the CDS Hooks sandbox does), and a report should still name it."""
+    return {
+        (OVERRIDE_SYSTEM, r["code"]): r["display"]
+        for spec_file, _ in (_LUNG, _LIVER)
+        for r in _yaml(spec_file)["override_reasons"]
+    }
+
+
 def preload() -> None:
     """Read every card spec and compile every template now rather than on a first call."""
     catalogue()
