@@ -7,6 +7,11 @@ with an artificial delay per request. For a few demo patients it prints the medi
 no-prefetch hook call through the WSGI app beside the slowest single search chain (every page of
 one prefetch search, fetched sequentially with plain requests). Target: the hook call takes
 <= 1.5x the slowest chain — the searches run concurrently, not one after another.
+
+Then a server that pages at 20 whatever `_count` asks (50 ms a request, offset paging with a
+total, as HAPI and Medplum do) and a chart with 1,001 Procedures: the call must answer within the
+default 5 s budget (51 pages one after another would take 2.6 s of latency alone; pages numbered
+by offset are fetched side by side).
 """
 
 from __future__ import annotations
@@ -37,14 +42,28 @@ from cds_service.web.demo_fhir import create_fhir_blueprint  # noqa: E402
 PATIENTS = ["demo-d01", "demo-d14", "demo-d25"]
 
 
-def slow_fhir_server(delay_s: float) -> tuple[str, object]:
+def slow_fhir_server(
+    delay_s: float, extra: list[dict] | None = None, max_page: int | None = None
+) -> tuple[str, object]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log in the figures
     app = Flask("slow-fhir")
-    app.register_blueprint(create_fhir_blueprint(demo_resources(), "/fhir"))
+    app.register_blueprint(create_fhir_blueprint(demo_resources() + (extra or []), "/fhir"))
 
     @app.before_request
     def _delay() -> None:
         time.sleep(delay_s)
+
+    if max_page is not None:
+        inner = app.wsgi_app
+
+        def capped(environ: dict, start_response: object) -> object:
+            # A server with its own maximum page size: any larger _count is cut down to it.
+            query = environ.get("QUERY_STRING", "")
+            parts = [p for p in query.split("&") if p and not p.startswith("_count=")]
+            environ["QUERY_STRING"] = "&".join([*parts, f"_count={max_page}"])
+            return inner(environ, start_response)
+
+        app.wsgi_app = capped  # type: ignore[method-assign]
 
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -101,7 +120,56 @@ def main() -> int:
             f"{median / max(chains):>7.2f}"
         )
     server.shutdown()
+    big_chart(args.delay_ms / 1000)
     return 0
+
+
+def big_chart(delay_s: float, patient: str = "demo-d01", extra: int = 1000) -> None:
+    """1,001 Procedures on a 20-per-page server: answered within the default 5 s budget?"""
+    procedures = [
+        {
+            "resourceType": "Procedure",
+            "id": f"bench-colonoscopy-{i:04d}",
+            "status": "completed",
+            "code": {
+                "coding": [{"system": "http://snomed.info/sct", "code": "73761001"}],
+                "text": "Colonoscopy",
+            },
+            "subject": {"reference": f"Patient/{patient}"},
+            "performedDateTime": f"{2004 + i // 300}-{1 + i % 12:02d}-{1 + i % 28:02d}",
+        }
+        for i in range(extra)
+    ]
+    base, server = slow_fhir_server(delay_s, procedures, max_page=20)
+    budget = Settings().fhir_timeout_s
+    client = create_app(Settings(auth_required=False)).test_client()
+    chain = chain_seconds(base, f"Procedure?patient={patient}")
+    body = {
+        "hook": "patient-view",
+        "fhirServer": base,
+        "context": {"patientId": patient},
+        "fhirAuthorization": {
+            "access_token": "bench",
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "subject": "b",
+        },
+    }
+    times = []
+    for _ in range(3):
+        body["hookInstance"] = str(uuid.uuid4())
+        started = time.perf_counter()
+        resp = client.post("/cds-services/crc-metastases", json=body)
+        times.append(time.perf_counter() - started)
+        assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
+    median = statistics.median(times)
+    print(
+        f"\n{extra + 1:,} Procedures, 20 a page, {delay_s * 1000:g} ms a request: hook median {median * 1000:.0f} ms, "
+        f"Procedure pages one after another {chain * 1000:.0f} ms, budget {budget * 1000:.0f} ms "
+        f"({'within' if max(times) < budget else 'OVER'} the budget; ratio to the sequential chain "
+        f"{median / chain:.2f})"
+    )
+    server.shutdown()
 
 
 if __name__ == "__main__":
