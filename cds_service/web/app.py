@@ -103,12 +103,17 @@ def healthz() -> Response:
 def hook(service_id: str) -> Response:
     service = _service(service_id)
     settings = _settings()
-    auth.authenticate(request, settings)
+    issuer = auth.authenticate(request, settings)
     body = _body()
     gate: FhirGate = current_app.extensions["cds.fhir_gate"]
     with gate.admit(fhir_bound(body, service)):  # 503 when this worker's FHIR-bound calls are at their limit
         outcome = answer(
-            body, service, settings, current_app.extensions["cds.today"](), base_url=request.host_url
+            body,
+            service,
+            settings,
+            current_app.extensions["cds.today"](),
+            issuer=issuer,
+            base_url=request.host_url,
         )
     log.info(
         "hook %s answered: %d card(s) %s, chart %d resources, %s, %.1f ms",

@@ -28,24 +28,33 @@ def init_app(app: Flask, settings: Settings) -> None:
             "CDS_AUTH_REQUIRED=false: hook and feedback calls are answered WITHOUT client JWT checks%s",
             " (demo mode)" if settings.demo else "; use this only on a trusted network",
         )
-    elif not settings.trusted_issuers:
+    elif not settings.fhir_server_allowlist:
+        # Any EHR that holds a trusted key could point the service at any https server it likes.
+        log.warning(
+            "CDS_FHIR_SERVER_ALLOWLIST is not set: hook calls may name any fhirServer (https, or "
+            "loopback); list each EHR's FHIR base URLs, per issuer if you trust several"
+        )
+    if settings.auth_required and not settings.trusted_issuers:
         log.warning("CDS_TRUSTED_ISSUERS is empty: every hook and feedback call will be refused (401)")
-    elif not settings.public_base_url:
+    elif settings.auth_required and not settings.public_base_url:
         log.warning(
             "CDS_PUBLIC_BASE_URL is not set: the JWT aud is checked against the URL of each request "
             "(its Host header); set it to the URL EHRs call, certainly behind a proxy"
         )
 
 
-def authenticate(request: Request, settings: Settings) -> None:
-    """Raise Unauthorized (one generic message) unless the call carries a valid client JWT."""
+def authenticate(request: Request, settings: Settings) -> str | None:
+    """Raise Unauthorized (one generic message) unless the call carries a valid client JWT.
+
+    Returns the token's issuer (None with auth off): it chooses the fhirServer allowlist.
+    """
     if not settings.auth_required:
-        return
+        return None
     client_auth: ClientAuth = current_app.extensions[_EXTENSION]
     token = ""
     try:
         token = bearer_token(request.headers.get("Authorization", ""))
-        client_auth.verify(
+        claims = client_auth.verify(
             token,
             client_auth.audiences(request.url_root, request.path, request.endpoint == "cds.feedback"),
             current_app.extensions["cds.store"],
@@ -54,3 +63,5 @@ def authenticate(request: Request, settings: Settings) -> None:
         iss, jti = ids_for_log(token) if token else ("None", "None")
         log.log(refused.level, "client JWT refused: %s (iss=%s, jti=%s)", refused.reason, iss, jti)
         raise Unauthorized(GENERIC_401) from None
+    issuer = claims.get("iss")
+    return issuer if isinstance(issuer, str) else None
