@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import os
 import socket
 import threading
 import time
@@ -100,12 +99,19 @@ def _trickle_headers(conn: socket.socket) -> None:
         time.sleep(1)
 
 
-def _sockets() -> int:
-    """Sockets this process holds open (client ends included)."""
+def _fetch_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("fhir")]
+
+
+def _client_connections(port: int) -> int:
+    """Open TCP connections from this machine to `port` (ESTABLISHED or CLOSE_WAIT: still held)."""
     count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # an fd closed meanwhile
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                remote_port, state = int(fields[2].rsplit(":", 1)[1], 16), fields[3]
+                count += remote_port == port and state in ("01", "08")
     return count
 
 
@@ -118,7 +124,7 @@ def _fail(url: str, **settings: object) -> FetchError:
 @pytest.mark.parametrize("handler", [_trickle, _trickle_headers], ids=["body", "headers"])
 def test_trickling_servers_leave_no_threads_or_connections_behind(serve, handler) -> None:
     server = serve(handler)
-    threads_before, sockets_before = threading.active_count(), _sockets()
+    assert not _fetch_threads()
     answered: list[float] = []
 
     def call() -> None:
@@ -133,12 +139,10 @@ def test_trickling_servers_leave_no_threads_or_connections_behind(serve, handler
         t.join(10)
     assert len(answered) == 10 and max(answered) < 1.0 + 0.8  # each answered on time
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (
-        threading.active_count() > threads_before or _sockets() > sockets_before
-    ):
+    while time.monotonic() < deadline and (_fetch_threads() or _client_connections(server.port)):
         time.sleep(0.1)
-    assert threading.active_count() <= threads_before, [t.name for t in threading.enumerate()]
-    assert _sockets() <= sockets_before
+    assert not _fetch_threads()
+    assert _client_connections(server.port) == 0
     # The server sees every connection closed, as soon as it next writes.
     while time.monotonic() < deadline + 2 and server.open:
         time.sleep(0.1)
