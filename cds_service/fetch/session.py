@@ -101,18 +101,27 @@ def _checked(sock: socket.socket) -> socket.socket:
     return sock
 
 
+def _connected(sock: socket.socket, tracker: SocketTracker | None) -> socket.socket:
+    sock = _checked(sock)
+    if tracker is not None and tracker.closed:
+        # The call ended while this connection was being made: close_all could not reach it.
+        sock.close()
+        raise TimeoutError("the call's time budget ended while connecting")
+    return sock
+
+
 class _Connection(HTTPConnection):
     tracker: SocketTracker | None = None
 
     def _new_conn(self) -> socket.socket:
-        return _checked(super()._new_conn())
+        return _connected(super()._new_conn(), self.tracker)
 
 
 class _TLSConnection(HTTPSConnection):
     tracker: SocketTracker | None = None
 
     def _new_conn(self) -> socket.socket:
-        return _checked(super()._new_conn())
+        return _connected(super()._new_conn(), self.tracker)
 
 
 def _pool_classes(tracker: SocketTracker) -> dict[str, type[HTTPConnectionPool]]:
@@ -121,6 +130,8 @@ def _pool_classes(tracker: SocketTracker) -> dict[str, type[HTTPConnectionPool]]
 
     class TLSConn(_TLSConnection):
         pass
+
+    Conn.tracker = TLSConn.tracker = tracker
 
     class Pool(HTTPConnectionPool):
         ConnectionCls = Conn
