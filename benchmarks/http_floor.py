@@ -403,7 +403,7 @@ def main() -> int:
     signal.alarm(max(1, int(args.max_seconds)))
     try:
         servers.append(
-            start("service", ["-m", "cds_service.cli.main", "serve", "--host", "127.0.0.1"], env, workdir)
+            start("service", ["-m", "cds_service.cli", "serve", "--host", "127.0.0.1"], env, workdir)
         )
         servers.append(start("floor", [str(Path(__file__).resolve()), "--serve-floor"], env, workdir))
         service, floor = servers
