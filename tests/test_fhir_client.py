@@ -588,3 +588,23 @@ def test_allowlist_per_trusted_issuer() -> None:
     assert check_fhir_server("https://a.example/fhir", cfg, None)
     with pytest.raises(FetchError, match="ALLOWLIST"):
         check_fhir_server("https://other.example/fhir", cfg, None)
+
+
+def test_optional_search_out_of_time_is_unavailable(
+    fhir: HTTPServer, base: str, release: threading.Event
+) -> None:
+    def hang(request: Request) -> Response:
+        release.wait(5)
+        return fhir_response(bundle([]))
+
+    fhir.expect_request("/fhir/Condition").respond_with_json(bundle([condition(1)]))
+    fhir.expect_request("/fhir/BodyStructure").respond_with_handler(hang)
+    t0 = time.monotonic()
+    results, report = fetch(
+        base,
+        {"conditions": "Condition?patient=p1", "bodystructures": "BodyStructure?patient=p1"},
+        cfg=settings(fhir_timeout_s=0.5),
+        required=("conditions",),
+    )
+    assert time.monotonic() - t0 < 1.2
+    assert results["conditions"]["total"] == 1 and report.unavailable == {"bodystructures": "timeout"}
