@@ -541,3 +541,53 @@ def test_a_lymphangitic_code_without_a_lung_metastasis_condition_is_lung_involve
     assert "lymphangitic" in card["detail"].lower()
     elsewhere = condition(SNOMED, LYMPHANGITIC_SNOMED, onset="2021-02-01", body_site=LIVER_BODY_SITE)
     assert _cards(client, crc(), elsewhere) == []
+
+
+# --- §8.25 partial dates are ranges -------------------------------------------------------------------
+
+
+def test_a_resection_recorded_as_a_year_leaves_the_liver_timing_unknown_when_the_range_straddles_12_months(
+    client,
+):
+    # 2019-01-01 .. 2019-12-31 → 2020-03-15: 2.4 to 14.4 months, either side of 12.
+    card = _liver(client, crc(), resection(performed="2019"), liver_met(onset="2020-03-15"))
+    f = _factor(card, "dfi_lt_12m")
+    assert f["status"] == "unknown"
+    assert "2019-01-01 to 2019-12-31" in f["reason"] and "2.4 months to 14.4 months" in f["reason"]
+    assert f["sources"] == ["Procedure/resection", "Condition/liver-met"]
+    assert _assessment(card)["recommendation"] != "upfront-hepatectomy"
+
+
+def test_a_partial_date_decides_when_the_whole_range_agrees(client):
+    # 2019 → 2020-03-15 is 2.4 to 14.4 months: under 24 on every day.
+    card = _lung(client, crc(), resection(performed="2019"), lung_met(onset="2020-03-15"))
+    f = _factor(card, "dfi_lt_24m")
+    assert f["status"] == "present" and "2019-01-01 to 2019-12-31" in f["value"]
+
+
+def test_a_month_precision_resection_near_24_months_is_unknown(client):
+    # 2019-05-01 .. 2019-05-31 → 2021-05-20: 23.6 to 24.6 months.
+    card = _lung(client, crc(), resection(performed="2019-05"), lung_met(onset="2021-05-20"))
+    f = _factor(card, "dfi_lt_24m")
+    assert f["status"] == "unknown" and "2019-05-01 to 2019-05-31" in f["reason"]
+
+
+def test_a_metastasis_dated_by_year_is_a_range_too(client):
+    # 2019-02-01 → 2021-01-01 .. 2021-12-31: 23.0 to 34.9 months.
+    card = _lung(client, crc(), resection(performed="2019-02-01"), lung_met(onset="2021"))
+    f = _factor(card, "dfi_lt_24m")
+    assert f["status"] == "unknown" and "2021-01-01 to 2021-12-31" in f["reason"]
+
+
+def test_full_dates_are_unchanged(client):
+    card = _lung(client, crc(), resection(performed="2019-02-01"), lung_met(onset="2021-01-10"))
+    assert _factor(card, "dfi_lt_24m")["status"] == "present"
+    assert "recorded as" not in _factor(card, "dfi_lt_24m")["value"]
+
+
+def test_synchronous_is_left_open_when_a_partial_diagnosis_date_straddles_six_months():
+    facts = derive_facts(chart(crc(onset="2020"), lung_met(onset="2020-09-01")))
+    a = assess_lung(facts)
+    assert a is not None and a.timing is None
+    exact = assess_lung(derive_facts(chart(crc(onset="2020-08-01"), lung_met(onset="2020-09-01"))))
+    assert exact is not None and exact.timing == "synchronous"

@@ -16,8 +16,8 @@ _FULL_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 def as_date(value: Any) -> dt.date | None:
     """A FHIR date/dateTime (model value or raw string) as a calendar date.
 
-    Partial dates (`2021`, `2021-03`) are read as the first day they allow: documented in
-    docs/clinical-decisions.md. A dateTime keeps the calendar date of its own time zone.
+    Partial dates (`2021`, `2021-03`) give the first day they allow (last_day gives the last; the
+    interval thresholds treat them as ranges, docs/clinical-decisions.md). A dateTime keeps the calendar date of its own time zone.
     """
     if value is None:
         return None
@@ -41,6 +41,21 @@ def as_date(value: Any) -> dt.date | None:
         return dt.date(int(year), int(month), int(day))
     except ValueError:
         return None
+
+
+def last_day(value: Any) -> dt.date | None:
+    """The last calendar day a FHIR date allows: `2019` → 2019-12-31, `2019-05` → 2019-05-31; a full
+    date or dateTime is its own day (clinical-logic §8.25: partial dates are ranges)."""
+    first = as_date(value)
+    if first is None or type(value) is not str or _FULL_DAY.match(value):
+        return first
+    match = _PARTIAL.match(value)
+    if match is None or match.group(3):
+        return first
+    if match.group(2):
+        following = dt.date(first.year + (first.month == 12), first.month % 12 + 1, 1)
+        return following - dt.timedelta(days=1)
+    return dt.date(first.year, 12, 31)
 
 
 def as_instant(value: Any) -> dt.datetime | None:

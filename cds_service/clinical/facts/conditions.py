@@ -8,7 +8,7 @@ from typing import Any
 from fhir.resources.R4B.condition import Condition
 
 from cds_service.clinical.chart import Chart
-from cds_service.clinical.facts.dates import condition_date, condition_onset
+from cds_service.clinical.facts.dates import condition_date, condition_date_last, condition_onset
 from cds_service.clinical.facts.model import UNREADABLE, Entry, Metastasis, NodalEvidence, PatientFacts
 from cds_service.clinical.facts.rawjson import json_list
 from cds_service.clinical.facts.staging import kind_of, stage_value
@@ -26,6 +26,7 @@ def _verification(condition: Condition) -> set[str]:
 def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> list[Condition]:
     """Primaries and metastases; returns the primary's Conditions that carry a stage (validated)."""
     primary_dates: list[dt.date] = []
+    primary_lasts: list[dt.date] = []
     onsets: list[dt.date] = []
     staged: list[Condition] = []
     for raw in chart.of_type("Condition"):
@@ -47,6 +48,8 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
             continue
         source = ref_of(condition)
         when = condition_date(condition)
+        last = condition_date_last(condition)
+        when_last = last if last != when else None
         if concept.kind == "primary":
             if source:
                 facts.primaries.append(source)
@@ -56,6 +59,7 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
                     staged.append(condition)
             if when:
                 primary_dates.append(when)
+                primary_lasts.append(when_last or when)
             onset = condition_onset(condition)
             if onset:
                 onsets.append(onset)
@@ -68,7 +72,15 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
             # Counted as pulmonary unless the body site names another organ (spec choice).
             if body_organ in (None, "lung"):
                 facts.metastases.append(
-                    Metastasis(source, "lung", "lymphangitic carcinomatosis", "lung", when, "lymphangitic")
+                    Metastasis(
+                        source,
+                        "lung",
+                        "lymphangitic carcinomatosis",
+                        "lung",
+                        when,
+                        "lymphangitic",
+                        detected_last=when_last,
+                    )
                 )
             continue
         if concept.kind == "effusion":
@@ -81,7 +93,9 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
         status = _status(condition, term)
         if site is None:
             facts.metastases.append(
-                Metastasis(source, None, "site not coded", "unknown", when, status=status)
+                Metastasis(
+                    source, None, "site not coded", "unknown", when, status=status, detected_last=when_last
+                )
             )
         else:
             body_sites = codings_of_list(condition.bodySite)
@@ -100,11 +114,13 @@ def read_conditions(chart: Chart, term: Terminology, facts: PatientFacts) -> lis
                     when,
                     "site",
                     frozenset(body_sites),
-                    side,
-                    status,
+                    side=side,
+                    status=status,
+                    detected_last=when_last,
                 )
             )
     facts.primary_diagnosis = min(primary_dates, default=None)
+    facts.primary_diagnosis_last = min(primary_lasts, default=None)
     facts.primary_onset = min(onsets, default=None)
     facts.primaries.sort()
     facts.metastases.sort(key=lambda m: (m.organ or "~", m.detected or dt.date.max, m.source or ""))

@@ -19,6 +19,7 @@ class Metastasis:
     kind: str = "site"  # site | lymphangitic | pleural-effusion
     body_sites: frozenset[Coding] = frozenset()  # Condition.bodySite codings (distinct lesions, §8.16)
     side: str | None = None  # lung metastases: "left" | "right" when the code or body site says
+    detected_last: dt.date | None = None  # a partial date's last day (§8.25); None: `detected` exactly
     status: str | None = None  # "unconfirmed" | "resolved" (context, §8.27), else None
 
 
@@ -30,6 +31,7 @@ class DatedProcedure:
     kind: str = ""
     organ: str = ""
     done: bool = True
+    date_last: dt.date | None = None  # a partial date's last day (§8.25); None: `date` exactly
 
 
 # Not frozen, unlike the other facts: one is built per CEA result of the chart (hundreds in a long
@@ -102,6 +104,7 @@ class PatientFacts:
     primary_diagnosis: dt.date | None = None
     # The earliest onset of the primary (not its recordedDate, which may come long after).
     primary_onset: dt.date | None = None
+    primary_diagnosis_last: dt.date | None = None  # the last day primary_diagnosis may be (§8.25)
     metastases: list[Metastasis] = field(default_factory=list)
     resections: list[DatedProcedure] = field(default_factory=list)
     local_excisions: list[DatedProcedure] = field(default_factory=list)
@@ -140,6 +143,15 @@ class PatientFacts:
             return None, [m.source for m in mets if m.source]
         first = dated[0][0]
         return first, [src for d, src in dated if d == first and src]
+
+    def detected_range(self, organ: str) -> tuple[dt.date | None, dt.date | None]:
+        """The first and the last day the organ's first detection may have been (partial dates)."""
+        dated = [m for m in self.sites(organ) if m.detected]
+        if not dated:
+            return None, None
+        return min(m.detected for m in dated if m.detected), min(
+            m.detected_last or m.detected for m in dated if m.detected
+        )
 
     def systemic_since(self, organ: str) -> list[SystemicTherapy]:
         """Systemic therapy started on or after the organ's metastases were found (therapy for them)."""

@@ -10,7 +10,7 @@ from fhir.resources.R4B.procedure import Procedure
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from cds_service.clinical.chart import Chart
-from cds_service.clinical.facts.dates import procedure_date
+from cds_service.clinical.facts.dates import procedure_date, procedure_date_last
 from cds_service.clinical.facts.model import DatedProcedure, PatientFacts, SystemicTherapy
 from cds_service.clinical.facts.rawjson import json_str
 from cds_service.clinical.facts.validation import validated
@@ -56,7 +56,8 @@ def read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> Non
         if resection or excision:
             if done:  # only a completed resection dates the DFI
                 target = facts.resections if resection else facts.local_excisions
-                target.append(DatedProcedure(source, when, label))
+                last = procedure_date_last(procedure)
+                target.append(DatedProcedure(source, when, label, date_last=last if last != when else None))
             continue
         for organ, kind in therapy:
             if kind.requires_lung_site and not _aimed_at_lung(procedure, term, lung_sources):

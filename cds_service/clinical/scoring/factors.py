@@ -98,6 +98,16 @@ def disease_free_interval(facts: PatientFacts, organ: str, factor_id: str, limit
     resected = resection.date
     assert resected is not None  # `dated` holds dated resections only
     sources = tuple(s for s in (resection.source, *met_sources) if s)
+    ranged = interval_over_ranges(
+        factor_id,
+        ("the primary resection", resected, resection.date_last or resected),
+        (f"the {organ} metastasis", *facts.detected_range(organ)),
+        limit_months,
+        detected,
+        sources,
+    )
+    if ranged is not None:
+        return ranged
     months = months_between(resected, detected)
     if months <= 0:
         return Factor(
@@ -116,6 +126,46 @@ def disease_free_interval(facts: PatientFacts, organ: str, factor_id: str, limit
         detected,
         sources,
     )
+
+
+def _range(what: str, first: dt.date, last: dt.date) -> str:
+    return f"{what} is recorded as {first.isoformat()} to {last.isoformat()}"
+
+
+def interval_over_ranges(
+    factor_id: str,
+    start: tuple[str, dt.date, dt.date | None],
+    end: tuple[str, dt.date | None, dt.date | None],
+    limit_months: float,
+    detected: dt.date | None,
+    sources: tuple[str, ...],
+) -> Factor | None:
+    """An interval threshold ("< limit months") when a date is partial (clinical-logic §8.25).
+
+    `start` and `end`: (what, first day, last day). A partial date is a range; the factor is decided
+    only when every day of the ranges gives the same answer, else unknown with the ranges shown.
+    None when both dates are exact days (the caller computes as usual)."""
+    what_start, s0, s1 = start
+    what_end, e0, e1 = end
+    s1, e1 = s1 or s0, e1 or e0
+    if e0 is None or e1 is None or (s1 == s0 and e1 == e0):
+        return None
+    shortest, longest = months_between(s1, e0), months_between(s0, e1)
+    ranges = "; ".join(
+        _range(what, first, last)
+        for what, first, last in ((what_start, s0, s1), (what_end, e0, e1))
+        if first != last
+    )
+    span = f"{months_text(max(shortest, 0))} to {months_text(max(longest, 0))}"
+    low, high = (PRESENT if m < limit_months else ABSENT for m in (shortest, longest))
+    if low != high:
+        return Factor(
+            factor_id,
+            UNKNOWN,
+            sources=sources,
+            reason=f"{ranges}: the interval is {span}, either side of {limit_months:g} months",
+        )
+    return Factor(factor_id, low, f"{span} ({ranges})", detected, sources)
 
 
 # --- nodal status ----------------------------------------------------------------------------------

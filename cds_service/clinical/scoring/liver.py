@@ -20,6 +20,7 @@ from cds_service.clinical.scoring.factors import (
     Factor,
     cea_factor,
     cite_assessed,
+    interval_over_ranges,
     months_between,
     months_text,
     node_positive_primary,
@@ -58,8 +59,18 @@ def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
         )
     resection = next((r for r in facts.resections if r.date), None)
     if resection is not None and resection.date is not None:
-        months = months_between(resection.date, detected)
         refs = tuple(s for s in (resection.source, *sources) if s)
+        ranged = interval_over_ranges(
+            fid,
+            ("the primary resection", resection.date, resection.date_last),
+            ("the liver metastasis", *facts.detected_range("liver")),
+            params.dfi_limit_months,
+            detected,
+            refs,
+        )
+        if ranged is not None:
+            return ranged
+        months = months_between(resection.date, detected)
         if months <= 0:
             return Factor(
                 fid,
@@ -71,8 +82,18 @@ def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
         status = PRESENT if months < params.dfi_limit_months else ABSENT
         return Factor(fid, status, f"{months_text(months)} after the primary resection", detected, refs)
     if facts.primary_diagnosis is not None:
-        months = months_between(facts.primary_diagnosis, detected)
         refs = tuple(s for s in (*facts.primaries[:1], *sources) if s)
+        ranged = interval_over_ranges(
+            fid,
+            ("the primary diagnosis", facts.primary_diagnosis, facts.primary_diagnosis_last),
+            ("the liver metastasis", *facts.detected_range("liver")),
+            params.dfi_limit_months,
+            detected,
+            refs,
+        )
+        if ranged is not None:
+            return ranged
+        months = months_between(facts.primary_diagnosis, detected)
         status = PRESENT if months < params.dfi_limit_months else ABSENT
         return Factor(
             fid,

@@ -91,8 +91,17 @@ def timing(facts: PatientFacts, detected: dt.date | None, params: LungParams) ->
     """Synchronous: lung metastases found within 6 months of the primary diagnosis (seed 000)."""
     if detected is None or facts.primary_diagnosis is None:
         return None
-    within = months_between(facts.primary_diagnosis, detected) <= params.synchronous_within_months
-    return "synchronous" if within else "metachronous"
+    # Partial dates are ranges (§8.25): decided only when every day of them gives the same answer.
+    _, detected_last = facts.detected_range("lung")
+    diagnosed_last = facts.primary_diagnosis_last or facts.primary_diagnosis
+    limit = params.synchronous_within_months
+    answers = {
+        months_between(facts.primary_diagnosis, detected_last or detected) <= limit,
+        months_between(diagnosed_last, detected) <= limit,
+    }
+    if len(answers) > 1:
+        return None
+    return "synchronous" if answers.pop() else "metachronous"
 
 
 def recommend(
