@@ -220,3 +220,32 @@ def test_card_and_page_share_one_source(client, answers):
 
 def test_expected_covers_the_same_patients(answers):
     assert sorted(answers) == sorted(expected())
+
+
+def test_a_chart_of_long_texts_still_gets_a_short_card(client):
+    """Every chart text is cut at 120 characters, and the supporting evidence gives way before the
+    card passes 2,000 characters: a card stays short whatever the chart holds."""
+    bundle = load(FIXTURES / "14-lung-liver-synchronous.json")
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        for coding in (resource.get("code") or {}).get("coding") or ():
+            coding["display"] = "A very long display " * 100
+        if "code" in resource:
+            resource["code"]["text"] = "<b>long</b> text " * 300
+    for card in _answer(client, bundle):
+        assert len(card["detail"]) <= 2000, len(card["detail"])
+        assert "A very long display " * 7 not in card["detail"]
+        assert set(_a(card)["evidence"]) <= MODEL_IDS[_a(card)["model"]]
+
+
+def test_supporting_evidence_gives_way_first_when_a_card_is_too_long(client, monkeypatch):
+    from cds_service.render import cards as render
+
+    bundle = load(FIXTURES / "03-lung-low-risk-upfront-surgery.json")
+    full = _answer(client, bundle)[0]
+    assert {"li-2019-surgery-survival", "preprint-2020-local-plus-chemo"} <= set(_a(full)["evidence"])
+    monkeypatch.setattr(render, "MAX_DETAIL_CHARS", len(full["detail"]) - 1)
+    short = _answer(client, bundle)[0]
+    assert len(short["detail"]) < len(full["detail"])
+    assert not {"li-2019-surgery-survival", "preprint-2020-local-plus-chemo"} & set(_a(short)["evidence"])
+    assert "Supporting" not in short["detail"] and "cai-2025-no-nat-benefit-low" in _a(short)["evidence"]

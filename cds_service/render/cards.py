@@ -134,8 +134,13 @@ def _card(
     paper = papers()[spec["source_paper"]]
     page_url = evidence_page_url(base_url, spec["model"])
     detail, cited = cite(tidy(_detail_template(template).render(a=view, say=say, page_url=page_url)))
-    # The context lines give way first when a card would pass its 2,000 characters (clinical-logic
-    # §7): those left out stay in the assessment's `context`, which the card then points to.
+    if len(detail) > MAX_DETAIL_CHARS:
+        # Over 2,000 characters (clinical-logic §7): the supporting evidence, which the evidence page
+        # holds in full, gives way first.
+        view = {**view, "compact": True}
+        detail, cited = cite(tidy(_detail_template(template).render(a=view, say=say, page_url=page_url)))
+    # Then the context lines: those left out stay in the assessment's `context`, which the card then
+    # points to.
     context = list(view.get("context") or [])
     while len(detail) > MAX_DETAIL_CHARS and context and context != [_MORE_CONTEXT]:
         context = [*context[: -2 if context[-1] == _MORE_CONTEXT else -1], _MORE_CONTEXT]

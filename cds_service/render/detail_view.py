@@ -54,9 +54,14 @@ _ONE_OF = re.compile(r"\b1 (\w+ )?(\w+)\(s\)")  # "1 liver lesion(s)" → "1 liv
 _SOME_OF = re.compile(r"(\w)\(s\)")  # "2 liver lesion(s)" → "2 liver lesions"
 
 
+_MAX_CHART_TEXT = 120  # characters of one chart text on a card; the chart itself has the rest
+
+
 def clean(text: str) -> str:
-    """Chart text for a card: semantic tags dropped, plurals written out, made inert Markdown, dates
-    kept whole."""
+    """Chart text for a card: semantic tags dropped, plurals written out, at most 120 characters,
+    made inert Markdown, dates kept whole."""
+    if len(text) > _MAX_CHART_TEXT:
+        text = text[: _MAX_CHART_TEXT - 1] + "…"
     text = _SOME_OF.sub(r"\1s", _ONE_OF.sub(r"1 \1\2", _SEMANTIC_TAG.sub("", text)))
     return _ISO_DAY.sub(f"\\1{NB_HYPHEN}\\2{NB_HYPHEN}\\3", md(text))
 
@@ -110,6 +115,7 @@ def common_view(
         "not_oligo": "; ".join(md(r) for r in reasons_not_oligo),
         "not_oligo_short": reasons_not_oligo[0] if reasons_not_oligo else "",
         "mdt_line": spec["mdt_line"],
+        "compact": False,  # set when the card must shed its supporting evidence to stay short
         "context": _context_lines(getattr(a, "context", ())),
     }
 
