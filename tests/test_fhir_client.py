@@ -608,3 +608,10 @@ def test_optional_search_out_of_time_is_unavailable(
     )
     assert time.monotonic() - t0 < 1.2
     assert results["conditions"]["total"] == 1 and report.unavailable == {"bodystructures": "timeout"}
+
+
+def test_a_short_token_does_not_garble_the_message(fhir: HTTPServer, base: str) -> None:
+    fhir.expect_request("/fhir/Condition").respond_with_response(Response("no", status=403))
+    with pytest.raises(FetchError) as info:
+        fetch_queries(base, "t", {"conditions": "Condition?patient=p1"}, settings())
+    assert "search 'conditions' (Condition): HTTP 403" in info.value.diagnostics

@@ -266,7 +266,7 @@ def run_tasks(
             issue_code="not-found",
             report=report,
         )
-    _raise_for_failures(tasks, fails, required, report, exchange.token)
+    _raise_for_failures(tasks, fails, report)
     return results, report
 
 
@@ -319,9 +319,7 @@ def _report(
 def _raise_for_failures(
     tasks: dict[str, tuple[str, Task]],
     fails: dict[str, Fail],
-    required: Collection[str],
     report: FetchReport,
-    token: str | None,
 ) -> None:
     fatal = [k for k in tasks if k in fails and fails[k].fatal]
     failed = fatal or [k for k in tasks if k in fails and k not in report.unavailable]
@@ -331,9 +329,8 @@ def _raise_for_failures(
         f"{'read' if _is_read(tasks[key][0]) else 'search'} '{key}' ({_label(tasks[key][0])}): {fails[key].cause}"
         for key in failed  # in the service's own order of searches: the same message every time
     ]
+    # Built only from our own keys, resource types and generic causes: nothing to redact.
     message = "Could not read the FHIR data the service needs — " + "; ".join(parts)
-    if token:
-        message = message.replace(token, "[token]")
     raise FetchFailed(message, issue_code=fails[failed[0]].code, report=report)
 
 
