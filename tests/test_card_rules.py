@@ -249,3 +249,14 @@ def test_supporting_evidence_gives_way_first_when_a_card_is_too_long(client, mon
     assert len(short["detail"]) < len(full["detail"])
     assert not {"li-2019-surgery-survival", "preprint-2020-local-plus-chemo"} & set(_a(short)["evidence"])
     assert "Supporting" not in short["detail"] and "cai-2025-no-nat-benefit-low" in _a(short)["evidence"]
+
+
+def test_dfi_zero_carries_its_caveat(answers):
+    """A lung metastasis found on or before the resection scores DFI 0: the card says it is our choice."""
+    seen = 0
+    for name, card in _cards(answers):
+        dfi = next((f for f in _a(card)["factors"] if f["id"] == "dfi_lt_24m"), None)
+        if dfi and dfi["status"] == "present" and dfi.get("value", "").startswith("0 months"):
+            seen += 1
+            assert "DFI 0 (found on or before the resection) is a product choice" in card["detail"], name
+    assert seen  # demo patient 14

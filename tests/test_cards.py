@@ -181,7 +181,7 @@ def test_two_other_sites_get_no_staged_treatment_and_a_liver_site_gets_it():
     )
     assert "staged radical treatment" not in two
     # Two organs besides the lung, no lymphangitic spread: the lymphangitic wording is not the reason.
-    assert "systemic therapy is the mainstay" in two and "lymphangitic" not in two.split("\n")[0]
+    assert "systemic therapy is the mainstay" in two and "lymphangitic" not in two.lower()
     liver = _detail(condition(SNOMED, LIVER_MET_SNOMED, id="liver"))
     assert "- Lung and liver: if both are curable, staged radical treatment" in liver
 
