@@ -20,7 +20,8 @@ from cds_service.paths import data_dir
 # Chart text never holds these: md() splits on whitespace, and Python counts \x1e and \x1f as whitespace.
 _OPEN, _CLOSE = "\x1e", "\x1f"
 _MARKER = re.compile("\x1e([^\x1e\x1f]+)\x1f")
-_TEXT_KEYS = ("card", "dfi0", "alternative", "lymphangitic")  # the wordings a statement may have (card: the usual one)
+# The wordings a statement may have; `card` is the usual one.
+_TEXT_KEYS = ("card", "dfi0", "alternative", "lymphangitic")
 
 
 @cache
