@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 from flask import Flask
@@ -115,6 +115,29 @@ def test_search_parameters(client: FlaskClient, query: str, expected: list[str])
         assert "entry" not in body
 
 
+@pytest.mark.parametrize("split", ["all-in-body", "some-in-url"])
+def test_post_search_as_the_cds_hooks_sandbox_sends_it(client: FlaskClient, split: str) -> None:
+    form = [("patient", "p1"), ("code", f"{LOINC}|718-7,{LOINC}|2039-6"), ("_count", "2")]
+    url = "/fhir/Observation/_search" + ("?patient=p1" if split == "some-in-url" else "")
+    body_form = form[1:] if split == "some-in-url" else form
+    response = client.post(url, data=urlencode(body_form), content_type="application/x-www-form-urlencoded")
+    body = response.get_json(force=True)
+    assert response.status_code == 200 and body["type"] == "searchset"
+    assert ids(body) == ["cea-1", "cea-2"] and body["total"] == 3
+    # The next page is a plain GET search carrying every parameter, the body's too.
+    (nxt,) = [link["url"] for link in body["link"] if link["relation"] == "next"]
+    parts = urlsplit(nxt)
+    assert parts.path == "/fhir/Observation" and "code=" in parts.query
+    assert ids(client.get(f"{parts.path}?{parts.query}").get_json(force=True)) == ["hb-1"]
+    assert all(e["fullUrl"].endswith(f"/fhir/Observation/{e['resource']['id']}") for e in body["entry"])
+
+
+def test_post_search_needs_a_form_body(client: FlaskClient) -> None:
+    response = client.post("/fhir/Observation/_search", json={"patient": "p1"})
+    assert response.status_code == 415 and response.get_json(force=True)["resourceType"] == "OperationOutcome"
+    assert client.post("/fhir/lowercase/_search", data={}).status_code == 404
+
+
 def test_search_other_types(client: FlaskClient) -> None:
     assert ids(client.get("/fhir/Condition?patient=p1").get_json(force=True)) == ["crc"]
     assert ids(client.get("/fhir/Procedure?patient=aaa").get_json(force=True)) == ["bbb"]
@@ -162,7 +185,7 @@ def test_cors_preflight(client: FlaskClient) -> None:
     )
     assert response.status_code in (200, 204)
     assert response.headers["Access-Control-Allow-Origin"] == "*"
-    assert "GET" in response.headers["Access-Control-Allow-Methods"]
+    assert {"GET", "POST"} <= set(response.headers["Access-Control-Allow-Methods"].split(", "))
     assert "authorization" in response.headers["Access-Control-Allow-Headers"].lower()
 
 

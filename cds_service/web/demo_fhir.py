@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, request
+from werkzeug.datastructures import CombinedMultiDict, MultiDict
 
 FHIR_JSON = "application/fhir+json"
 DEFAULT_COUNT = 50
@@ -124,7 +125,7 @@ def create_fhir_blueprint(
         # Browser-based CDS clients (sandbox, EHR simulator) read this endpoint cross-origin.
         response.headers["Access-Control-Allow-Origin"] = "*"
         if request.method == "OPTIONS":
-            response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, POST, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = request.headers.get(
                 "Access-Control-Request-Headers", "Authorization, Accept, Content-Type"
             )
@@ -179,10 +180,18 @@ def create_fhir_blueprint(
         return _fhir(resource)
 
     @bp.get("/<rtype>")
+    @bp.post("/<rtype>/_search")
     def search(rtype: str) -> Response:
         if not _TYPE.match(rtype):
             return _outcome(404, "not-supported", f"{rtype!r} is not a resource type")
-        args = request.args
+        # FHIR's POST search (the CDS Hooks sandbox tries it first): parameters in a form body, URL ones too.
+        args: MultiDict[str, str] = request.args
+        if request.method == "POST":
+            if request.mimetype != "application/x-www-form-urlencoded":
+                return _outcome(
+                    415, "not-supported", "a POST search takes an application/x-www-form-urlencoded body"
+                )
+            args = CombinedMultiDict([request.args, request.form])
         try:
             count = min(MAX_COUNT, max(0, int(args.get("_count", DEFAULT_COUNT))))
             offset = max(0, int(args.get("_offset", 0)))
@@ -206,8 +215,10 @@ def create_fhir_blueprint(
         page = matches[offset : offset + count] if count else []
         kept = [(k, v) for k, v in args.items(multi=True) if k not in ("_count", "_offset")]
 
-        def page_url(at: int) -> str:
-            return f"{request.base_url}?{urlencode([*kept, ('_count', count), ('_offset', at)])}"
+        search_url = request.base_url.removesuffix("/_search")
+
+        def page_url(at: int) -> str:  # a GET, also for a POST search: every parameter is in it
+            return f"{search_url}?{urlencode([*kept, ('_count', count), ('_offset', at)])}"
 
         links = [{"relation": "self", "url": page_url(offset)}]
         if count and offset + count < len(matches):
@@ -218,7 +229,7 @@ def create_fhir_blueprint(
             "total": len(matches),
             "link": links,
         }
-        base = request.base_url.rsplit("/", 1)[0]
+        base = search_url.rsplit("/", 1)[0]
         if page:
             bundle["entry"] = [
                 {
