@@ -221,6 +221,8 @@ EVERY_COMMAND = [
     ["evaluate", "--fhir-server", "http://127.0.0.1:9/fhir", "--patient", "p"],
     ["report"],
     ["migrate"],
+    ["fixtures", "export", "out"],
+    ["fixtures", "load", "http://127.0.0.1:9/fhir"],
 ]
 
 
@@ -292,13 +294,27 @@ def test_bad_worker_counts_on_the_command_line_are_usage_errors(capsys, value):
 def test_help_describes_every_option_and_its_default():
     from cds_service.cli.main import _parser
 
-    parser = _parser()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) >= {"serve", "demo", "evaluate", "report", "migrate"}
-    for name, sub in subparsers.choices.items():
+    def commands(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield f"{prefix}{name}", sub
+                    yield from commands(sub, f"{prefix}{name} ")
+
+    found = dict(commands(_parser()))
+    assert set(found) >= {
+        "serve",
+        "demo",
+        "evaluate",
+        "report",
+        "migrate",
+        "fixtures export",
+        "fixtures load",
+    }
+    for name, sub in found.items():
         assert sub.description, name
         for action in sub._actions:
-            if isinstance(action, argparse._HelpAction):
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
                 continue
             assert action.help, f"{name} {action.dest} has no help"
             if action.option_strings:

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from cds_service.cli import commands, server
+from cds_service.cli import commands, fixtures, server
 from cds_service.cli.common import CliError, load_settings
 from cds_service.settings import Settings
 from cds_service.telemetry.logs import configure_logging
@@ -144,6 +144,39 @@ def _parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "csv"), default="table", help="output format (default: %(default)s)"
     )
     report.set_defaults(func=commands.report)
+
+    fixture_cmd = sub.add_parser(
+        "fixtures",
+        help="export the demo patients as FHIR transaction Bundles, or load them into a FHIR server",
+        description="The demo patients of fixtures/fhir/, for a FHIR sandbox server. Their dates are "
+        f"moved so that each patient's latest event is {fixtures.RECENT_DAYS} days ago (intervals kept).",
+        epilog=_EXIT_CODES,
+    )
+    fixture_sub = fixture_cmd.add_subparsers(dest="fixtures_command", required=True, metavar="ACTION")
+    export = fixture_sub.add_parser(
+        "export",
+        help="write one FHIR R4 transaction Bundle per demo patient into DIR",
+        description="Write one FHIR R4 transaction Bundle per demo patient into DIR (same file names as "
+        "fixtures/fhir/): resources POSTed under urn:uuid fullUrls, so the server assigns the ids.",
+        epilog=_EXIT_CODES,
+    )
+    export.add_argument("dir", metavar="DIR", help="folder to write into (created if missing; no default)")
+    export.set_defaults(func=fixtures.export)
+    load = fixture_sub.add_parser(
+        "load",
+        help="post every demo patient to a FHIR server, one transaction each",
+        description="POST every demo patient to FHIR_BASE_URL, one transaction per patient, and print a "
+        "tab-separated line for each: file, the patient's id on the server, its story (what the card "
+        "should say). 429/503 are retried as the server asks; the first refusal stops with its reason. "
+        "The same rules as a hook call's fhirServer apply: https, or http on loopback (or "
+        "CDS_ALLOW_INSECURE_FHIR=true), within CDS_FHIR_SERVER_ALLOWLIST when set.",
+        epilog=_EXIT_CODES,
+    )
+    load.add_argument(
+        "fhir_base_url", metavar="FHIR_BASE_URL", help="the server's FHIR R4 base URL (no default)"
+    )
+    load.add_argument("--token", metavar="T", help="bearer token for the server (default: none)")
+    load.set_defaults(func=fixtures.load)
 
     migrate = sub.add_parser(
         "migrate",

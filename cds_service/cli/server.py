@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import gc
 import json
 import os
@@ -128,7 +129,8 @@ def with_fhir_call_limit(settings: Settings, threads: int) -> Settings:
 
 def demo(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.model_copy(update={"auth_required": False, "demo": True, "preview": True})
-    resources = demo_resources()
+    # Dates as if the stories happened lately (see cli/fixtures.py); `evaluate FILE` reads them as written.
+    resources = demo_resources(shift_to=dt.datetime.now(dt.UTC).date())
     base = f"http://{args.host}:{args.port}"
     service = next(iter(services().values()))
     patients = [r["id"] for r in resources if r.get("resourceType") == "Patient"]
