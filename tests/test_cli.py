@@ -15,9 +15,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from cds_service.render.cards import DEFAULT_BASE_URL
+
 from .conftest import FIXTURES, SERVICE_URL, hook_body, load
 
 CLI = [sys.executable, "-m", "cds_service.cli"]
+# Evidence links are absolute: the CLI has no request URL, so it uses CDS_PUBLIC_BASE_URL or
+# DEFAULT_BASE_URL; the HTTP side of a comparison is given the same base.
 HIGH_RISK = FIXTURES / "01-lung-high-risk-all-four.json"
 OUT_OF_SCOPE = FIXTURES / "16-out-peritoneal-only.json"
 
@@ -46,7 +50,12 @@ def test_evaluate_two_bundles_prints_one_document_each(tmp_path):
     docs = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert len(docs) == 2
     body = {**request_from_bundle(load(HIGH_RISK)), "hookInstance": "some-other-call"}
-    http = create_app(Settings(auth_required=False)).test_client().post(SERVICE_URL, json=body).get_json()
+    http = (
+        create_app(Settings(auth_required=False, public_base_url=DEFAULT_BASE_URL))
+        .test_client()
+        .post(SERVICE_URL, json=body)
+        .get_json()
+    )
     assert docs[0]["cards"] and strip_uuids(docs[0]["cards"]) == strip_uuids(http["cards"])
     assert docs[1] == {"cards": []}
 
@@ -85,7 +94,9 @@ def test_evaluate_request_prints_exactly_the_http_answer(tmp_path):
     path.write_text(json.dumps(body))
     proc = run("evaluate", str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    app = create_app(Settings(auth_required=False))  # today's date, as the CLI uses
+    app = create_app(
+        Settings(auth_required=False, public_base_url=DEFAULT_BASE_URL)
+    )  # today's date, as the CLI uses
     http = app.test_client().post(SERVICE_URL, json=body).get_data(as_text=True)
     assert proc.stdout.strip() == http
 
