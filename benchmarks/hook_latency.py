@@ -1,4 +1,4 @@
-"""Hook latency through the WSGI app vs json.loads of the same body (issue 3 targets).
+"""Hook latency through the WSGI app vs json.loads of the same body; its targets are in the README.
 
     python benchmarks/hook_latency.py [--repeat N]
 

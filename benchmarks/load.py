@@ -1,4 +1,4 @@
-"""Load test: `cds-service serve` under concurrent hook calls and feedback posts (issue 8 targets).
+"""Load test: `cds-service serve` under concurrent hook calls and feedback posts; its targets are in the README.
 
     python benchmarks/load.py [--clients 50] [--seconds 20] [--workers 2] [--threads 8]
                               [--resources 500] [--think-ms 1000] [--database-url URL] [--max-p95-ms 50]

@@ -1,6 +1,6 @@
 """The service's error taxonomy: each error knows its HTTP status and FHIR issue type.
 
-Every non-2xx answer is a FHIR OperationOutcome built from one of these (service contract §2).
+Every non-2xx answer is a FHIR OperationOutcome built from one of these (docs/service-contract.md).
 Messages are for humans and must never carry PHI, tokens or stack traces.
 """
 

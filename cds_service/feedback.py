@@ -18,13 +18,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from cds_service import card_ids
 from cds_service.errors import ServiceError
 from cds_service.hooks.models import FeedbackEntry, parse_feedback
 from cds_service.store.audit import AuditTrail
 from cds_service.store.records import FeedbackRecord
+from cds_service.store.schema import StoreDown
 from cds_service.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -60,11 +59,9 @@ def receive_feedback(body: Any, service_id: str, audit: AuditTrail) -> int:
     if unsigned:
         try:
             known = _known_cards(audit, service_id, {e.card for e in unsigned})
-        except SQLAlchemyError as exc:
+        except StoreDown as exc:
             metrics.store_error("record_feedback")
-            log.error(
-                "could not check feedback for %s: %s: %s", service_id, type(exc).__name__, _first_line(exc)
-            )
+            log.error("could not check feedback for %s: %s", service_id, exc)
             raise StoreUnavailable(
                 "the feedback store is unavailable; nothing was stored, try again later"
             ) from None
@@ -128,8 +125,3 @@ def _record(entry: FeedbackEntry) -> FeedbackRecord:
         user_comment=reason.userComment if reason else None,
         outcome_timestamp=entry.outcomeTimestamp,
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else "-"

@@ -266,7 +266,7 @@ def chart(*resources: dict[str, Any]) -> Chart:
     return build_chart(PATIENT_ID, patients[0] if patients else patient(), [by_type(others)])
 
 
-# --- liver score (issue 6): liver metastases, mCODE Tumor BodyStructures and TumorSize, therapy ---------
+# --- liver score: liver metastases, mCODE Tumor BodyStructures and TumorSize, therapy ---------
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 RIGHT_LIVER_LOBE = "48521005"  # structure of right lobe of liver

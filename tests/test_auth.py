@@ -1,4 +1,4 @@
-"""CDS Hooks 2.0 client JWT authentication (issue 5), end to end through HTTP.
+"""CDS Hooks 2.0 client JWT authentication, end to end through HTTP.
 
 Keys are generated here; the EHR's JWKS (and an attacker's) is served by pytest-httpserver. Every
 acceptance and every rejection is a call to the real app; each 401 must be the same generic
@@ -440,6 +440,20 @@ def test_the_same_jti_from_another_issuer_is_not_a_replay(tmp_path, jwks_url, si
     jti = str(uuid.uuid4())
     assert call(app, signer.rs384(jti=jti), body).status_code == 200
     assert call(app, signer.rs384(jti=jti, iss=other_iss), body).status_code == 200
+
+
+def test_a_token_is_refused_when_its_jti_cannot_be_recorded(tmp_path, jwks_url, signer, body, caplog):
+    """Fail closed: without the replay check a valid token is not enough (the store's failure is
+    StoreDown to the auth code, which knows no SQL), and the log names the failure, not the token."""
+    app = make_app(auth_settings(tmp_path, jwks_url))
+    store = app.extensions["cds.audit"].store
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE client_jti")
+    caplog.set_level(logging.INFO)
+    token = signer.rs384()
+    assert_refused(call(app, token, body))
+    assert "cannot record the jti (OperationalError)" in caplog.text
+    assert token not in caplog.text
 
 
 # --- the JWKS: cached, refreshed for a new kid, bounded --------------------------------------------------

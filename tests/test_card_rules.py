@@ -78,7 +78,7 @@ def test_every_card_reads_in_ten_seconds(answers):
         assert sum(1 for line in lines if line.startswith("- ")) <= 5, name
         assert lines[-1].startswith("*Decision support for the MDT"), name
         # Systemic-first, ablation and follow-up cards open with their own recommendation, never the
-        # metastasectomy cohort's DFS (clinical-logic §8.21).
+        # metastasectomy cohort's DFS (docs/clinical-rules.md §8.21).
         assert "DFS" not in lines[0] and "Recurrence risk after lung metastasectomy" not in detail, name
 
 
@@ -103,7 +103,7 @@ def test_evidence_ids_are_from_the_closed_list_and_their_papers_are_linked(answe
 
 
 def test_evidence_applies_to_the_patient(answers):
-    """clinical-logic §8.22, on every demo answer."""
+    """docs/clinical-rules.md §8.22, on every demo answer."""
     for name, cards in answers.items():
         by_model = {_a(c)["model"]: _a(c) for c in cards}
         lung = by_model.get("cai-2025-lung")

@@ -1,4 +1,4 @@
-"""Card content rules (clinical-logic §7): summaries, evidence links, FHIR suggestions, safety."""
+"""Card content rules (docs/clinical-rules.md §7): summaries, evidence links, FHIR suggestions, safety."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def test_hostile_text_that_reaches_the_card_is_escaped(client):
     assert r"\<img src=x onerror=alert(1)\>" in card["detail"]
 
 
-# --- seed 003's staged treatment: lung and liver, or lung and one other site -----------------------
+# --- the Li 2019 consensus's staged treatment: lung and liver, or lung and one other site -----------------------
 
 
 def _detail(*extra):

@@ -55,7 +55,7 @@ def test_demo_patient_outcome(client, path, case):
         statuses = {f["id"]: f["status"] for f in assessment["factors"]}
         want_statuses = {k: (v["status"] if isinstance(v, dict) else v) for k, v in spec["factors"].items()}
         assert statuses == want_statuses, case["story"]
-        if "context" in spec:  # the context ids the card must show (clinical-logic §8.27), in order
+        if "context" in spec:  # the context ids the card must show (docs/clinical-rules.md §8.27), in order
             assert [c["id"] for c in assessment.get("context", [])] == spec["context"], case["story"]
         if model == "lung":
             assert card["indicator"] == ("warning" if spec["recommendation"] == "consider-nat" else "info")

@@ -1,4 +1,4 @@
-"""Charts as EHRs really record them (clinical-logic §8.23–31): treatment on the liver side, repeat
+"""Charts as EHRs really record them (docs/clinical-rules.md §8.23–31): treatment on the liver side, repeat
 CEA results on one day, partial dates, text-only metastases, context lines, mCODE history of
 metastatic disease, a liver lesion measured twice, pleural effusion and site-less lymphangitic codes.
 

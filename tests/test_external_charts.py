@@ -80,7 +80,7 @@ def test_real_crc_chart_with_an_added_lung_metastasis_is_read_through(client, pa
     assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
     (card,) = resp.get_json()["cards"]
     factors = {f["id"]: f for f in card["extension"]["crc-cds-assessment"]["factors"]}
-    # Synthea never emits CEA or TNM data (terminology.md §6): those stay unknown, with reasons.
+    # Synthea never emits CEA or TNM data (docs/terminology.md §6): those stay unknown, with reasons.
     assert factors["cea_gt_5"]["status"] == "unknown" and factors["cea_gt_5"]["reason"]
     assert factors["node_positive_primary"]["status"] == "unknown"
     dfi = factors["dfi_lt_24m"]

@@ -1,4 +1,4 @@
-"""Facts from FHIR (clinical-logic §1-2, §8; terminology.md): scope, CEA, DFI and nodal status.
+"""Facts from FHIR (docs/clinical-rules.md §1-2, §8; terminology.md): scope, CEA, DFI and nodal status.
 
 Each test pairs the rule with a chart where breaking the rule changes the answer, so removing the
 rule makes the test fail.

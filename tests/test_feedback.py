@@ -210,6 +210,19 @@ def test_an_unknown_card_is_422_and_nothing_is_stored(client, audit, card):
     assert _rows(audit) == []
 
 
+def test_feedback_is_503_when_the_store_cannot_be_asked_about_a_card(client, audit, card, caplog):
+    """A database failure while checking an unsigned card is the store's StoreDown, answered 503
+    (the EHR may retry), never 422 (final) and never a 500; nothing is stored."""
+    assert audit.flush()  # the card's own audit record is in; only the check below meets the failure
+    with audit.store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE hook_card"))
+    unsigned = {**_overridden(card), "card": str(uuid.uuid4())}
+    issue = assert_operation_outcome(client.post(FEEDBACK_URL, json=unsigned), 503, "transient")
+    assert "nothing was stored" in issue["diagnostics"]
+    assert "could not check feedback" in caplog.text
+    assert _rows(audit) == []
+
+
 def test_a_suggestion_the_card_does_not_have_is_422(client, audit, card):
     body = {**_accepted(card), "acceptedSuggestions": [{"id": str(uuid.uuid4())}]}
     assert_operation_outcome(client.post(FEEDBACK_URL, json=body), 422, "not-found")

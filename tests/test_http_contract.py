@@ -1,4 +1,4 @@
-"""The HTTP contract (service contract §2): discovery, hook, status codes, OperationOutcome bodies."""
+"""The HTTP contract (docs/service-contract.md): discovery, hook, status codes, OperationOutcome bodies."""
 
 from __future__ import annotations
 

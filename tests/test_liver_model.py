@@ -1,6 +1,6 @@
-"""The Fong clinical risk score for liver metastases and the liver card (issue 6).
+"""The Fong clinical risk score for liver metastases and the liver card.
 
-clinical-logic §5 and §8 (3, 7, 8, 9, 12, 16, 18, 19); service contract §4 (liver factor ids, groups,
+docs/clinical-rules.md §5 and §8 (3, 7, 8, 9, 12, 16, 18, 19); docs/service-contract.md (liver factor ids, groups,
 recommendations). Each factor's present / absent / unknown cases, the CEA > 200 threshold with
 comparators, the CEA rule before liver treatment, the groups, every liver recommendation, and what the
 card must say, built from small FHIR charts (tests/builders.py).
@@ -619,7 +619,7 @@ def test_staleness_is_flagged_only_when_the_latest_cea_was_picked():
     assert "Order serum CEA" in [s["label"] for s in latest["suggestions"]]
 
 
-# --- groups and recommendations (service contract §4) ---------------------------------------------------
+# --- groups and recommendations (docs/service-contract.md) ---------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -912,7 +912,7 @@ def test_crs_0_to_2_wording_cites_esmo_2016_and_leaves_the_decision_to_the_mdt()
     assert "(ESMO 2016)" in detail and assessment_json(c)["evidence"][0] == "esmo-2016-low-crs"
     assert "the MDT decides" in detail
     assert "studied CRS 3–5 only" in detail
-    assert "remains standard" not in detail  # the unsourced phrase of clinical-logic §5
+    assert "remains standard" not in detail  # the unsourced phrase of docs/clinical-rules.md §5
     assert ESMO_DOI in [link["url"] for link in c["links"]]
     assert "bevacizumab" not in detail.lower()  # the bevacizumab evidence is for CRS 3–5
 

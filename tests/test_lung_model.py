@@ -1,4 +1,4 @@
-"""The four-factor lung model and the lung pathway (clinical-logic §3-4, §8; service contract §4).
+"""The four-factor lung model and the lung pathway (docs/clinical-rules.md §3-4, §8; docs/service-contract.md).
 
 Extrapulmonary metastases by organ, the score range with unknowns, the groups, and every lung
 recommendation row, built from small FHIR charts.
@@ -258,7 +258,7 @@ def test_extrapulmonary_factor_directly():
     assert factor.date.isoformat() == "2021-05-01"
 
 
-# --- score range and groups (§3; service contract §4) -----------------------------------------------
+# --- score range and groups (§3; docs/service-contract.md) -----------------------------------------------
 
 
 def test_score_is_a_range_from_present_to_present_plus_unknown():
@@ -316,7 +316,7 @@ def test_lung_groups_are_those_of_seed_000():
     assert lung_params().max_extrapulmonary_organs == 1
 
 
-# --- the pathway rows (§4; service contract §4) ------------------------------------------------------
+# --- the pathway rows (§4; docs/service-contract.md) ------------------------------------------------------
 
 
 @pytest.mark.parametrize(

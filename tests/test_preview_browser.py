@@ -1,4 +1,4 @@
-"""The preview page in a real browser: Debian's Chromium driven by Playwright (issue 9).
+"""The preview page in a real browser: Debian's Chromium driven by Playwright.
 
 The app (demo resources, preview on) runs on a loopback port in a thread, as `cds-service demo` does;
 the page reads the demo patients from the app's own /fhir, so each card here went through the whole

@@ -1,5 +1,5 @@
-"""Where the patient is in treatment (issue 7): systemic therapy, local therapy done or planned,
-and the CEA rule of clinical-logic §8.4 / §8.19, with the dates around each boundary."""
+"""Where the patient is in treatment: systemic therapy, local therapy done or planned,
+and the CEA rule of docs/clinical-rules.md §8.4 / §8.19, with the dates around each boundary."""
 
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def test_another_patients_medication_is_ignored():
     assert derive_facts(chart(*BASE, other)).systemic == []
 
 
-# --- chemotherapy charted as a Procedure (terminology.md §7, procedure-side evidence) ----------------
+# --- chemotherapy charted as a Procedure (docs/terminology.md §7, procedure-side evidence) ----------------
 
 
 @pytest.mark.parametrize(

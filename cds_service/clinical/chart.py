@@ -1,6 +1,6 @@
 """One patient's chart: the FHIR resources the hook call brought or fetched, by type.
 
-Building a chart is where foreign data is dropped (clinical-logic §8.17): a resource whose
+Building a chart is where foreign data is dropped (docs/clinical-rules.md §8.17): a resource whose
 subject / patient is another patient is never used, only counted and logged without PHI.
 """
 

@@ -45,7 +45,7 @@ def as_date(value: Any) -> dt.date | None:
 
 def last_day(value: Any) -> dt.date | None:
     """The last calendar day a FHIR date allows: `2019` → 2019-12-31, `2019-05` → 2019-05-31; a full
-    date or dateTime is its own day (clinical-logic §8.25: partial dates are ranges)."""
+    date or dateTime is its own day (docs/clinical-rules.md §8.25: partial dates are ranges)."""
     first = as_date(value)
     if first is None or type(value) is not str or _FULL_DAY.match(value):
         return first

@@ -73,7 +73,7 @@ def services() -> dict[str, Service]:
             "conditions": "Condition?patient={{context.patientId}}",
             "observations": f"Observation?patient={{{{context.patientId}}}}&code={codes}",
             "procedures": "Procedure?patient={{context.patientId}}",
-            # mCODE Tumor BodyStructures: one per lesion (liver lesion count, issue 6).
+            # mCODE Tumor BodyStructures: one per lesion (liver lesion count).
             "bodystructures": "BodyStructure?patient={{context.patientId}}",
             # Systemic therapy (treatment state, CEA rule §8.4); _include brings referenced Medications.
             "medicationrequests": "MedicationRequest?patient={{context.patientId}}&_include=MedicationRequest:medication",

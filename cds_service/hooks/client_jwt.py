@@ -22,10 +22,10 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from sqlalchemy.exc import SQLAlchemyError
 
 from cds_service.hooks.jwks import IssuerKeys, KeysUnavailable, UnknownKid
 from cds_service.store.database import Store
+from cds_service.store.schema import StoreDown
 
 log = logging.getLogger("cds_service.auth")  # the name operators filter on, kept across the move
 
@@ -104,8 +104,8 @@ class ClientAuth:
         expires = dt.datetime.fromtimestamp(min(int(claims["exp"]) + LEEWAY_S, _MAX_EPOCH_S), dt.UTC)
         try:
             first_use = store.claim_jti(jti, iss, expires)
-        except SQLAlchemyError as exc:  # fail closed: without the replay check the token is not enough
-            raise Refused(f"cannot record the jti ({type(exc).__name__})", logging.ERROR) from None
+        except StoreDown as exc:  # fail closed: without the replay check the token is not enough
+            raise Refused(f"cannot record the jti ({str(exc).split(':')[0]})", logging.ERROR) from None
         if not first_use:
             raise Refused("replayed jti")
         return claims

@@ -52,7 +52,7 @@ def _summary_template(spec_file: str, recommendation: str) -> jinja2.Template:
 
 
 def evidence_page_url(base_url: str, model: str) -> str:
-    """The model's evidence page (service contract §2), absolute under the service's public base."""
+    """The model's evidence page (docs/service-contract.md), absolute under the service's public base."""
     return f"{base_url.rstrip('/')}/evidence/{model}"
 
 
@@ -72,7 +72,7 @@ def _service_request(patient_id: str, code: dict[str, Any], reasons: list[str], 
 
 
 def _assessment_json(model: str, a: Assessment, unavailable: Unavailable = ()) -> dict[str, Any]:
-    """The `crc-cds-assessment` extension (service contract §4); `evidence` is added once rendered."""
+    """The `crc-cds-assessment` extension (docs/service-contract.md); `evidence` is added once rendered."""
     doc: dict[str, Any] = {
         "model": model,
         "recommendation": a.recommendation,
@@ -82,7 +82,7 @@ def _assessment_json(model: str, a: Assessment, unavailable: Unavailable = ()) -
     }
     if a.cea.result is not None:  # the rule that picked a CEA; with no CEA there is nothing it picked
         doc["cea_rule"] = a.cea.rule
-    context = getattr(a, "context", ())  # clinical-logic §8.27: shown, never scored
+    context = getattr(a, "context", ())  # docs/clinical-rules.md §8.27: shown, never scored
     if context:
         doc["context"] = [c.assessment() for c in context]
     if unavailable:
@@ -113,7 +113,7 @@ def _links(spec: dict[str, Any], cited: list[str], page_url: str) -> list[Link]:
     return links
 
 
-MAX_DETAIL_CHARS = 2000  # clinical-logic §7
+MAX_DETAIL_CHARS = 2000  # docs/clinical-rules.md §7
 _MORE_CONTEXT = "more in the card's assessment"
 
 
@@ -135,7 +135,7 @@ def _card(
     page_url = evidence_page_url(base_url, spec["model"])
     detail, cited = cite(tidy(_detail_template(template).render(a=view, say=say, page_url=page_url)))
     if len(detail) > MAX_DETAIL_CHARS:
-        # Over 2,000 characters (clinical-logic §7): the supporting evidence, which the evidence page
+        # Over 2,000 characters (docs/clinical-rules.md §7): the supporting evidence, which the evidence page
         # holds in full, gives way first.
         view = {**view, "compact": True}
         detail, cited = cite(tidy(_detail_template(template).render(a=view, say=say, page_url=page_url)))
@@ -285,7 +285,7 @@ def answer(
     """The hook's answer, `{"cards": [...]}`: the lung card first, then the liver card.
 
     `unavailable`: the optional FHIR data that could not be read, (prefetch key, generic cause).
-    One answer proposes each order once (clinical-logic §8.28): accepting two "Order serum CEA"
+    One answer proposes each order once (docs/clinical-rules.md §8.28): accepting two "Order serum CEA"
     suggestions in an EHR would create two orders, so only the first card that wants one carries it.
     """
     context: dict[str, Any] = {

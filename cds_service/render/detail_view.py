@@ -121,7 +121,7 @@ def common_view(
 
 
 def _context_lines(lines: Iterable[Any]) -> list[str]:
-    """Context lines (clinical-logic §8.27) with their sources; chart text escaped like all chart text.
+    """Context lines (docs/clinical-rules.md §8.27) with their sources; chart text escaped like all chart text.
     cards._card leaves the last ones out when the card would be too long."""
     return [
         f"{md(c.value)}{' (' + ', '.join(md(s) for s in c.sources) + ')' if c.sources else ''}"
@@ -144,13 +144,13 @@ def lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.date
             "group_at_min": at_min,
             "group_at_max": at_max,
             "timing": a.timing,
-            # Isolated (seed 003): no metastatic organ but the lung, as far as the chart can tell.
+            # Isolated (the Li 2019 consensus): no metastatic organ but the lung, as far as the chart can tell.
             "isolated": extrapulmonary.status == ABSENT and oligometastatic,
             "dfi_zero": dfi.status == PRESENT and (dfi.value or "").startswith("0 months"),
             "many_organs": len(organs) > lung_params().max_extrapulmonary_organs,
             "lymphangitic": bool(a.lymphangitic),
             "pleural": bool(a.pleural),
-            # Seed 003 Table 4: lung and liver, or lung and one other organ, when oligometastatic.
+            # The Li 2019 consensus, Table 4: lung and liver, or lung and one other organ, when oligometastatic.
             "staged_site": _organ_display(organs[0]) if oligometastatic and len(organs) == 1 else None,
             "thoracic": ", ".join(f"{clean(m.display)} ({md(m.source or 'no id')})" for m in a.thoracic),
             # Unreadable ones are listed with the other skipped resources.

@@ -1,4 +1,4 @@
-"""The durable store: hook-call audit, clinicians' feedback and seen client-JWT ids (issue 8).
+"""The durable store: hook-call audit, clinicians' feedback and seen client-JWT ids.
 
 SQLAlchemy 2 Core over SQLite (the default, one machine) or PostgreSQL (several instances). The
 schema belongs to Alembic (`cds_service/migrations/`): `open_store()` brings the database to head

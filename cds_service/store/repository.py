@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from cds_service.store.records import (
     CallRecord,
@@ -22,7 +23,7 @@ from cds_service.store.records import (
     spooled_call,
     utc,
 )
-from cds_service.store.schema import client_jti, feedback, hook_call, hook_card, insert_once
+from cds_service.store.schema import StoreDown, client_jti, feedback, hook_call, hook_card, insert_once
 
 
 @dataclass
@@ -81,7 +82,11 @@ class Store:
         return results
 
     def card_suggestions(self, service_id: str, card_uuids: Iterable[str]) -> dict[str, frozenset[str]]:
-        """The cards of `service_id` among `card_uuids`, each with its suggestion uuids."""
+        """The cards of `service_id` among `card_uuids`, each with its suggestion uuids (StoreDown)."""
+        with _store_down():
+            return self._card_suggestions(service_id, card_uuids)
+
+    def _card_suggestions(self, service_id: str, card_uuids: Iterable[str]) -> dict[str, frozenset[str]]:
         wanted = sorted(set(card_uuids))
         if not wanted:
             return {}
@@ -104,8 +109,12 @@ class Store:
         """True the first time (issuer, jti) is seen, False for a replay; atomic across processes.
 
         Expired ids are pruned first: a token past its `exp` is refused by the JWT check anyway,
-        so forgetting its jti cannot let a replay through.
+        so forgetting its jti cannot let a replay through. StoreDown when the database fails.
         """
+        with _store_down():
+            return self._claim_jti(jti, issuer, expires_at)
+
+    def _claim_jti(self, jti: str, issuer: str, expires_at: dt.datetime) -> bool:
         now = dt.datetime.now(dt.UTC)
         with self._write() as conn:
             conn.execute(_PRUNE_JTI, {"now": now})
@@ -136,6 +145,17 @@ _CARDS_OF_SERVICE = (
         hook_card.c.card_uuid.in_(bindparam("uuids", expanding=True)),
     )
 )
+
+
+@contextmanager
+def _store_down() -> Iterator[None]:
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        # The driver's own message, first line only: later lines quote the statement's parameters.
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        first_line = text.splitlines()[0][:200] if text else "-"
+        raise StoreDown(f"{type(exc).__name__}: {first_line}") from exc
 
 
 def _insert_calls(conn: Connection, rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -27,6 +27,11 @@ class StoreError(Exception):
     """The store cannot be opened (bad URL, unreachable server, unwritable file): a clear message."""
 
 
+class StoreDown(StoreError):
+    """A query failed (database down, locked too long): callers outside `store/` catch this, never
+    SQLAlchemy's own errors, so only `store/` knows SQL. The message is the error's class and first line."""
+
+
 class UtcDateTime(TypeDecorator[dt.datetime]):
     """Aware datetimes in, aware UTC datetimes out, on every dialect.
 

@@ -1,4 +1,4 @@
-"""The preview page at `/` (issue 9): the cards as an EHR shows them, for demo or sandbox patients.
+"""The preview page at `/`: the cards as an EHR shows them, for demo or sandbox patients.
 
 Server-rendered HTML (Jinja, autoescaped) with one small script that posts feedback; no build step,
 nothing from a CDN. The hook call goes through the app's own hook route (a test client inside this

@@ -1,5 +1,5 @@
 """Observations read for context, never scored as such: mCODE HistoryOfMetastaticCancer (which counts
-for the extrapulmonary factor only, clinical-logic §8.29) and KRAS/NRAS/BRAF and MSI results (§8.27)."""
+for the extrapulmonary factor only, docs/clinical-rules.md §8.29) and KRAS/NRAS/BRAF and MSI results (§8.27)."""
 
 from __future__ import annotations
 

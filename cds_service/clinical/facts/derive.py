@@ -1,4 +1,4 @@
-"""FHIR chart → typed facts with provenance (clinical-logic §2).
+"""FHIR chart → typed facts with provenance (docs/clinical-rules.md §2).
 
 Pure: a Chart in, PatientFacts out, no I/O. Resources are picked by their codings first (cheap, on
 the raw JSON) and only those are validated with fhir.resources R4B models; a picked resource that

@@ -1,4 +1,4 @@
-"""The facts read from a chart (clinical-logic §2): typed, each with the resource it comes from."""
+"""The facts read from a chart (docs/clinical-rules.md §2): typed, each with the resource it comes from."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ class CeaResult:
     shown: str  # as reported, for the card
     unreadable: str | None = None  # why it cannot be used
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    instant: dt.datetime | None = None  # in UTC, when the result carries a time (clinical-logic §8.24)
+    instant: dt.datetime | None = (
+        None  # in UTC, when the result carries a time (docs/clinical-rules.md §8.24)
+    )
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,13 @@ class SystemicTherapy:
 
     source: str | None
     drug: str
-    start: dt.date | None  # its earliest date in the chart (clinical-logic §8.4)
+    start: dt.date | None  # its earliest date in the chart (docs/clinical-rules.md §8.4)
     matched_by: str  # "RxNorm code" | "Medication ingredient" | "drug name" | "chemotherapy procedure code"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A chart entry shown as context (clinical-logic §8.26, §8.27): where it is and what it says."""
+    """A chart entry shown as context (docs/clinical-rules.md §8.26, §8.27): where it is and what it says."""
 
     source: str | None
     text: str
@@ -115,7 +117,7 @@ class PatientFacts:
     tumors: list[Tumor] = field(default_factory=list)
     tumor_sizes: list[TumorSize] = field(default_factory=list)
     systemic: list[SystemicTherapy] = field(default_factory=list)
-    # Context (clinical-logic §8.26, §8.27, §8.29): shown on the card, never scored, never scope.
+    # Context (docs/clinical-rules.md §8.26, §8.27, §8.29): shown on the card, never scored, never scope.
     birth_date: dt.date | None = None
     rectal_primary: list[str] = field(default_factory=list)  # sources
     other_primaries: list[Entry] = field(default_factory=list)
@@ -161,7 +163,7 @@ class PatientFacts:
         return [t for t in self.systemic if t.start is not None and t.start >= detected]
 
     def treatment_cutoff(self, organ: str) -> tuple[dt.date | None, str]:
-        """When treatment of the organ's metastases began, and what began (clinical-logic §8.4, §8.19):
+        """When treatment of the organ's metastases began, and what began (docs/clinical-rules.md §8.4, §8.19):
         the first local therapy done, or the start of systemic therapy for the metastases.
 
         A therapy with no date may have begun any day since the metastases were found, so then

@@ -123,7 +123,7 @@ def read_observations(chart: Chart, term: Terminology, facts: PatientFacts) -> N
 def sort_cea(results: list[CeaResult]) -> None:
     """The CEA rule's order (factors.pick_cea picks the last): by day; within a day by the instant
     (UTC) when every readable result of that day carries a time, else by value, so results that
-    cannot be told apart tie and the higher counts (clinical-logic §8.24); then by source."""
+    cannot be told apart tie and the higher counts (docs/clinical-rules.md §8.24); then by source."""
     untimed = {c.date for c in results if c.ng_ml is not None and c.instant is None}
     results.sort(
         key=lambda c: (

@@ -47,7 +47,7 @@ def read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> Non
         label = display_of(procedure.code) or "procedure"
         done = procedure.status == "completed"
         if systemic:
-            # Chemotherapy charted as given (terminology.md §7): dates systemic therapy like an
+            # Chemotherapy charted as given (docs/terminology.md §7): dates systemic therapy like an
             # administration does (§8.4). In preparation, it has not been given yet.
             if procedure.status != "preparation":
                 drug = _chemotherapy_label(procedure.code)

@@ -1,4 +1,4 @@
-"""What a card shows but never scores (clinical-logic §8.27): one short line each, with its source.
+"""What a card shows but never scores (docs/clinical-rules.md §8.27): one short line each, with its source.
 
 Pure: PatientFacts in, ContextLine tuple out. The ids are the assessment's `context` ids.
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cds_service.clinical.facts.model import PatientFacts
 
-AGE_LIMIT_YEARS = 70  # seed 003 Table 1 (age over 70 weighs on the choice of treatment)
+AGE_LIMIT_YEARS = 70  # the Li 2019 consensus Table 1 (age over 70 weighs on the choice of treatment)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ class Factor:
     reason: str | None = None
 
     def assessment(self) -> dict:
-        """The factor as the `crc-cds-assessment` extension carries it (service contract §4)."""
+        """The factor as the `crc-cds-assessment` extension carries it (docs/service-contract.md)."""
         return {
             "id": self.id,
             "status": self.status,
@@ -50,7 +50,7 @@ def months_text(months: float) -> str:
 def threshold_status(value: float, comparator: str | None, threshold: float) -> str:
     """Whether a result is above `threshold` ("> threshold" is the factor), honouring comparators.
 
-    A comparator decides only when every value it allows falls on one side (clinical-logic §8.12).
+    A comparator decides only when every value it allows falls on one side (docs/clinical-rules.md §8.12).
     """
     if comparator is None:
         return PRESENT if value > threshold else ABSENT
@@ -67,9 +67,9 @@ def threshold_status(value: float, comparator: str | None, threshold: float) -> 
 
 
 def disease_free_interval(facts: PatientFacts, organ: str, factor_id: str, limit_months: float) -> Factor:
-    """DFI from the primary resection to the first detection of `organ` metastases (seed 000).
+    """DFI from the primary resection to the first detection of `organ` metastases (Cai 2025).
 
-    Detected on or before the resection: DFI 0, factor present (clinical-logic §8.2).
+    Detected on or before the resection: DFI 0, factor present (docs/clinical-rules.md §8.2).
     """
     detected, met_sources = facts.detected(organ)
     dated = [r for r in facts.resections if r.date]
@@ -140,7 +140,7 @@ def interval_over_ranges(
     detected: dt.date | None,
     sources: tuple[str, ...],
 ) -> Factor | None:
-    """An interval threshold ("< limit months") when a date is partial (clinical-logic §8.25).
+    """An interval threshold ("< limit months") when a date is partial (docs/clinical-rules.md §8.25).
 
     `start` and `end`: (what, first day, last day). A partial date is a range; the factor is decided
     only when every day of the ranges gives the same answer, else unknown with the ranges shown.
@@ -172,7 +172,7 @@ def interval_over_ranges(
 
 
 def node_positive_primary(facts: PatientFacts, factor_id: str = "node_positive_primary") -> Factor:
-    """Pathologic N over clinical N; stage group III means node-positive (clinical-logic §8.5, §8.14)."""
+    """Pathologic N over clinical N; stage group III means node-positive (docs/clinical-rules.md §8.5, §8.14)."""
     evidence = facts.nodal
 
     def latest(kind: str, what: str, informative: bool = True):
@@ -283,7 +283,7 @@ class Assessment:
 def cite_assessed(
     factors: tuple[Factor, ...], assessed: dict[str, tuple[str, ...]], patient_id: str
 ) -> tuple[Factor, ...]:
-    """Every factor cites at least one resource (service contract §4: `sources` are Type/id).
+    """Every factor cites at least one resource (docs/service-contract.md: `sources` are Type/id).
 
     A factor that rests on an absence ("no CEA in the chart", "no site outside the lung") has no
     evidence of its own: it cites what it was assessed for — the metastasis or primary Conditions,
@@ -301,7 +301,7 @@ def score_range(factors: tuple[Factor, ...]) -> tuple[int, int]:
 
 
 def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str = "") -> CeaPick:
-    """The latest readable CEA dated before `before` when given, else the latest (clinical-logic §8.4, §8.13).
+    """The latest readable CEA dated before `before` when given, else the latest (docs/clinical-rules.md §8.4, §8.13).
 
     `results` in PatientFacts.cea's order (facts.observations.sort_cea): by day, then by time when
     every result of the day has one, else by value. Results are dated calendar days: a CEA on the

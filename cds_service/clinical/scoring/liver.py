@@ -1,5 +1,5 @@
-"""The Fong clinical risk score for liver metastases, as defined by Chen et al. 2025 (seed 002),
-and the liver recommendation (clinical-logic §5, §8.7–9, §8.18–19).
+"""The Fong clinical risk score for liver metastases, as defined by Chen et al. 2025,
+and the liver recommendation (docs/clinical-rules.md §5, §8.7–9, §8.18–19).
 
 Pure: PatientFacts (and the lung verdict, when there is one) in, LiverAssessment out.
 """
@@ -45,12 +45,12 @@ class LiverAssessment(Assessment):
     lung_involved: bool
     local_therapy_done: tuple[DatedProcedure, ...]
     systemic: tuple[SystemicTherapy, ...] = ()  # started on or after the liver-metastasis date
-    context: tuple[ContextLine, ...] = ()  # shown, never scored (clinical-logic §8.27)
+    context: tuple[ContextLine, ...] = ()  # shown, never scored (docs/clinical-rules.md §8.27)
 
 
 def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
     """Liver metastasis found before, or within 12 months after, the primary resection; without a
-    resection date, within 12 months of the primary diagnosis (clinical-logic §8.3)."""
+    resection date, within 12 months of the primary diagnosis (docs/clinical-rules.md §8.3)."""
     fid = "dfi_lt_12m"
     detected, sources = facts.detected("liver")
     if detected is None:
@@ -240,10 +240,10 @@ def recommend(
     score_max: int,
     params: LiverParams,
 ) -> str:
-    """Treatment state first, as on the lung card (service contract §4): once the liver metastases
+    """Treatment state first, as on the lung card (docs/service-contract.md): once the liver metastases
     were resected or ablated, advice on what to do before hepatectomy no longer applies; the score
     is then shown for information (an extension value, README). Systemic therapy started for the
-    liver metastases makes the question response to it (clinical-logic §8.23)."""
+    liver metastases makes the question response to it (docs/clinical-rules.md §8.23)."""
     if local_therapy_done:
         return "post-local-therapy-follow-up"
     if systemic_started:

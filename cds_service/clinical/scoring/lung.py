@@ -1,4 +1,4 @@
-"""The four-factor lung model (Cai et al. 2025, seed 000) and the lung pathway (clinical-logic §3, §4).
+"""The four-factor lung model (Cai et al. 2025) and the lung pathway (docs/clinical-rules.md §3, §4).
 
 Pure: PatientFacts in, LungAssessment out.
 """
@@ -49,13 +49,13 @@ class LungAssessment(Assessment):
     lung_sources: tuple[str, ...]
     timing: str | None  # synchronous | metachronous | None
     liver_involved: bool
-    context: tuple[ContextLine, ...] = ()  # shown, never scored (clinical-logic §8.27)
+    context: tuple[ContextLine, ...] = ()  # shown, never scored (docs/clinical-rules.md §8.27)
 
 
 def extrapulmonary_factor(facts: PatientFacts) -> tuple[Factor, tuple[str, ...]]:
     """Metastases outside the chest, by organ; thoracic sites do not count (terminology decisions).
 
-    A recorded history of extrapulmonary metastases counts for the factor (clinical-logic §8.29) but
+    A recorded history of extrapulmonary metastases counts for the factor (docs/clinical-rules.md §8.29) but
     not among the organs that decide oligometastatic disease, which are the current sites."""
     current = [m for m in facts.metastases if m.region == "extrapulmonary" and m.kind == "site"]
     organs = tuple(sorted({m.organ for m in current if m.organ}))
@@ -88,7 +88,7 @@ def extrapulmonary_factor(facts: PatientFacts) -> tuple[Factor, tuple[str, ...]]
 
 
 def timing(facts: PatientFacts, detected: dt.date | None, params: LungParams) -> str | None:
-    """Synchronous: lung metastases found within 6 months of the primary diagnosis (seed 000)."""
+    """Synchronous: lung metastases found within 6 months of the primary diagnosis (Cai 2025)."""
     if detected is None or facts.primary_diagnosis is None:
         return None
     # Partial dates are ranges (§8.25): decided only when every day of them gives the same answer.
@@ -113,7 +113,7 @@ def recommend(
     ablation_planned: bool = False,
     systemic_started: bool = False,
 ) -> str:
-    """The lung pathway table (clinical-logic §4; service contract §4, first match wins):
+    """The lung pathway table (docs/clinical-rules.md §4; docs/service-contract.md, first match wins):
     treatment states first, then the four-factor pathway."""
     if local_therapy_done:
         return "post-local-therapy-follow-up"
