@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -698,6 +699,34 @@ def test_a_jwks_endpoint_trickling_its_tls_handshake_is_a_401_within_8_s(tmp_pat
         started = time.monotonic()
         assert_refused(call(app, Signer(url, rsa_key, ec_key).rs384(), body))
         assert time.monotonic() - started < 8
+
+
+def test_a_jwks_host_whose_name_lookup_hangs_is_a_401_within_8_s(
+    tmp_path, rsa_key, ec_key, body, caplog, monkeypatch
+):
+    """The system resolver takes no timeout of ours: the deadline covers the name lookup too.
+
+    A DNS server that never answers is played by a getaddrinfo that blocks for this host only
+    (the resolver is the one part of the fetch no socket of ours can stand in for)."""
+    real_getaddrinfo = socket.getaddrinfo
+    released = threading.Event()
+
+    def hanging(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "jwks.unanswered.test":
+            released.wait(30)
+            raise socket.gaierror("gave up")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    url = "https://jwks.unanswered.test/jwks.json"
+    app = make_app(auth_settings(tmp_path, url))
+    started = time.monotonic()
+    try:
+        assert_refused(call(app, Signer(url, rsa_key, ec_key).rs384(), body))
+        assert time.monotonic() - started < 8
+        assert "not read within 5 s" in caplog.text
+    finally:
+        released.set()
 
 
 @pytest.mark.slow

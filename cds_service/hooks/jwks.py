@@ -179,13 +179,42 @@ class _DeadlineSSLSocket(ssl.SSLSocket):
         super().sendall(*args, **kwargs)
 
 
+def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+    """getaddrinfo within what is left of the deadline.
+
+    The system resolver takes no timeout of ours (a DNS server that never answers holds it for its
+    own retries, tens of seconds), so it runs on a daemon thread and the fetch stops waiting at the
+    deadline. A stuck lookup's thread ends when the resolver gives up; the per-issuer fetch lock and
+    cooldown keep such threads to one per issuer at a time.
+    """
+    at: float | None = getattr(_DEADLINE, "at", None)
+    if at is None:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    result: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except OSError as exc:
+            result.append(exc)
+
+    worker = threading.Thread(target=lookup, name="jwks-dns", daemon=True)
+    worker.start()
+    worker.join(max(0.0, at - time.monotonic()))
+    if not result:
+        raise TimeoutError("name lookup did not finish within the deadline")
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return list(result[0])
+
+
 def _create_connection(
     address: tuple[str, int], timeout: Any = None, source_address: Any = None
 ) -> socket.socket:
     """socket.create_connection, with a socket that honours the deadline on every call."""
     host, port = address
     error: OSError | None = None
-    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+    for family, kind, proto, _, sockaddr in _resolve(host, port):
         sock = _DeadlineSocket(family, kind, proto)
         try:
             if source_address:
