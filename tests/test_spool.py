@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 import threading
+import time
 
 import orjson
 import pytest
@@ -104,3 +107,100 @@ def test_a_segment_discarded_meanwhile_is_not_adopted(tmp_path):
     finally:
         os.close(fd)
     assert list(Spool(folder).adopt(set())) == []
+
+
+# Another process's forwarder: adopts (and discards) every segment it can lock in `folder`.
+_ADOPTER = """
+import sys, time
+from pathlib import Path
+from cds_service.store.spool import Spool
+spool = Spool(Path(sys.argv[1]), fsync=False)
+seconds = float(sys.argv[2])
+adopted = 0
+deadline = time.monotonic() + seconds
+while True:
+    for segment in spool.adopt(set()):
+        adopted += 1
+        if seconds == 0:  # hold it (as a forwarder does while it writes) until told to go on
+            print(adopted, flush=True)
+            sys.stdin.readline()
+        spool.discard(segment)
+    if time.monotonic() >= deadline:
+        break
+print(adopted, flush=True)
+"""
+
+
+def test_a_segment_being_created_is_never_adopted_by_another_process(tmp_path, monkeypatch):
+    """The instant between creating a segment and locking it: another process's forwarder listing the
+    folder then must not take the new segment for an orphan (the writer's flock failed: EAGAIN, 503)."""
+    folder = tmp_path / "spool"
+    real_flock = fcntl.flock
+    adopted: list[str] = []
+
+    class Fcntl:
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd: int, operation: int) -> None:
+            # The file exists and is not locked yet: let a real forwarder process look at the folder now.
+            child = subprocess.Popen(
+                [sys.executable, "-c", _ADOPTER, str(folder), "0"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert child.stdout is not None and child.stdin is not None
+                adopted.append(child.stdout.readline().strip())  # it adopted something, or finished
+                real_flock(fd, operation)
+            finally:
+                child.communicate("\n", timeout=30)
+
+    monkeypatch.setattr(spool_module, "fcntl", Fcntl)
+    spool = Spool(folder, fsync=False)
+    spool.append(_line(1))  # was: SpoolError [Errno 11] Resource temporarily unavailable
+    assert adopted == ["0"]
+    monkeypatch.setattr(spool_module, "fcntl", fcntl)
+    spool.append(_line(2))
+    segment = spool.seal()
+    assert segment is not None and segment.read() == [{"n": 1}, {"n": 2}]
+
+
+def test_segments_come_and_go_while_other_processes_adopt(tmp_path):
+    """Saturation in miniature: a writer starting a new segment every few appends (its forwarder seals
+    the old one) while two other processes' forwarders adopt whatever they can: no append fails and
+    no live segment is taken."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    adopters = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ADOPTER, str(folder), "3"], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    spool = Spool(folder, fsync=False)
+    written = kept = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        for _ in range(3):
+            spool.append(_line(written))
+            written += 1
+        segment = spool.seal()
+        assert segment is not None
+        kept += len(segment.read())
+        spool.discard(segment)
+    counts = [int(p.communicate(timeout=30)[0]) for p in adopters]
+    assert counts == [0, 0] and kept == written > 300
+
+
+def test_an_abandoned_new_segment_is_cleared(tmp_path):
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    stale, fresh = folder / f".1-a{spool_module.NEW_SUFFIX}", folder / f".1-b{spool_module.NEW_SUFFIX}"
+    stale.touch()
+    fresh.touch()
+    old = time.time() - spool_module.ABANDONED_AFTER_S - 5
+    os.utime(stale, (old, old))
+    assert list(Spool(folder).adopt(set())) == []
+    assert not stale.exists() and fresh.exists()

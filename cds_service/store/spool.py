@@ -1,7 +1,8 @@
 """A local, append-only, fsync'd spool: what the service answered is on disk before the answer leaves.
 
 Each process appends records (one JSON line each) to its own segment file in the spool folder and
-holds an exclusive `flock` on it while the file is its own. `append` returns once the line is on
+holds an exclusive `flock` on it while the file is its own (a segment is created under a name no
+one adopts, locked, then renamed: no live segment is ever seen unlocked). `append` returns once the line is on
 stable storage (`fdatasync`), and the answer is sent only then. Many requests share one sync:
 whoever arrives while a sync is running waits for the next one, which covers every line written
 meanwhile (group commit), so under load an fsync costs each call a fraction of one.
@@ -24,6 +25,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ import orjson
 log = logging.getLogger("cds_service.audit")
 
 SUFFIX = ".spool"
+NEW_SUFFIX = ".new"  # a segment being created (see Spool._segment)
+ABANDONED_AFTER_S = 60.0
 
 
 class SpoolError(OSError):
@@ -133,6 +137,7 @@ class Spool:
             names = sorted(p for p in self.folder.iterdir() if p.suffix == SUFFIX)
         except OSError:
             return
+        self._clear_abandoned()
         for path in names:
             active = self._active
             if path in exclude or (active is not None and path == active.path):
@@ -149,6 +154,25 @@ class Spool:
                 os.close(fd)
                 continue
             yield Segment(path, fd, -1)
+
+    def _clear_abandoned(self) -> None:
+        # A process that died between creating a segment and renaming it left an empty dotfile.
+        # Only old ones are looked at: a live writer locks its new file within microseconds.
+        now = time.time()
+        with contextlib.suppress(OSError):
+            for path in self.folder.glob(f".*{NEW_SUFFIX}"):
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    if now - os.fstat(fd).st_mtime > ABANDONED_AFTER_S:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        path.unlink(missing_ok=True)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
 
     def discard(self, segment: Segment) -> None:
         """Its records are in the database: remove it (unlink first, so nobody adopts it again)."""
@@ -180,14 +204,24 @@ class Spool:
             return self._active
         self._pid = os.getpid()
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.folder / f"{os.getpid()}-{uuid.uuid4().hex}{SUFFIX}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        name = f"{os.getpid()}-{uuid.uuid4().hex}"
+        # Created under a name `adopt` never looks at, locked, and only then renamed to a segment's
+        # name: a segment name is never seen unlocked while its writer lives. (Created under its
+        # final name, a forwarder listing the folder in the instant between open and flock — this
+        # process's own or another's — took the new, empty file for an orphan, locked it first,
+        # and this writer's flock failed with EAGAIN: a 503.)
+        new = self.folder / f".{name}{NEW_SUFFIX}"
+        path = self.folder / f"{name}{SUFFIX}"
+        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(new, path)
             if self.fsync:
                 _sync_folder(self.folder)  # the new file's name must survive a power cut too
         except OSError:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                new.unlink()
             raise
         self._active = Segment(path, fd, 0)
         return self._active
