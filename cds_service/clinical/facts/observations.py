@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
+from functools import cmp_to_key
 from typing import Any
 
 from fhir.resources.R4B.observation import Observation
@@ -121,18 +122,37 @@ def read_observations(chart: Chart, term: Terminology, facts: PatientFacts) -> N
 
 
 def sort_cea(results: list[CeaResult]) -> None:
-    """The CEA rule's order (factors.pick_cea picks the last): by day; within a day by the instant
-    (UTC) when every readable result of that day carries a time, else by value, so results that
-    cannot be told apart tie and the higher counts (docs/clinical-rules.md §8.24); then by source."""
+    """The CEA rule's order (factors.pick_cea picks the last), docs/clinical-rules.md §8.24.
+
+    Two results that both carry a time are ordered by their instant, compared in UTC, whatever
+    calendar day each shows in its own time zone (23:30 in New York on the 10th comes after 02:00
+    UTC on the 11th). Otherwise by calendar day; on one day a result without a time cannot be
+    ordered against the others: they tie, and the higher value counts (it sorts last). Unreadable
+    results sort first within a tie, then by source, so the order never depends on the chart's.
+    """
     untimed = {c.date for c in results if c.ng_ml is not None and c.instant is None}
-    results.sort(
-        key=lambda c: (
-            c.date or dt.date.min,
-            c.instant.timestamp() if c.instant is not None and c.date not in untimed else 0.0,
-            -1.0 if c.ng_ml is None else c.ng_ml,
-            c.source or "",
-        )
-    )
+
+    def timed(c: CeaResult) -> bool:
+        return c.instant is not None and c.date not in untimed
+
+    def compare(a: CeaResult, b: CeaResult) -> int:
+        if timed(a) and timed(b) and a.instant != b.instant:
+            assert a.instant is not None and b.instant is not None
+            return -1 if a.instant < b.instant else 1
+        if not (timed(a) and timed(b)) and a.date != b.date:
+            return -1 if (a.date or dt.date.min) < (b.date or dt.date.min) else 1
+        ka, kb = _tie_key(a), _tie_key(b)
+        return (ka > kb) - (ka < kb)
+
+    # A total order first (day, then instant), so the comparison sort below starts from the same
+    # sequence whatever order the chart listed the results in.
+    results.sort(key=lambda c: (c.date or dt.date.min, *_tie_key(c)))
+    results.sort(key=cmp_to_key(compare))
+
+
+def _tie_key(c: CeaResult) -> tuple[float, float, str]:
+    instant = c.instant.timestamp() if c.instant is not None else 0.0
+    return (-1.0 if c.ng_ml is None else c.ng_ml, instant, c.source or "")
 
 
 def validate_used_cea(facts: PatientFacts, cutoffs: set[dt.date | None]) -> None:
