@@ -20,8 +20,9 @@ from cds_service.render.cards import DEFAULT_BASE_URL
 from .conftest import FIXTURES, SERVICE_URL, hook_body, load
 
 CLI = [sys.executable, "-m", "cds_service.cli"]
-# Evidence links are absolute: the CLI has no request URL, so it uses CDS_PUBLIC_BASE_URL or
-# DEFAULT_BASE_URL; the HTTP side of a comparison is given the same base.
+# Evidence links are absolute: the CLI has no request URL, so it uses CDS_PUBLIC_BASE_URL, else where
+# the last `serve`/`demo` on its database answers, else DEFAULT_BASE_URL; where no server ran on its
+# database, the HTTP side of a comparison is given the same base.
 HIGH_RISK = FIXTURES / "01-lung-high-risk-all-four.json"
 OUT_OF_SCOPE = FIXTURES / "16-out-peritoneal-only.json"
 
@@ -184,6 +185,24 @@ def test_serve_answers_over_real_http_and_refuses_oversize_bodies(tmp_path):
     finally:
         log = _stop(proc)
     assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_evaluate_beside_a_running_server_prints_its_answer_byte_for_byte(tmp_path):
+    """Same working directory, same database: evaluate links the evidence pages where `serve` answers,
+    so a saved hook request gives exactly the bytes the server sent (the server's port is no default)."""
+    proc, base = _start(["serve", "--workers", "1"], {"CDS_AUTH_REQUIRED": "false"}, tmp_path)
+    try:
+        body = hook_body(load(HIGH_RISK))
+        http = requests.post(f"{base}{SERVICE_URL}", json=body, timeout=10)
+        assert http.status_code == 200 and f"{base}/evidence/cai-2025-lung" in http.text
+        path = tmp_path / "request.json"
+        path.write_text(json.dumps(body))
+        cli = run("evaluate", str(path), cwd=tmp_path)
+    finally:
+        _stop(proc)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip() == http.text.strip()
 
 
 @pytest.mark.slow

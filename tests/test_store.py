@@ -30,12 +30,13 @@ from cds_service.store.database import (
     metadata,
     normalise_url,
     open_store,
+    recorded_served_base,
 )
 from cds_service.store.records import new_record_id, spooled_call, spooled_feedback
 
 KEY = "k" * 40
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
-TABLES = {"hook_call", "hook_card", "feedback", "client_jti", "cds_alembic_version"}
+TABLES = {"hook_call", "hook_card", "feedback", "client_jti", "served_base", "cds_alembic_version"}
 
 
 def _store(url: str, key: str = KEY) -> Store:
@@ -64,8 +65,31 @@ def test_open_creates_the_schema_at_head_and_reopening_is_a_no_op(database_url):
     close_stores()  # a new process: the migration runs again and must change nothing
     again = _store(database_url)
     with again.read() as conn:
-        assert conn.execute(text("SELECT version_num FROM cds_alembic_version")).scalars().all() == ["0002"]
+        assert conn.execute(text("SELECT version_num FROM cds_alembic_version")).scalars().all() == ["0003"]
     assert again.counts()["hook_call"] == 1
+
+
+def test_the_served_base_is_read_back_without_creating_or_migrating_anything(database_url, tmp_path):
+    settings = Settings(auth_required=False, database_url=database_url, audit_key=KEY)
+    missing = tmp_path / "none.db"
+    assert recorded_served_base(settings.model_copy(update={"database_url": f"sqlite:///{missing}"})) is None
+    assert not missing.exists()  # reading it did not create it
+    store = _store(database_url)
+    assert recorded_served_base(settings) is None  # a store, no server started on it yet
+    store.record_served_base("http://127.0.0.1:8123")
+    store.record_served_base("https://cds.example.org/crc")  # the last start wins
+    assert recorded_served_base(settings) == "https://cds.example.org/crc"
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM served_base")).scalar_one() == 1
+
+
+def test_a_database_of_an_older_schema_has_no_served_base(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE hook_call (id INTEGER PRIMARY KEY)"))
+    engine.dispose()
+    assert recorded_served_base(Settings(auth_required=False, database_url=url)) is None
 
 
 def test_the_models_match_the_migrations(database_url):

@@ -157,10 +157,11 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError("give PATH(s), or --fhir-server URL --patient ID")
     several = len(args.paths) > 1
     status = 0
+    base_url = evidence_base_url(settings)
     for path in args.paths:
         try:
             body = _request_from_file(path)
-            line = dumps(answer(body, service, settings, today).answer)
+            line = dumps(answer(body, service, settings, today, base_url=base_url).answer)
         except (CliError, ServiceError) as exc:
             reason = exc.diagnostics if isinstance(exc, ServiceError) else str(exc)
             status = status or 2
@@ -183,6 +184,17 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
             line = f'{{"path":{dumps(path)},"answer":{line}}}'
         print(line, flush=several)
     return status
+
+
+def evidence_base_url(settings: Settings) -> str | None:
+    """Where the cards link the evidence pages, as the service would: CDS_PUBLIC_BASE_URL, else
+    where the last `serve` or `demo` on this database (CDS_DATABASE_URL) answers; None: the default
+    `serve` address."""
+    if settings.public_base_url:
+        return settings.public_base_url
+    from cds_service.store.database import recorded_served_base
+
+    return recorded_served_base(settings)
 
 
 def _evaluate_fhir_server(
@@ -210,7 +222,7 @@ def _evaluate_fhir_server(
     from cds_service.fetch.client import FetchFailed, PatientNotFound
 
     try:
-        outcome = answer(body, service, settings, today)
+        outcome = answer(body, service, settings, today, base_url=evidence_base_url(settings))
     except PatientNotFound as exc:  # one line says it all
         raise CliError(exc.diagnostics) from None
     except FetchFailed as exc:  # what was read and what failed, then the reason

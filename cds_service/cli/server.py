@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import logging
 import os
 import uuid
 from typing import Any
@@ -14,6 +15,9 @@ from cds_service.cli.common import CliError
 from cds_service.cli.fixtures import demo_resources
 from cds_service.hooks.catalogue import services
 from cds_service.settings import Settings
+from cds_service.urls import listen_url
+
+log = logging.getLogger("cds_service.cli")
 
 # Young-generation collections start after this many new container objects (CPython's default is
 # 700). Parsing one 500-resource chart creates ~12,000 dicts and lists that are freed by reference
@@ -98,6 +102,18 @@ def create_served_app(settings: Settings, **kwargs: Any) -> Any:
         raise CliError(str(exc)) from None
 
 
+def record_served_base(settings: Settings, host: str, port: int) -> None:
+    """Note in the store where this server answers (CDS_PUBLIC_BASE_URL, else where it listens), so
+    that `cds-service evaluate` on the same database links the evidence pages as its cards do."""
+    from cds_service.store.database import StoreError, open_store
+
+    base = settings.public_base_url or listen_url(host, port)
+    try:
+        open_store(settings).record_served_base(base)
+    except StoreError as exc:  # StoreDown included: evaluate then falls back to its default
+        log.warning("could not record the served base URL in the store: %s", exc)
+
+
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.auth_required and not settings.public_base_url:
         # Without it the JWT aud would be checked against the request's Host header, which the
@@ -108,6 +124,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         )
     threads = args.threads or settings.threads
     app = create_served_app(with_fhir_call_limit(settings, threads))
+    record_served_base(settings, args.host, args.port)
     run_gunicorn(
         app,
         settings,
@@ -163,5 +180,6 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
         )
     print("\n".join(banner), flush=True)
     app = create_served_app(with_fhir_call_limit(settings, 8), demo_resources=resources)
+    record_served_base(settings, args.host, args.port)
     run_gunicorn(app, settings, "demo", host=args.host, port=args.port, workers=1, threads=8)
     return 0

@@ -1,4 +1,4 @@
-"""The durable store: hook-call audit, clinicians' feedback and seen client-JWT ids.
+"""The durable store: hook-call audit, clinicians' feedback, seen client-JWT ids, where the service answers.
 
 SQLAlchemy 2 Core over SQLite (the default, one machine) or PostgreSQL (several instances). The
 schema belongs to Alembic (`cds_service/migrations/`): `open_store()` brings the database to head
@@ -31,7 +31,7 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from cds_service.settings import Settings
 
@@ -51,6 +51,7 @@ from cds_service.store.schema import (  # noqa: F401
     hook_call,
     hook_card,
     metadata,
+    served_base,
 )
 
 log = logging.getLogger("cds_service.store")  # the name operators filter on, kept across the move
@@ -119,6 +120,33 @@ def close_stores() -> None:
             engine.dispose()
         _engines.clear()
         _migrated.clear()
+
+
+def recorded_served_base(settings: Settings) -> str | None:
+    """Where the last `serve` or `demo` on this database answers, read without creating, migrating
+    or writing anything; None when there is no such database, no record, or it cannot be read."""
+    try:
+        url = normalise_url(settings.database_url)
+    except (SQLAlchemyError, ValueError):
+        return None
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.database in (None, "", ":memory:") or not Path(url.database or "").expanduser().is_file():
+            return None
+        connect_args: dict[str, Any] = {"timeout": 2.0}
+    elif backend == "postgresql":
+        connect_args = {"connect_timeout": 3}
+    else:
+        return None
+    engine = create_engine(url, hide_parameters=True, poolclass=NullPool, connect_args=connect_args)
+    try:
+        with engine.connect() as conn:
+            value = conn.execute(select(served_base.c.base_url).where(served_base.c.id == 1)).scalar()
+    except SQLAlchemyError:  # no such table (an older schema), locked, down: the caller's default
+        return None
+    finally:
+        engine.dispose()
+    return value if isinstance(value, str) and value else None
 
 
 def normalise_url(raw: str) -> URL:

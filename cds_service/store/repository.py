@@ -23,7 +23,15 @@ from cds_service.store.records import (
     spooled_call,
     utc,
 )
-from cds_service.store.schema import StoreDown, client_jti, feedback, hook_call, hook_card, insert_once
+from cds_service.store.schema import (
+    StoreDown,
+    client_jti,
+    feedback,
+    hook_call,
+    hook_card,
+    insert_once,
+    served_base,
+)
 
 
 @dataclass
@@ -122,6 +130,14 @@ class Store:
             return (
                 conn.execute(claim, {"issuer": issuer, "jti": jti, "expires_at": expires_at}).first()
                 is not None
+            )
+
+    def record_served_base(self, base_url: str) -> None:
+        """Where the service now answers (StoreDown when the database fails)."""
+        with _store_down(), self._write() as conn:
+            conn.execute(delete(served_base))
+            conn.execute(
+                insert(served_base), {"id": 1, "base_url": base_url, "recorded_at": dt.datetime.now(dt.UTC)}
             )
 
     def counts(self) -> dict[str, int]:

@@ -127,6 +127,17 @@ client_jti = Table(
 )
 
 
+# Where the service was last started (CDS_PUBLIC_BASE_URL, else the address it listens on): one row.
+# `cds-service evaluate` on the same database links the evidence pages there, as the service does.
+served_base = Table(
+    "served_base",
+    metadata,
+    Column("id", Integer(), primary_key=True, autoincrement=False),
+    Column("base_url", Text(), nullable=False),
+    Column("recorded_at", UtcDateTime(), nullable=False),
+)
+
+
 # The unique key each table's duplicates collide on.
 _CONFLICT_KEYS = {"feedback": ("dedupe_key",), "client_jti": ("issuer", "jti"), "hook_call": ("record_id",)}
 

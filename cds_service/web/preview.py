@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from ipaddress import ip_address
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +24,7 @@ from cds_service.clinical.fhir_fields import is_fhir_id
 from cds_service.hooks.catalogue import Service, services
 from cds_service.paths import data_dir
 from cds_service.render.views import CardView, cards_of
+from cds_service.urls import listen_url
 
 _MAX_URL = 2048
 _MAX_TOKEN = 8192
@@ -107,15 +107,7 @@ def own_fhir_base(environ: Mapping[str, Any]) -> str:
     """The demo's own /fhir, reached through the socket this server listens on (not the Host header:
     a client could name any host there, and a port mapped by Docker is not where we listen)."""
     host = str(environ.get("SERVER_NAME") or "127.0.0.1")
-    try:
-        address = ip_address(host)
-    except ValueError:
-        address = None
-    if address is not None and address.is_unspecified:  # bound to every interface: loopback is one
-        host = "::1" if address.version == 6 else "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{environ.get('SERVER_PORT') or '80'}{_DEMO_FHIR_PREFIX}"
+    return listen_url(host, environ.get("SERVER_PORT") or "80") + _DEMO_FHIR_PREFIX
 
 
 def hook_request(service: Service, fhir_server: str, patient_id: str, token: str | None) -> dict[str, Any]:
