@@ -730,6 +730,31 @@ def test_nodal_status(resources, status):
     assert nodal(*resources).status == status
 
 
+@pytest.mark.parametrize(
+    "resources,shown",
+    [
+        pytest.param([n_category("pathologic", "1229960009")], "pN2b", id="coded-pN2b"),
+        pytest.param([n_category("pathologic", PN2A)], "pN2a", id="coded-pN2a"),
+        pytest.param([n_category("clinical", "1229977009")], "cN1c", id="coded-cN1c"),
+        pytest.param([n_category("unspecified", "pN2b")], "pN2b", id="ajcc-pN2b"),
+        pytest.param([n_category("pathologic", "N1a")], "pN1a", id="ajcc-N1a-under-a-pN-code"),
+        pytest.param([stage_group("unspecified", STAGE_IIIB)], "stage IIIB (AJCC)", id="stage-IIIB"),
+        pytest.param([stage_group("pathologic", STAGE_IIIC)], "pathologic stage IIIC (AJCC)", id="p-IIIC"),
+        pytest.param([stage_group("unspecified", "IIIA")], "stage IIIA", id="ajcc-text-IIIA"),
+    ],
+)
+def test_the_card_shows_the_nodal_category_or_stage_as_charted(resources, shown):
+    """pN2b stays pN2b (node-positive all the same); a stage reads "stage IIIB (AJCC)", never a SNOMED
+    fully specified name inside a sentence of our own."""
+    factor = nodal(*resources)
+    assert factor.status == PRESENT and factor.value == shown
+
+
+def test_condition_stage_summary_is_shown_as_a_clean_stage():
+    factor = lung_factor("node_positive_primary", crc(stage_summary=STAGE_IIIB), lung_met())
+    assert factor.value == "stage IIIB (AJCC)"
+
+
 def test_pnx_alone_is_unknown_with_reason():
     factor = nodal(n_category("pathologic", PNX, id="pnx"))
     assert factor.status == UNKNOWN

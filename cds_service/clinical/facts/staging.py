@@ -21,13 +21,13 @@ _PREFIX_KIND = {"p": "pathologic", "yp": "pathologic", "c": "clinical", "yc": "c
 
 
 def _n_value(observation: Observation, term: Terminology) -> tuple[str | None, str | None, str]:
-    """(kind from the value, N value, shown) of a TNM N category Observation."""
+    """(kind from the value, N value, the category as charted) of a TNM N category Observation."""
     concept = observation.valueCodeableConcept
     for coding in codings(concept):
         hit = term.n_values.get(coding)
         if hit:
-            kind, value = hit
-            return kind, value, ""  # a coded value: "pN1" says it all
+            kind, value, label = hit
+            return kind, value, label  # a coded value: its AJCC label, "pN2b"
     for system, code in [*codings(concept), ("", concept.text or "")] if concept else []:
         if system and system not in term.ajcc_systems:
             continue
@@ -39,10 +39,12 @@ def _n_value(observation: Observation, term: Terminology) -> tuple[str | None, s
 
 
 def stage_value(concept: Any, term: Terminology) -> tuple[str | None, str | None, str]:
+    """(kind from the value, Roman group, the stage as charted: "stage IIIB (AJCC)")."""
     for coding in codings(concept):
-        group = term.stage_values.get(coding)
-        if group:
-            return None, group, display_of(concept) or f"stage {group}"
+        hit = term.stage_values.get(coding)
+        if hit:
+            group, label = hit
+            return None, group, label
     for system, code in [*codings(concept), ("", concept.text or "")] if concept else []:
         if system and system not in term.ajcc_systems:
             continue
@@ -50,7 +52,12 @@ def stage_value(concept: Any, term: Terminology) -> tuple[str | None, str | None
         if match:
             prefix = (match.group("prefix") or "").lower()
             group = match.group("g").upper()
-            return _PREFIX_KIND.get(prefix), _ARABIC.get(group, group), code.strip()
+            shown = code.strip()
+            return (
+                _PREFIX_KIND.get(prefix),
+                _ARABIC.get(group, group),
+                shown if shown.lower().startswith("stage") else f"stage {shown}",
+            )
     return None, None, ""
 
 

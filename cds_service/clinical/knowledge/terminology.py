@@ -178,17 +178,19 @@ class Terminology:
         self.ucum_systems = frozenset(self._systems["ucum"])
 
         self.n_category = {kind: self.code_set(spec) for kind, spec in obs["n_category"].items()}
-        self.n_values = {
-            (s, str(code)): (kind, str(value))
+        # (system, code) → (kind, N value "0" | "1" | "2" | "X", the category as charted, e.g. "pN2b")
+        self.n_values: dict[Coding, tuple[str, str, str]] = {
+            (s, str(code)): (kind, _n_digit(str(label)), str(label))
             for kind, values in obs["n_values"].items()
-            for code, value in values.items()
+            for code, label in values.items()
             for s in self._systems["snomed"]
         }
         self.ajcc_systems = frozenset(self._systems["ajcc"])
         self.stage_group = {kind: self.code_set(spec) for kind, spec in obs["stage_group"].items()}
-        self.stage_values = {
-            (s, str(code)): str(group)
-            for code, group in obs["stage_values"].items()
+        # (system, code) → (Roman group "I".."IV", the stage as the card shows it)
+        self.stage_values: dict[Coding, tuple[str, str]] = {
+            (s, str(code)): (str(spec["group"]), str(spec["label"]))
+            for code, spec in obs["stage_values"].items()
             for s in self._systems["snomed"]
         }
         self.tnm_statuses = frozenset(obs["tnm_statuses"])
@@ -351,3 +353,11 @@ def terminology() -> Terminology:
         for name in ("systems", "conditions", "procedures", "observations", "medications")
     }
     return Terminology(raw)
+
+
+def _n_digit(label: str) -> str:
+    """The N value of an AJCC category label ("pN2b" → "2", "cNX" → "X")."""
+    after = label.upper().split("N", 1)[1] if "N" in label.upper() else ""
+    if not after or after[0] not in "0123X":
+        raise ValueError(f"mappings/observations.yaml n_values: {label!r} is not an AJCC N category")
+    return after[0]

@@ -9,7 +9,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass, field, replace
 
-from cds_service.clinical.facts.model import CeaResult, PatientFacts
+from cds_service.clinical.facts.model import CeaResult, NodalEvidence, PatientFacts
 from cds_service.clinical.fhir_fields import ref_of
 
 DAYS_PER_MONTH = 30.4375
@@ -186,7 +186,7 @@ def node_positive_primary(facts: PatientFacts, factor_id: str = "node_positive_p
         return Factor(
             factor_id,
             status,
-            f"{_kind_prefix(e.kind)}N{e.value}" + (f" ({e.shown})" if e.shown else ""),
+            _n_shown(e),
             e.date,
             (e.source,) if e.source else (),
         )
@@ -195,7 +195,7 @@ def node_positive_primary(facts: PatientFacts, factor_id: str = "node_positive_p
         return Factor(
             factor_id,
             status,
-            f"{e.kind} stage group {e.value} ({e.shown})",
+            _stage_shown(e),
             e.date,
             (e.source,) if e.source else (),
         )
@@ -234,7 +234,7 @@ def node_positive_primary(facts: PatientFacts, factor_id: str = "node_positive_p
             factor_id,
             UNKNOWN,
             sources=(e.source,) if e.source else (),
-            reason=f"no N category; a {e.kind} stage group {e.value} does not settle nodal status",
+            reason=f"no N category; {_stage_shown(e)} does not settle nodal status",
         )
     return Factor(
         factor_id, UNKNOWN, reason="no N category or stage group of the colorectal cancer in the chart"
@@ -243,6 +243,21 @@ def node_positive_primary(facts: PatientFacts, factor_id: str = "node_positive_p
 
 def _kind_prefix(kind: str) -> str:
     return {"pathologic": "p", "clinical": "c"}.get(kind, "")
+
+
+def _stage_shown(e: NodalEvidence) -> str:
+    """The stage as charted, with its kind: "pathologic stage IIIB (AJCC)", or "stage IIIB (AJCC)"."""
+    shown = e.shown or f"stage {e.value}"
+    return shown if e.kind == "unspecified" else f"{e.kind} {shown}"
+
+
+def _n_shown(e: NodalEvidence) -> str:
+    """The N category as charted ("pN2b"); a bare "N2b" under a pN code reads "pN2b"."""
+    if not e.shown:
+        return f"{_kind_prefix(e.kind)}N{e.value}"
+    if e.shown[:1].upper() == "N":
+        return _kind_prefix(e.kind) + e.shown
+    return e.shown
 
 
 # --- CEA -------------------------------------------------------------------------------------------
