@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     # False skips the fsync (a killed process still loses nothing; a power cut can lose the last
     # second's records): for benchmarks and throwaway runs.
     audit_fsync: bool = True
+    # The spool's cap in bytes (its folder, every process's records): reached only when the database
+    # has not taken records for a long time; then hook calls and feedback are answered 503 until it
+    # does (an answer without its audit record is not given). About 1 KB per call.
+    audit_spool_max_bytes: int = Field(default=1 << 30, ge=64 * 1024)
     fhir_timeout_s: float = Field(default=5.0, gt=0, le=120)
     # Hook calls waiting on FHIR servers at once per worker process; the next is answered 503 with
     # Retry-After. Unset: `serve` uses its threads less one (a thread stays free for /healthz).

@@ -233,3 +233,49 @@ def test_a_record_the_database_refuses_costs_only_itself(database_url, caplog):
     assert len(stored) + len(lost) == 4 and "bad" not in caplog.text
     if database_url.startswith("postgresql"):
         assert len(lost) == 1
+
+
+def test_a_full_spool_answers_503_and_every_answered_call_keeps_its_record(database_url, caplog):
+    """A long outage in miniature: the database takes nothing while the spool fills to its cap. Calls
+    are answered until then, 503 after (no answer without its record; feedback too); once the database
+    is back the spool drains, every call answered 200 is in it and calls are answered again."""
+    app = create_app(
+        Settings(
+            auth_required=False,
+            database_url=database_url,
+            audit_key="a" * 32,
+            audit_spool_max_bytes=64 * 1024,
+        ),
+        today=lambda: TODAY,
+    )
+    audit: AuditTrail = app.extensions["cds.audit"]
+    client = app.test_client()
+    statuses: list[int] = []
+    with database_busy(database_url):
+        while len(statuses) < 400 and 503 not in statuses:
+            body = hook_body(load(HIGH_RISK), hook_instance=f"outage-{len(statuses)}")
+            resp = client.post(SERVICE_URL, json=body)
+            statuses.append(resp.status_code)
+            if len(statuses) == 1:
+                card = resp.get_json()["cards"][0]
+        answered = statuses.count(200)
+        assert statuses == [200] * answered + [503] and answered > 20
+        assert resp.get_json()["issue"][0]["code"] == "transient" and "cards" not in resp.get_json()
+        again = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK), hook_instance="outage-0"))
+        assert again.status_code == 503 and again.headers["Retry-After"] == "30"
+        feedback = {"card": card["uuid"], "outcome": "overridden"}  # a signed card: no store lookup
+        posts = [client.post(f"{SERVICE_URL}/feedback", json=feedback).status_code for _ in range(20)]
+        kept = posts.count(200)  # a feedback record is smaller than a call's: the last room is used
+        assert posts == [200] * kept + [503] * (20 - kept) and kept < 10
+        assert audit.spool.measure() <= 64 * 1024
+        assert REGISTRY.get_sample_value("cds_audit_spool_bytes") > 60 * 1024 - 2048
+        assert REGISTRY.get_sample_value("cds_store_errors_total", {"operation": "spool_full"}) >= 2
+    assert audit.flush(60)
+    with audit.store.read() as conn:
+        stored = {r[0] for r in conn.execute(select(hook_call.c.hook_instance))}
+    assert {f"outage-{i}" for i in range(answered)} <= stored and f"outage-{answered}" not in stored
+    assert audit.store.counts()["feedback"] == kept
+    assert client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK), hook_instance="after")).status_code == 200
+    assert (
+        "the spool takes records again" in caplog.text and caplog.text.count("CDS_AUDIT_SPOOL_MAX_BYTES") == 1
+    )

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from cds_service.store import spool as spool_module
-from cds_service.store.spool import Spool, SpoolError
+from cds_service.store.spool import Spool, SpoolError, SpoolFull
 
 
 def _line(n: int) -> bytes:
@@ -204,3 +204,45 @@ def test_an_abandoned_new_segment_is_cleared(tmp_path):
     os.utime(stale, (old, old))
     assert list(Spool(folder).adopt(set())) == []
     assert not stale.exists() and fresh.exists()
+
+
+def test_the_spool_refuses_records_at_its_cap_across_processes_and_takes_them_again_once_forwarded(
+    tmp_path,
+):
+    folder = tmp_path / "spool"
+    line = orjson.dumps({"n": 0, "pad": "x" * 100}) + b"\n"
+    mine, other = Spool(folder, fsync=False, max_bytes=4096), Spool(folder, fsync=False, max_bytes=4096)
+    taken = 0
+    with pytest.raises(SpoolFull):
+        while True:
+            mine.append(line)
+            taken += 1
+    assert taken == 4096 // len(line) and mine.size <= 4096
+    time.sleep(spool_module.RESCAN_S)
+    with pytest.raises(SpoolFull):  # another process sees the folder full too
+        other.append(line)
+    segment = mine.seal()
+    assert segment is not None and len(segment.read()) == taken
+    mine.discard(segment)  # forwarded to the database
+    mine.append(line)
+    time.sleep(spool_module.RESCAN_S)
+    other.append(line)
+    assert mine.measure() == 2 * len(line)
+
+
+def test_a_record_after_a_write_that_failed_part_way_is_kept(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.append(_line(1))
+    real_write = os.write
+
+    def disk_full(fd: int, data) -> int:
+        real_write(fd, bytes(data[:5]))  # part of the line made it to the file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "write", disk_full)
+    with pytest.raises(SpoolError):
+        spool.append(_line(2))  # never acknowledged
+    monkeypatch.setattr(spool_module.os, "write", real_write)
+    spool.append(_line(3))  # acknowledged: it must not be glued to the partial line
+    segment = spool.seal()
+    assert segment is not None and segment.read() == [{"n": 1}, {"n": 3}]

@@ -14,8 +14,9 @@ Feedback takes the same path, so it is never refused because the database is bus
 
 What the request process pays: building the record, an orjson line, a write() and its share of one
 fdatasync; the forwarder's database work is batched (two multi-row INSERTs per batch, no ORM).
-If the spool itself cannot be written (disk full), the call is answered 503: an answer the audit
-trail cannot keep is not given.
+If the spool itself cannot be written (disk full), or holds its cap (CDS_AUDIT_SPOOL_MAX_BYTES: a
+database outage of hours), the call is answered 503: an answer the audit trail cannot keep is not
+given.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from cds_service.store.records import (
     spooled_feedback,
 )
 from cds_service.store.repository import Store
-from cds_service.store.spool import Segment, Spool, SpoolError
+from cds_service.store.spool import Segment, Spool, SpoolError, SpoolFull
 from cds_service.telemetry import metrics
 
 log = logging.getLogger("cds_service.audit")  # the name operators filter on, kept across the move
@@ -63,6 +64,8 @@ ADOPT_EVERY_S = 2.0
 RETRY_MAX_S = 5.0
 # An idle forwarder thread exits (after a last look for orphans); the next record starts a new one.
 IDLE_EXIT_S = 5.0
+# Retry-After of a call refused because the spool is full (the database has been away for hours).
+FULL_RETRY_AFTER_S = 30
 
 _trails: weakref.WeakSet[AuditTrail] = weakref.WeakSet()
 
@@ -72,6 +75,11 @@ class AuditUnavailable(ServiceError):
 
     status = 503
     issue_code = "transient"
+
+    def __init__(self, diagnostics: str, *, retry_after: int | None = None) -> None:
+        super().__init__(diagnostics)
+        # Set when the spool is full: logged once per episode (not per call), retried by the client.
+        self.retry_after = retry_after
 
 
 class AuditTrail:
@@ -84,7 +92,7 @@ class AuditTrail:
         if folder is None:  # an in-memory database: a private folder, gone with the process
             folder = Path(tempfile.mkdtemp(prefix="cds-audit-spool-"))
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        self.spool = Spool(folder, fsync=store.spool_fsync)
+        self.spool = Spool(folder, fsync=store.spool_fsync, max_bytes=store.spool_max_bytes)
         self._forward_lock = threading.Lock()
         self._held: list[Segment] = []  # sealed or adopted, not yet in the database (oldest first)
         self._thread: threading.Thread | None = None
@@ -92,6 +100,9 @@ class AuditTrail:
         self._wake = threading.Event()
         self._last_adopt = 0.0
         self._failing_since: float | None = None
+        self._full_since: float | None = None  # the spool at its cap: calls refused since then
+        self._refused = 0
+        self._published_at = 0.0
         _trails.add(self)
 
     # --- the request side -------------------------------------------------------------------------
@@ -131,12 +142,55 @@ class AuditTrail:
     def _append(self, record: dict[str, Any], service_id: str) -> None:
         try:
             self.spool.append(orjson.dumps(record) + b"\n")
+        except SpoolFull:
+            self._spool_full()
+            raise AuditUnavailable(
+                "the audit trail is full and cannot record this call now; nothing was kept, try again later",
+                retry_after=FULL_RETRY_AFTER_S,
+            ) from None
         except (SpoolError, TypeError) as exc:
             _lost(service_id, 1, exc)
+            self._ensure_forwarder()  # it may free the disk
             raise AuditUnavailable(
                 "the audit trail cannot record this call now; nothing was kept, try again later"
             ) from None
+        if self._full_since is not None and self.spool.size < 0.9 * (self.spool.max_bytes or 0):
+            self._spool_has_room()  # drained, not merely room for one small record
+        if self.spool.measured_at != self._published_at:  # about once a second
+            self._publish_size()
         self._ensure_forwarder()
+
+    def _publish_size(self) -> None:
+        self._published_at = self.spool.measured_at
+        metrics.audit_spool_bytes(self.spool.size, self.spool.max_bytes)
+
+    def _spool_full(self) -> None:
+        # Logged once per episode (it may last as long as the database outage), counted every time.
+        metrics.store_error("spool_full")
+        self._publish_size()
+        self._refused += 1
+        if self._full_since is None:
+            self._full_since = time.monotonic()
+            log.error(
+                "audit: the spool %s is full (%d bytes, CDS_AUDIT_SPOOL_MAX_BYTES %d): the database has "
+                "not taken records for a long time; hook calls and feedback are answered 503 until it does",
+                self.spool.folder,
+                self.spool.size,
+                self.spool.max_bytes,
+            )
+        # Orphaned segments of a dead worker may be what fills it: a forwarder must be running to
+        # adopt them even when this process has nothing of its own to forward.
+        self._ensure_forwarder()
+
+    def _spool_has_room(self) -> None:
+        since, self._full_since = self._full_since, None
+        if since is not None:
+            log.warning(
+                "audit: the spool takes records again after %.0f s; %d call(s) were answered 503 meanwhile",
+                time.monotonic() - since,
+                self._refused,
+            )
+            self._refused = 0
 
     # --- forwarding -------------------------------------------------------------------------------
 
@@ -201,6 +255,8 @@ class AuditTrail:
             self._held.pop(0)
             self.spool.discard(segment)
         metrics.audit_spool_records(self.pending)
+        self.spool.measure()
+        self._publish_size()
         return ok
 
     def _write(self, segment: Segment) -> bool:

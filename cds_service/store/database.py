@@ -90,6 +90,7 @@ def open_store(settings: Settings) -> Store:
         _audit_key(settings),
         spool_dir=spool_folder(settings, url),
         spool_fsync=settings.audit_fsync,
+        spool_max_bytes=settings.audit_spool_max_bytes,
         card_key=card_key,
     )
 

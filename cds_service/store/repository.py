@@ -42,6 +42,7 @@ class Store:
     # it fsyncs, and the secret card uuids are signed with (None: CDS_AUDIT_KEY unset, not signed).
     spool_dir: Path | None = None
     spool_fsync: bool = True
+    spool_max_bytes: int | None = None
     card_key: bytes | None = field(default=None, repr=False)
 
     def patient_hash(self, patient_id: str) -> str:

@@ -21,6 +21,7 @@ free-text feedback comments as sent — protect the folder as you protect the da
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -38,10 +39,19 @@ log = logging.getLogger("cds_service.audit")
 SUFFIX = ".spool"
 NEW_SUFFIX = ".new"  # a segment being created (see Spool._segment)
 ABANDONED_AFTER_S = 60.0
+# How often a spool at its cap measures the folder again (other processes may have emptied segments).
+RESCAN_S = 0.1
+# How old the folder's measure may grow while far from the cap: other processes' records count within
+# a second, so the folder exceeds the cap by at most about a second of every process's records.
+MEASURE_EVERY_S = 1.0
 
 
 class SpoolError(OSError):
     """The spool cannot take a record (disk full, folder gone, I/O error)."""
+
+
+class SpoolFull(SpoolError):
+    """The spool folder holds its cap (`max_bytes`): records are not reaching the database."""
 
 
 @dataclass
@@ -49,6 +59,9 @@ class Segment:
     path: Path
     fd: int
     records: int  # lines appended (or, for an adopted segment, found)
+    # A write failed part-way (disk full): the segment may end in a partial line, so the next record
+    # starts with a newline of its own (the partial line is then skipped alone when read).
+    torn: bool = False
 
     def read(self) -> list[dict]:
         """Every complete record. A torn last line (a power cut mid-write) was never acknowledged."""
@@ -71,9 +84,14 @@ class Segment:
 class Spool:
     """One process's segments in `folder`: append (durably), seal, adopt others' orphans, discard."""
 
-    def __init__(self, folder: Path, *, fsync: bool = True) -> None:
+    def __init__(self, folder: Path, *, fsync: bool = True, max_bytes: int | None = None) -> None:
         self.folder = folder
         self.fsync = fsync
+        # The cap on the folder's segments (every process's): beyond it `append` raises SpoolFull.
+        self.max_bytes = max_bytes
+        self._folder_bytes = 0  # the folder's segments as last measured, less what was discarded since
+        self._grown = 0  # bytes this process appended since that measure
+        self._measured_at = -1e9
         self._cond = threading.Condition()
         self._active: Segment | None = None
         self._pid = os.getpid()
@@ -84,11 +102,22 @@ class Spool:
     def append(self, line: bytes) -> None:
         """Write one record (a JSON line) and return once it is on stable storage. SpoolError if not."""
         with self._cond:
+            if self.max_bytes is not None and (
+                self._folder_bytes + self._grown + len(line) > self.max_bytes
+                or time.monotonic() - self._measured_at >= MEASURE_EVERY_S
+            ):
+                self._check_room(len(line))
             try:
                 segment = self._segment()
+                if segment.torn:
+                    line = b"\n" + line
                 _write_all(segment.fd, line)
             except OSError as exc:
+                if self._active is not None:
+                    self._active.torn = True
                 raise SpoolError(exc.errno, f"audit spool write failed: {exc.strerror}") from None
+            segment.torn = False
+            self._grown += len(line)
             segment.records += 1
             self._written += 1
             if not self.fsync:
@@ -111,6 +140,53 @@ class Spool:
                     self._syncing = False
                     self._cond.notify_all()
                 self._synced = max(self._synced, target)
+
+    @property
+    def measured_at(self) -> float:
+        """When the folder was last measured (time.monotonic())."""
+        return self._measured_at
+
+    @property
+    def size(self) -> int:
+        """The folder's segments in bytes, as this process knows it (measured, plus appended since)."""
+        return self._folder_bytes + self._grown
+
+    def measure(self) -> int:
+        """Measure the folder's segments (every process's) now; their bytes."""
+        with self._cond:
+            grown = self._grown
+        total = self._scan()
+        with self._cond:
+            # What was appended during the scan may be counted twice: the cap errs on the safe side.
+            self._folder_bytes, self._grown = total, self._grown - grown
+            self._measured_at = time.monotonic()
+            return self.size
+
+    def _check_room(self, needed: int) -> None:
+        # Called with the lock held, near the cap or once a measure is MEASURE_EVERY_S old: measure
+        # again (at most every RESCAN_S), to count what other processes appended and what their
+        # forwarders emptied meanwhile.
+        if time.monotonic() - self._measured_at >= RESCAN_S:
+            self._folder_bytes, self._grown = self._scan(), 0
+            self._measured_at = time.monotonic()
+        assert self.max_bytes is not None
+        if self._folder_bytes + self._grown + needed > self.max_bytes:
+            raise SpoolFull(
+                errno.ENOSPC,
+                f"audit spool full ({self.size} bytes, cap {self.max_bytes}): records are not forwarded",
+            )
+
+    def _scan(self) -> int:
+        total = 0
+        try:
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    if entry.name.endswith(SUFFIX):
+                        with contextlib.suppress(OSError):
+                            total += entry.stat().st_size
+        except OSError:
+            pass
+        return total
 
     def seal(self) -> Segment | None:
         """Stop appending to the active segment and hand it over (None when it holds nothing)."""
@@ -176,10 +252,15 @@ class Spool:
 
     def discard(self, segment: Segment) -> None:
         """Its records are in the database: remove it (unlink first, so nobody adopts it again)."""
+        size = 0
         try:
+            with contextlib.suppress(OSError):
+                size = os.fstat(segment.fd).st_size
             segment.path.unlink(missing_ok=True)
         finally:
             os.close(segment.fd)
+        with self._cond:
+            self._folder_bytes = max(0, self._folder_bytes - size)
 
     def release(self, segment: Segment) -> None:
         """Give a segment back unforwarded (its records stay on disk for whoever adopts it)."""
@@ -193,6 +274,7 @@ class Spool:
         self._active = None
         self._syncing = False
         self._written = self._synced = 0
+        self._grown, self._measured_at = 0, -1e9
         if active is not None and self._pid != os.getpid():
             with contextlib.suppress(OSError):
                 os.close(active.fd)

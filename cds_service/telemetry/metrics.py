@@ -61,6 +61,17 @@ AUDIT_SPOOL_RECORDS = Gauge(
     "Audit records and feedback posts in the local spool, not yet in the database",
     multiprocess_mode="livesum",
 )
+# The spool folder's size (every worker sees the same folder: the largest report, not a sum), and
+# its cap: at the cap, hook calls and feedback are answered 503 (`cds_store_errors_total{operation=
+# "spool_full"}` counts them). Alert well before: `cds_audit_spool_bytes / cds_audit_spool_max_bytes > 0.5`.
+AUDIT_SPOOL_BYTES = Gauge(
+    "cds_audit_spool_bytes",
+    "Bytes of audit records in the local spool, not yet in the database",
+    multiprocess_mode="livemax",
+)
+AUDIT_SPOOL_MAX_BYTES = Gauge(
+    "cds_audit_spool_max_bytes", "The spool's cap (CDS_AUDIT_SPOOL_MAX_BYTES)", multiprocess_mode="livemax"
+)
 SHED = Counter(
     "cds_calls_shed_total", "Hook calls answered 503: the worker's FHIR-bound calls were at their limit"
 )
@@ -110,6 +121,13 @@ def store_error(operation: str, count: int = 1) -> None:
 @_never_raises
 def audit_spool_records(count: int) -> None:
     AUDIT_SPOOL_RECORDS.set(count)
+
+
+@_never_raises
+def audit_spool_bytes(size: int, cap: int | None) -> None:
+    AUDIT_SPOOL_BYTES.set(size)
+    if cap is not None:
+        AUDIT_SPOOL_MAX_BYTES.set(cap)
 
 
 @_never_raises
