@@ -203,7 +203,8 @@ def test_retry_after_beyond_the_budget_fails_fast(fhir: HTTPServer, base: str) -
     with pytest.raises(FetchError) as info:
         fetch(base, {"conditions": "Condition?patient=p1"})
     assert time.monotonic() - t0 < 0.5
-    assert "'conditions'" in info.value.diagnostics and "HTTP 503" in info.value.diagnostics
+    # Service contract §2: a wait past the budget fails the search as rate-limited.
+    assert "'conditions' (Condition): rate-limited" in info.value.diagnostics
 
 
 def test_persistent_503_is_reported_after_retries(fhir: HTTPServer, base: str) -> None:

@@ -974,3 +974,48 @@ def test_an_unreadable_tumor_record_still_counts_as_a_lesion_without_a_size():
     a = assess(*low_crs(broken))
     assert factor(a, "multiple_liver_metastases").status == PRESENT
     assert factor(a, "largest_liver_metastasis_gt_5cm").status == UNKNOWN
+
+
+# --- data the FHIR server would not give (docs/clinical-decisions.md) ------------------------------
+
+
+def assess_unread(*resources, unread: frozenset[str]):
+    c = chart(*resources)
+    c.unread = unread
+    facts = derive_facts(c)
+    assessment = assess_liver(facts, assess_lung(facts))
+    assert assessment is not None
+    return assessment
+
+
+def test_tumor_records_unread_leave_a_small_measured_size_unknown():
+    # The size measured on the liver-metastasis Condition is 3 cm; read and empty, the Tumor records
+    # hold no other lesion: absent. Unread, a lesion recorded only there may be larger or unmeasured.
+    resources = low_crs(tumor_size(3.0, focus="Condition/liver-met", id="size-c"), without=NO_LESIONS)
+    assert factor(assess(*resources), "largest_liver_metastasis_gt_5cm").status == ABSENT
+    a = assess_unread(*resources, unread=frozenset({"BodyStructure"}))
+    size = factor(a, "largest_liver_metastasis_gt_5cm")
+    assert (size.status, size.value) == (UNKNOWN, "3.0 cm")
+    assert "Tumor records (BodyStructure) could not be read" in (size.reason or "")
+    count = factor(a, "multiple_liver_metastases")
+    assert count.status == UNKNOWN and "could not be read" in (count.reason or "")
+    # A lesion measured over 5 cm stays present: more lesions cannot make it smaller.
+    big = low_crs(tumor_size(6.0, focus="Condition/liver-met", id="size-c"), without=NO_LESIONS)
+    assert (
+        factor(
+            assess_unread(*big, unread=frozenset({"BodyStructure"})), "largest_liver_metastasis_gt_5cm"
+        ).status
+        == PRESENT
+    )
+
+
+def test_medications_unread_make_the_liver_cea_unknown_when_the_rule_could_pick_either_side():
+    # Liver metastases 2021-01-10: CEA 250 on 2021-01-12, 40 on 2021-04-01 (after NAC, unseen).
+    resources = low_crs(
+        cea(250, date="2021-01-12", id="cea-250"), cea(40, date="2021-04-01", id="cea-40"), without=("cea",)
+    )
+    assert factor(assess(*resources), "cea_gt_200").status == ABSENT
+    a = assess_unread(*resources, unread=frozenset({"Medication"}))  # a Medication read refused
+    f = factor(a, "cea_gt_200")
+    assert f.status == UNKNOWN and f.sources == ("Observation/cea-250", "Observation/cea-40")
+    assert (a.score_min, a.score_max) == (0, 1)

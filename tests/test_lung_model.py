@@ -498,3 +498,67 @@ def test_no_follow_up_without_a_completed_lung_therapy(therapy):
 def test_timing_is_within_six_months_of_primary_diagnosis(detected, timing):
     resources = [crc(onset="2019-01-10"), lung_met(onset=detected)]
     assert assess(*resources).timing == timing
+
+
+# --- medication records the FHIR server would not give (docs/clinical-decisions.md) ---------------
+
+
+def assess_unread(*resources, unread: frozenset[str] = frozenset({"MedicationRequest"})):
+    c = chart(*resources)
+    c.unread = unread
+    assessment = assess_lung(derive_facts(c))
+    assert assessment is not None
+    return assessment
+
+
+def test_medications_unread_make_a_cea_that_may_be_on_treatment_unknown():
+    # Lung metastases found 2022-06-01; CEA 12 at detection, 3 three months later. With the
+    # medication records read and empty the latest (3) is used: absent. Unread, systemic therapy may
+    # have begun in between, when the rule of §8.4 would have used 12: the factor is unknown.
+    resources = [
+        *low_risk(without=("cea",)),
+        cea(12.0, date="2022-06-10", id="cea-12"),
+        cea(3.0, date="2022-09-01", id="cea-3"),
+    ]
+    read = assess(*resources).factors[0]
+    assert (read.status, read.sources) == (ABSENT, ("Observation/cea-3",))
+    unread = assess_unread(*resources)
+    f = unread.factors[0]
+    assert f.status == UNKNOWN
+    assert f.sources == ("Observation/cea-12", "Observation/cea-3")
+    assert "medication records not read" in (f.reason or "") and "2022-06-10" in (f.reason or "")
+    assert (unread.score_min, unread.score_max, unread.recommendation) == (0, 1, "complete-risk-data")
+
+
+def test_medications_unread_change_nothing_when_every_possible_cea_agrees():
+    # One CEA at detection; or every CEA since the metastases on the same side of 5 ng/mL.
+    single = assess_unread(*low_risk(without=("cea",)), cea(3.0, date="2022-06-10", id="cea-3"))
+    assert single.factors[0].status == ABSENT and single.recommendation == "upfront-local-therapy"
+    high = assess_unread(
+        *low_risk(without=("cea",)),
+        cea(3.0, date="2021-01-05", id="cea-old"),  # before the last pre-detection CEA: never a candidate
+        cea(9.0, date="2022-05-20", id="cea-9"),
+        cea(14.0, date="2022-09-01", id="cea-14"),
+    )
+    assert high.factors[0].status == PRESENT and high.factors[0].sources == ("Observation/cea-14",)
+    # Other unread types leave the CEA alone.
+    other = assess_unread(
+        *low_risk(without=("cea",)),
+        cea(12.0, date="2022-06-10", id="cea-12"),
+        cea(3.0, date="2022-09-01", id="cea-3"),
+        unread=frozenset({"BodyStructure", "ServiceRequest"}),
+    )
+    assert other.factors[0].status == ABSENT
+
+
+def test_medications_unread_reach_back_to_the_last_cea_before_detection():
+    # 3 before detection, 12 after: therapy begun between them would make the rule use 3.
+    a = assess_unread(
+        *low_risk(without=("cea",)),
+        cea(3.0, date="2022-05-20", id="cea-3"),
+        cea(12.0, date="2022-07-01", id="cea-12"),
+    )
+    assert a.factors[0].status == UNKNOWN and a.factors[0].sources == (
+        "Observation/cea-3",
+        "Observation/cea-12",
+    )

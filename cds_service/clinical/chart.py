@@ -27,6 +27,9 @@ class Chart:
     resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     foreign_dropped: int = 0
     patient_full_url: str | None = None
+    # Resource types the EHR's FHIR server would not give (an optional search refused or out of
+    # time): "no data of that kind", which the clinical core must not read as "none in the chart".
+    unread: frozenset[str] = frozenset()
     _verdicts: dict[int, bool] = field(default_factory=dict, repr=False)
     _seen: set[tuple[str, str]] = field(default_factory=set, repr=False)
     # The references that name this patient, built on the first claim rather than on every one.

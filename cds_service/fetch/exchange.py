@@ -48,9 +48,9 @@ def _seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def retry_delay(response: requests.Response, attempt: int) -> float:
+def asked_delay(response: requests.Response) -> float | None:
     """How long the server asks us to wait: Retry-After, else RateLimit-Reset, else the reset in a
-    structured RateLimit header; else a short exponential backoff."""
+    structured RateLimit header; None when it does not say."""
     headers = response.headers
     for delay in (_seconds(headers.get("Retry-After")), _seconds(headers.get("RateLimit-Reset"))):
         if delay is not None:
@@ -58,7 +58,13 @@ def retry_delay(response: requests.Response, attempt: int) -> float:
     match = _RATELIMIT_RESET.search(headers.get("RateLimit", ""))
     if match:
         return float(match.group(1))
-    return min(2.0, 0.1 * 2**attempt)
+    return None
+
+
+def retry_delay(response: requests.Response, attempt: int) -> float:
+    """The wait the server asks for, else a short exponential backoff."""
+    asked = asked_delay(response)
+    return asked if asked is not None else min(2.0, 0.1 * 2**attempt)
 
 
 class Exchange:
@@ -91,12 +97,17 @@ class Exchange:
             response = self._get(url)
             status = response.status_code
             if status in RETRY_STATUSES and attempts < _MAX_STATUS_RETRIES:
+                asked = asked_delay(response)
                 wait_s = retry_delay(response, attempts)
                 response.close()
                 if time.monotonic() + wait_s + _MIN_ATTEMPT_S > self.budget.deadline:
+                    # Service contract §2: a 429, or a 503 that says when to come back, whose wait
+                    # runs past the budget is rate-limited (for an optional search: no data of that
+                    # kind); any other status still failing is that status.
+                    limited = status == 429 or (status == 503 and asked is not None)
                     raise Fail(
-                        "rate-limited" if status == 429 else f"HTTP {status}",
-                        "throttled" if status == 429 else "transient",
+                        "rate-limited" if limited else f"HTTP {status}",
+                        "throttled" if limited else "transient",
                         detail=f"asked to wait {wait_s:g} s, past the call's time budget",
                     )
                 attempts += 1

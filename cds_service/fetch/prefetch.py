@@ -143,6 +143,7 @@ def resolve_chart(
                 unavailable=tuple(report.unavailable.items()),
             )
         chart = _chart_from(patient_id, resolved, entries, service)
+        chart.unread = frozenset(_resource_type(service, key) for key, _ in source.unavailable)
         wanted = _unresolved_medications(chart, request.fhirServer)
         if wanted and request.fhirServer and not _out_of_scope_by_conditions(chart.of_type("Condition")):
             source = _fetch_medications(chart, wanted, request.fhirServer, token, budget, source, issuer)
@@ -194,6 +195,7 @@ def _fetch_medications(
     chart.resources.setdefault("Medication", []).extend(found)
     unavailable = source.unavailable
     if report.unavailable:
+        chart.unread |= {"Medication"}
         # One line for all of them: which drug could not be read says nothing more to the clinician.
         unavailable = (*unavailable, (MEDICATION_READS, sorted(set(report.unavailable.values()))[0]))
     if source.report is not None:
@@ -203,6 +205,13 @@ def _fetch_medications(
             {**source.report.unavailable, **report.unavailable},
         )
     return ChartSource(source.prefetched, (*source.fetched, "medications"), report, unavailable)
+
+
+def _resource_type(service: Service, key: str) -> str:
+    """The resource type an optional prefetch key reads (what the clinical core is told is unread)."""
+    if key == MEDICATION_READS:
+        return "Medication"
+    return service.prefetch[key].split("?", 1)[0].strip("/").split("/", 1)[0]
 
 
 def _chart_from(

@@ -90,10 +90,25 @@ def _assessment_json(model: str, a: Assessment, unavailable: Unavailable = ()) -
     return doc
 
 
-def _unavailable_view(view: dict[str, Any], unavailable: Unavailable) -> dict[str, Any]:
-    """The card's line on what the FHIR server would not give (its wording is in the templates)."""
+# Treatment states that systemic therapy, or a planned lung ablation / SBRT, could not change (first
+# match wins: docs/service-contract.md §4).
+_AFTER_SYSTEMIC = (
+    "post-local-therapy-follow-up",
+    "ablation-guidance",
+    "assess-nat-response",
+    "assess-nac-response",
+)
+_AFTER_PLANNED = ("post-local-therapy-follow-up", "ablation-guidance")
+
+
+def _unavailable_view(view: dict[str, Any], unavailable: Unavailable, facts: PatientFacts) -> dict[str, Any]:
+    """The card's line on what the FHIR server would not give, and which checks that left undone
+    (docs/clinical-decisions.md; the wording is in the templates)."""
     view["unavailable"] = ", ".join(f"{md(key)} ({md(reason)})" for key, reason in unavailable)
-    view["medications_unavailable"] = any(key.startswith("medication") for key, _ in unavailable)
+    rec = view["recommendation"]
+    view["medications_unavailable"] = facts.medications_unread
+    view["systemic_unchecked"] = facts.medications_unread and rec not in _AFTER_SYSTEMIC
+    view["planned_unchecked"] = "ServiceRequest" in facts.unread and rec not in _AFTER_PLANNED
     return view
 
 
@@ -230,7 +245,7 @@ def lung_card(
     may_order_cea: bool = True,
 ) -> Card:
     spec = _yaml(_LUNG[0])
-    view = _unavailable_view(lung_view(a, facts, spec, today, cea_max_age_days), unavailable)
+    view = _unavailable_view(lung_view(a, facts, spec, today, cea_max_age_days), unavailable, facts)
     assessment = _assessment_json(spec["model"], a, unavailable)
     return _card(
         *_LUNG,
@@ -256,7 +271,7 @@ def liver_card(
     may_order_cea: bool = True,
 ) -> Card:
     spec = _yaml(_LIVER[0])
-    view = _unavailable_view(liver_view(a, facts, spec, today, cea_max_age_days), unavailable)
+    view = _unavailable_view(liver_view(a, facts, spec, today, cea_max_age_days), unavailable, facts)
     assessment = _assessment_json(spec["model"], a, unavailable)
     cea_factor = next(f for f in a.factors if f.id == "cea_gt_200")
     return _card(

@@ -31,6 +31,7 @@ def _deceased(patient: dict[str, Any] | None) -> bool:
 def derive_facts(chart: Chart, term: Terminology | None = None) -> PatientFacts:
     term = term or terminology()
     facts = PatientFacts(patient_id=chart.patient_id, deceased=_deceased(chart.patient))
+    facts.unread = chart.unread
     facts.birth_date = as_date((chart.patient or {}).get("birthDate"))
     staged = read_conditions(chart, term, facts)
     if not facts.in_scope:

@@ -124,6 +124,13 @@ class PatientFacts:
     text_metastases: list[Entry] = field(default_factory=list)  # metastases recorded only as text
     history: list[Metastasis] = field(default_factory=list)  # mCODE HistoryOfMetastaticCancer
     molecular: list[Entry] = field(default_factory=list)
+    # Resource types the EHR's FHIR server would not give (Chart.unread): their absence proves nothing.
+    unread: frozenset[str] = frozenset()
+
+    @property
+    def medications_unread(self) -> bool:
+        """Systemic therapy may be missing: some medication records could not be read."""
+        return bool(self.unread & MEDICATION_TYPES)
 
     @property
     def has_crc(self) -> bool:
@@ -189,6 +196,11 @@ class PatientFacts:
     def therapies(self, organ: str, *, done: bool) -> list[DatedProcedure]:
         return [t for t in self.local_therapies if t.organ == organ and t.done is done]
 
+
+# The resource types systemic therapy is read from (a Medication names the drug of an order).
+MEDICATION_TYPES = frozenset(
+    {"MedicationRequest", "MedicationAdministration", "MedicationStatement", "Medication"}
+)
 
 # The display of a metastasis Condition that could not be read (not valid FHIR).
 UNREADABLE = "not valid FHIR R4"

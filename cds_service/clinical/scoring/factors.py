@@ -364,6 +364,42 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
     return CeaPick(picked, rule, before is None, not_used)
 
 
+def cea_factor_unchecked(
+    factor: Factor, pick: CeaPick, facts: PatientFacts, organ: str, threshold: float
+) -> Factor:
+    """The CEA factor when medication records could not be read (docs/clinical-decisions.md, "Data the
+    FHIR server would not give"): systemic therapy for the metastases may then have begun on any day
+    since they were found, and the rule of §8.4 would pick the last CEA before it. The factor stands
+    only when every CEA the rule could so have picked — the last one of each day, from the last one
+    before the detection to the one picked — gives the same answer (as partial dates do, §8.25)."""
+    picked = pick.result
+    if not facts.medications_unread or picked is None or factor.status == UNKNOWN:
+        return factor
+    readable = [r for r in facts.cea if r.ng_ml is not None and r.date]
+    end = next(i for i, r in enumerate(readable) if r is picked)
+    detected, _ = facts.detected(organ)
+    before = [
+        i for i, r in enumerate(readable[:end]) if detected is not None and r.date and r.date < detected
+    ]
+    last_of_day = {r.date: r for r in readable[before[-1] if before else 0 : end + 1]}
+    differ = [
+        r
+        for r in last_of_day.values()
+        if r.ng_ml is not None and threshold_status(r.ng_ml, r.comparator, threshold) != factor.status
+    ]
+    if not differ:
+        return factor
+    other = differ[-1]
+    assert picked.date is not None and other.date is not None  # readable results are dated
+    return replace(
+        factor,
+        status=UNKNOWN,
+        sources=tuple(s for s in (other.source, picked.source) if s),
+        reason=f"medication records not read: {picked.shown} ({picked.date.isoformat()}) may be on "
+        f"treatment; {other.shown} on {other.date.isoformat()} before it",
+    )
+
+
 def cea_factor(pick: CeaPick, factor_id: str, threshold: float) -> Factor:
     result = pick.result
     if result is None:

@@ -19,6 +19,7 @@ from cds_service.clinical.scoring.factors import (
     Assessment,
     Factor,
     cea_factor,
+    cea_factor_unchecked,
     cite_assessed,
     interval_over_ranges,
     months_between,
@@ -159,7 +160,10 @@ def lesion_count_factor(facts: PatientFacts) -> Factor:
         fid,
         UNKNOWN,
         sources=tuple(m.source for m in conditions if m.source),
-        reason="the chart does not say how many liver metastases there are (no Tumor "
+        reason="the number of liver metastases is not in the chart: the EHR's Tumor records "
+        "(BodyStructure) could not be read"
+        if "BodyStructure" in facts.unread
+        else "the chart does not say how many liver metastases there are (no Tumor "
         "BodyStructures or lesion sites)",
     )
 
@@ -218,6 +222,18 @@ def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
     if largest.longest_cm > params.largest_lesion_limit_cm:
         return Factor(fid, PRESENT, value, largest.date, refs)
     unmeasured = len(_unmeasured_lesions(facts, tumors, sizes))
+    if "BodyStructure" in facts.unread:
+        # Lesions recorded only as Tumor records, and sizes measured on them, are not in the chart:
+        # one of them may be larger, or unmeasured (docs/clinical-decisions.md).
+        return Factor(
+            fid,
+            UNKNOWN,
+            value,
+            largest.date,
+            refs,
+            reason=f"the measured liver lesions are ≤ {params.largest_lesion_limit_cm:g} cm, but the "
+            "EHR's Tumor records (BodyStructure) could not be read",
+        )
     if unmeasured:
         return Factor(
             fid,
@@ -277,7 +293,13 @@ def assess_liver(
         node_positive_primary(facts),
         liver_timing_factor(facts, params),
         lesion_count_factor(facts),
-        cea_factor(cea, "cea_gt_200", params.cea_threshold_ng_ml),
+        cea_factor_unchecked(
+            cea_factor(cea, "cea_gt_200", params.cea_threshold_ng_ml),
+            cea,
+            facts,
+            "liver",
+            params.cea_threshold_ng_ml,
+        ),
         lesion_size_factor(facts, params),
     )
     liver_sources = tuple(m.source for m in facts.sites("liver") if m.source)

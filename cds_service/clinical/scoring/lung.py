@@ -24,6 +24,7 @@ from cds_service.clinical.scoring.factors import (
     Assessment,
     Factor,
     cea_factor,
+    cea_factor_unchecked,
     cite_assessed,
     disease_free_interval,
     months_between,
@@ -146,7 +147,13 @@ def assess_lung(
     cea = pick_cea(facts.cea, cutoff, what)
     extrapulmonary, organs = extrapulmonary_factor(facts)
     factors: tuple[Factor, ...] = (
-        cea_factor(cea, "cea_gt_5", params.cea_threshold_ng_ml),
+        cea_factor_unchecked(
+            cea_factor(cea, "cea_gt_5", params.cea_threshold_ng_ml),
+            cea,
+            facts,
+            "lung",
+            params.cea_threshold_ng_ml,
+        ),
         disease_free_interval(facts, "lung", "dfi_lt_24m", params.dfi_limit_months),
         node_positive_primary(facts),
         extrapulmonary,
