@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from cds_service.clinical.facts.derive import derive_facts
 from cds_service.clinical.knowledge.terminology import terminology
@@ -21,8 +25,7 @@ from cds_service.clinical.scoring.lung import assess_lung
 from cds_service.fetch.prefetch import ChartSource, resolve_chart
 from cds_service.hooks.catalogue import Service
 from cds_service.hooks.models import HookRequest, parse_hook_request
-from cds_service.render.cards import DEFAULT_BASE_URL
-from cds_service.render.cards import answer as render_answer
+from cds_service.render.cards import DEFAULT_BASE_URL, CardDraft, draft_answer, mint
 from cds_service.render.cards import preload as preload_cards
 from cds_service.settings import Settings
 
@@ -40,6 +43,22 @@ class Outcome:
     recommendations: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class _Drafted:
+    """A call's answer before its uuids, and whether the same request can be answered from it again."""
+
+    drafts: tuple[CardDraft, ...]
+    source: ChartSource
+    chart_size: int
+    recommendations: tuple[str, ...]
+    # Nothing was fetched and nothing logged: the answer depends on the request body alone.
+    reusable: bool
+
+    def outcome(self, hook_instance: str, started: float) -> Outcome:
+        doc = mint(self.drafts, hook_instance)
+        return Outcome(doc, self.source, self.chart_size, time.perf_counter() - started, self.recommendations)
+
+
 def evaluate(
     request: HookRequest,
     service: Service,
@@ -53,23 +72,100 @@ def evaluate(
     evidence-page links when CDS_PUBLIC_BASE_URL is not set (without either, the default `serve`
     address)."""
     started = time.perf_counter()
+    drafted = _draft(request, service, settings, today, issuer=issuer, base_url=base_url)
+    return drafted.outcome(request.hookInstance, started)
+
+
+def _draft(
+    request: HookRequest,
+    service: Service,
+    settings: Settings,
+    today: dt.date,
+    *,
+    issuer: str | None,
+    base_url: str | None,
+) -> _Drafted:
     chart, source = resolve_chart(request, service, settings, issuer=issuer)
     facts = derive_facts(chart)
     lung = assess_lung(facts, today=today) if facts.in_scope else None
     liver = assess_liver(facts, lung, today=today) if facts.in_scope else None
     assessments: list[Assessment] = [a for a in (lung, liver) if a is not None]
-    doc = render_answer(
+    drafts = draft_answer(
         lung,
         liver,
         facts,
-        hook_instance=request.hookInstance,
         today=today,
         cea_max_age_days=settings.cea_max_age_days,
         unavailable=source.unavailable,
         base_url=settings.public_base_url or base_url or DEFAULT_BASE_URL,
     )
-    recommendations = [a.recommendation for a in assessments]
-    return Outcome(doc, source, chart.size, time.perf_counter() - started, tuple(recommendations))
+    # What logs a warning (a resource skipped as not valid FHIR, another patient's resource dropped)
+    # must log it on every call, so such an answer is never reused.
+    reusable = not (source.fetched or source.unavailable or facts.skipped or chart.foreign_dropped)
+    recommendations = tuple(a.recommendation for a in assessments)
+    return _Drafted(drafts, source, chart.size, recommendations, reusable)
+
+
+# Members the key leaves out: the call's own id, and the FHIR access token (never kept after the
+# call). Whether anything is fetched depends on the prefetch and fhirServer, which the key holds, not
+# on the token, and a kept answer is one for which nothing was fetched.
+_NOT_IN_KEY = frozenset({"hookInstance", "fhirAuthorization"})
+
+
+class Answers:
+    """A worker's recent answers by request, for patient-view calls that send the same chart again.
+
+    An EHR calls patient-view each time a clinician opens the chart, with the same prefetch and a
+    new hookInstance. When the whole chart was prefetched (nothing fetched from a FHIR server) and
+    reading it logged nothing, the answer depends only on the request body, the day and the
+    service's settings: it is kept, without its uuids, by the request's exact JSON text (every
+    member but hookInstance and fhirAuthorization, in the order sent) with the service, the day,
+    the evidence base URL and the caller's issuer. Only an identical request gets a kept answer
+    back, with uuids minted from its own hookInstance, so the answer is the one evaluating it again
+    would give. At most `entries` answers and `json_bytes` bytes of request text are kept (least
+    recently used out first); a request over `largest` bytes, or holding what its JSON text cannot
+    tell apart (NaN, integers beyond 64 bits, lone surrogates), is evaluated every time.
+    """
+
+    def __init__(self, entries: int = 64, json_bytes: int = 8_000_000, largest: int = 1_000_000) -> None:
+        self._entries, self._json_bytes, self._largest = entries, json_bytes, largest
+        self._kept: OrderedDict[bytes, _Drafted] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def key(self, body: dict[str, Any], *parts: Any) -> bytes | None:
+        members = {k: v for k, v in body.items() if k not in _NOT_IN_KEY}
+        try:
+            text = orjson.dumps([parts, members], option=orjson.OPT_PASSTHROUGH_DATETIME)
+        except TypeError:  # integers over 64 bits, lone surrogates, non-JSON values
+            return None
+        # orjson writes NaN and infinities as null: a request with a null is not kept.
+        return None if len(text) > self._largest or b"null" in text else text
+
+    def get(self, key: bytes) -> _Drafted | None:
+        with self._lock:
+            drafted = self._kept.get(key)
+            if drafted is not None:
+                self._kept.move_to_end(key)
+            return drafted
+
+    def put(self, key: bytes, drafted: _Drafted) -> None:
+        with self._lock:
+            if key in self._kept:
+                return
+            self._kept[key] = drafted
+            self._size += len(key)
+            while len(self._kept) > self._entries or self._size > self._json_bytes:
+                old, _ = self._kept.popitem(last=False)
+                self._size -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
+            self._size = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
 
 def warm_up() -> None:
@@ -92,8 +188,21 @@ def answer(
     *,
     issuer: str | None = None,
     base_url: str | None = None,
+    answers: Answers | None = None,
 ) -> Outcome:
     """Validate a decoded request body for `service` and evaluate it (`issuer`: the client JWT's
-    `iss`, which chooses the fhirServer allowlist when it is set per issuer)."""
+    `iss`, which chooses the fhirServer allowlist when it is set per issuer); `answers`: kept answers
+    to reuse for an identical request, and to keep this one in."""
     request = parse_hook_request(body, service.hook)
-    return evaluate(request, service, settings, today, issuer=issuer, base_url=base_url)
+    if answers is None:
+        return evaluate(request, service, settings, today, issuer=issuer, base_url=base_url)
+    started = time.perf_counter()
+    # None is written as [] (a null would keep the request from being kept); an empty base URL
+    # means the default, as None does.
+    key = answers.key(body, service.id, today.isoformat(), [] if issuer is None else [issuer], base_url or "")
+    drafted = answers.get(key) if key is not None else None
+    if drafted is None:
+        drafted = _draft(request, service, settings, today, issuer=issuer, base_url=base_url)
+        if key is not None and drafted.reusable:
+            answers.put(key, drafted)
+    return drafted.outcome(request.hookInstance, started)

@@ -70,6 +70,18 @@ def test_fhir_mode_gives_the_same_cards_as_prefetch(client, fhir_server, path):
     assert calls and all(c["auth"] == "Bearer tok-123" for c in calls)
 
 
+def test_a_chart_read_from_the_fhir_server_is_read_again_on_every_call(client, app, fhir_server):
+    """Only an answer made from the request alone is kept: the FHIR server's data may have changed."""
+    base, seen = fhir_server
+    body = _fhir_body(demo_files()[0], base, "tok-again")
+    for _ in range(2):
+        mark = len(seen)
+        resp = client.post(SERVICE_URL, json=body)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        assert len(seen) > mark
+    assert len(app.extensions["cds.answers"]) == 0
+
+
 def test_partial_prefetch_fetches_only_the_missing_keys(client, fhir_server):
     base, seen = fhir_server
     path = demo_files()[0]

@@ -7,6 +7,7 @@ template reads is built in detail_view.py, which escapes chart text.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -19,7 +20,7 @@ from cds_service.clinical.scoring.factors import UNKNOWN, Assessment, CeaPick, F
 from cds_service.clinical.scoring.liver import LiverAssessment
 from cds_service.clinical.scoring.lung import LungAssessment
 from cds_service.hooks.models import Action, Card, Coding, Link, Source, Suggestion, answer_json
-from cds_service.jsonio import dumps
+from cds_service.jsonio import dump_bytes, dumps, loads
 from cds_service.paths import data_dir
 from cds_service.render.detail_view import liver_view, lung_view
 from cds_service.render.evidence import catalogue, cite, papers, say, statements
@@ -140,9 +141,8 @@ def _card(
     facts: PatientFacts,
     reasons: list[str],
     suggest_cea: bool,
-    hook_instance: str,
     base_url: str,
-) -> Card:
+) -> CardDraft:
     spec = _yaml(spec_file)
     recommendation = assessment["recommendation"]
     rec = spec["recommendations"][recommendation]
@@ -181,14 +181,10 @@ def _card(
     # What makes this card this card: its words and its assessment (source, links and override
     # reasons follow from the card spec, the recommendation and the statements it cites).
     content = dumps([spec_file, card.indicator, card.summary, card.detail, assessment], sort_keys=True)
-    # Derived from hookInstance and content (a retried call gets the same uuids), and signed with the
-    # deployment's key so any instance recognises its cards' feedback without the store (card_ids).
-    card.uuid = card_ids.card_uuid(hook_instance, content)
-    wanted = ["mdt", "cea"] if suggest_cea else ["mdt"]
+    wanted = ("mdt", "cea") if suggest_cea else ("mdt",)
     card.suggestions = [
         Suggestion(
             label=s["label"],
-            uuid=card_ids.suggestion_uuid(card.uuid, key),
             actions=[
                 Action(
                     type="create",
@@ -201,7 +197,45 @@ def _card(
         for s in [spec["suggestions"][key]]
     ]
     card.selectionBehavior = "any"
-    return card
+    return CardDraft(card, content, wanted, dump_bytes(answer_json([card])["cards"][0]))
+
+
+@dataclass(frozen=True)
+class CardDraft:
+    """A card as rendered from the chart, before its uuids: they depend on the call's hookInstance
+    (`mint`), everything else only on the assessment, the chart and the day."""
+
+    card: Card  # uuid and suggestion uuids not set
+    content: str  # what the card uuid is derived from: its words and its assessment
+    suggestion_keys: tuple[str, ...]  # one per suggestion, in order
+    doc_json: bytes  # the card's JSON without the uuids (empty fields pruned)
+
+    def with_uuids(self, hook_instance: str) -> Card:
+        card = self.card.model_copy(deep=True)
+        card.uuid = card_ids.card_uuid(hook_instance, self.content)
+        for suggestion, key in zip(card.suggestions, self.suggestion_keys, strict=True):
+            suggestion.uuid = card_ids.suggestion_uuid(card.uuid, key)
+        return card
+
+
+def mint(drafts: tuple[CardDraft, ...], hook_instance: str) -> dict[str, Any]:
+    """The hook's answer, `{"cards": [...]}`, from drafts: the same JSON as `answer_json` of the cards
+    with their uuids. Derived from hookInstance and content (a retried call gets the same uuids), and
+    signed with the deployment's key so any instance recognises its cards' feedback without the
+    store (card_ids). A fresh document each time: the drafts stay unchanged."""
+    return {"cards": [_minted(d, hook_instance) for d in drafts]}
+
+
+def _minted(draft: CardDraft, hook_instance: str) -> dict[str, Any]:
+    card_uuid = card_ids.card_uuid(hook_instance, draft.content)
+    # Parsed again for each answer, so each is a document of its own (nothing shared with the draft).
+    doc = {"uuid": card_uuid, **loads(draft.doc_json)}  # `uuid` is the Card's first field
+    doc["suggestions"] = [
+        # `uuid` follows `label`, as in the Suggestion model; every other field is kept as pruned.
+        {"label": s["label"], "uuid": card_ids.suggestion_uuid(card_uuid, key), **s}
+        for s, key in zip(doc["suggestions"], draft.suggestion_keys, strict=True)
+    ]
+    return doc
 
 
 def _needs_cea(cea: CeaPick, factor: Factor, stale: bool) -> bool:
@@ -233,17 +267,26 @@ def preload() -> None:
             _summary_template(spec_file, recommendation)
 
 
-def lung_card(
+def lung_card(a: LungAssessment, facts: PatientFacts, *, hook_instance: str, **view: Any) -> Card:
+    """The lung card with its uuids (`view`: `draft_lung`'s keywords)."""
+    return draft_lung(a, facts, **view).with_uuids(hook_instance)
+
+
+def liver_card(a: LiverAssessment, facts: PatientFacts, *, hook_instance: str, **view: Any) -> Card:
+    """The liver card with its uuids (`view`: `draft_liver`'s keywords)."""
+    return draft_liver(a, facts, **view).with_uuids(hook_instance)
+
+
+def draft_lung(
     a: LungAssessment,
     facts: PatientFacts,
     *,
-    hook_instance: str,
     today: dt.date,
     cea_max_age_days: int,
     unavailable: Unavailable = (),
     base_url: str = DEFAULT_BASE_URL,
     may_order_cea: bool = True,
-) -> Card:
+) -> CardDraft:
     spec = _yaml(_LUNG[0])
     view = _unavailable_view(lung_view(a, facts, spec, today, cea_max_age_days), unavailable, facts)
     assessment = _assessment_json(spec["model"], a, unavailable)
@@ -254,22 +297,20 @@ def lung_card(
         facts,
         list(a.lung_sources),
         may_order_cea and _needs_cea(a.cea, a.factors[0], view["cea_stale"]),
-        hook_instance,
         base_url,
     )
 
 
-def liver_card(
+def draft_liver(
     a: LiverAssessment,
     facts: PatientFacts,
     *,
-    hook_instance: str,
     today: dt.date,
     cea_max_age_days: int,
     unavailable: Unavailable = (),
     base_url: str = DEFAULT_BASE_URL,
     may_order_cea: bool = True,
-) -> Card:
+) -> CardDraft:
     spec = _yaml(_LIVER[0])
     view = _unavailable_view(liver_view(a, facts, spec, today, cea_max_age_days), unavailable, facts)
     assessment = _assessment_json(spec["model"], a, unavailable)
@@ -281,9 +322,40 @@ def liver_card(
         facts,
         list(a.liver_sources),
         may_order_cea and _needs_cea(a.cea, cea_factor, view["cea_stale"]),
-        hook_instance,
         base_url,
     )
+
+
+def draft_answer(
+    lung: LungAssessment | None,
+    liver: LiverAssessment | None,
+    facts: PatientFacts,
+    *,
+    today: dt.date,
+    cea_max_age_days: int,
+    unavailable: Unavailable = (),
+    base_url: str = DEFAULT_BASE_URL,
+) -> tuple[CardDraft, ...]:
+    """The hook's cards, before their uuids (`mint` makes the answer): the lung card first, then the
+    liver card.
+
+    `unavailable`: the optional FHIR data that could not be read, (prefetch key, generic cause).
+    One answer proposes each order once (docs/clinical-rules.md §8.28): accepting two "Order serum CEA"
+    suggestions in an EHR would create two orders, so only the first card that wants one carries it.
+    """
+    context: dict[str, Any] = {
+        "today": today,
+        "cea_max_age_days": cea_max_age_days,
+        "unavailable": unavailable,
+        "base_url": base_url,
+    }
+    drafts: list[CardDraft] = []
+    if lung is not None:
+        drafts.append(draft_lung(lung, facts, **context))
+    cea_proposed = any("cea" in d.suggestion_keys for d in drafts)
+    if liver is not None:
+        drafts.append(draft_liver(liver, facts, may_order_cea=not cea_proposed, **context))
+    return tuple(drafts)
 
 
 def answer(
@@ -292,30 +364,7 @@ def answer(
     facts: PatientFacts,
     *,
     hook_instance: str,
-    today: dt.date,
-    cea_max_age_days: int,
-    unavailable: Unavailable = (),
-    base_url: str = DEFAULT_BASE_URL,
+    **view: Any,
 ) -> dict[str, Any]:
-    """The hook's answer, `{"cards": [...]}`: the lung card first, then the liver card.
-
-    `unavailable`: the optional FHIR data that could not be read, (prefetch key, generic cause).
-    One answer proposes each order once (docs/clinical-rules.md §8.28): accepting two "Order serum CEA"
-    suggestions in an EHR would create two orders, so only the first card that wants one carries it.
-    """
-    context: dict[str, Any] = {
-        "hook_instance": hook_instance,
-        "today": today,
-        "cea_max_age_days": cea_max_age_days,
-        "unavailable": unavailable,
-        "base_url": base_url,
-    }
-    cards: list[Card] = []
-    if lung is not None:
-        cards.append(lung_card(lung, facts, **context))
-    cea_proposed = any(
-        s.uuid == card_ids.suggestion_uuid(c.uuid or "", "cea") for c in cards for s in c.suggestions or ()
-    )
-    if liver is not None:
-        cards.append(liver_card(liver, facts, may_order_cea=not cea_proposed, **context))
-    return answer_json(cards)
+    """The hook's answer, `{"cards": [...]}` (`view`: `draft_answer`'s keywords)."""
+    return mint(draft_answer(lung, liver, facts, **view), hook_instance)

@@ -21,7 +21,7 @@ from cds_service.feedback import receive_feedback
 from cds_service.hooks.catalogue import Service, services
 from cds_service.hooks.models import Discovery, prune
 from cds_service.jsonio import dump_bytes, loads
-from cds_service.pipeline import answer, warm_up
+from cds_service.pipeline import Answers, answer, warm_up
 from cds_service.settings import Settings
 from cds_service.store.audit import AuditTrail
 from cds_service.store.database import open_store
@@ -114,6 +114,7 @@ def hook(service_id: str) -> Response:
             current_app.extensions["cds.today"](),
             issuer=issuer,
             base_url=request.host_url,
+            answers=current_app.extensions["cds.answers"],
         )
     log.info(
         "hook %s answered: %d card(s) %s, chart %d resources, %s, %.1f ms",
@@ -251,6 +252,7 @@ def create_app(
     app.extensions["cds.store"] = store = open_store(settings)
     app.extensions["cds.audit"] = AuditTrail(store)
     app.extensions["cds.fhir_gate"] = FhirGate(settings.max_fhir_calls)
+    app.extensions["cds.answers"] = Answers()  # a chart sent again is answered from its kept cards
     auth.init_app(app, settings)  # the trusted issuers' key caches; warns when auth is off
     ops.init_app(app)
     app.register_blueprint(bp)
