@@ -15,8 +15,10 @@ feedback never has to wait for, or be refused because of, an audit row.
 
 The uuid stays an ordinary RFC 4122 string (version 4 layout), which is what CDS clients expect to
 echo back. Forging one takes about 2^61 attempts against the feedback endpoint per accepted guess.
-Without a key (development, `evaluate`) uuids are plain uuid5 of the same parts and feedback is
-checked against the store instead.
+The service always runs with a key: CDS_AUDIT_KEY, or without it a random key made once per run
+(under `serve`, in the master, so all its workers share it); then another instance's, or an earlier
+run's, cards do not verify and feedback for them is checked against the store instead. Without any
+key (`evaluate`, which opens no store) uuids are plain uuid5 of the same parts.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ each entry once). Flask-free: app.py calls it.
 How a card is known to be ours: its uuid carries a signature made with the deployment's key
 (`card_ids`), so any instance sharing CDS_AUDIT_KEY recognises any instance's cards at once, whether
 or not their audit rows have reached the database, and while the database is down. Only a card
-without a valid signature (no key configured, or a card from before one was) is looked up in the
-audit store, waiting a moment for a row another worker may be committing.
+without a valid signature here (CDS_AUDIT_KEY unset and the card from another instance or an earlier
+run, or a card from before the key was set) is looked up in the audit store, waiting a moment for a
+row another worker may be committing.
 """
 
 from __future__ import annotations

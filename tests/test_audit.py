@@ -9,6 +9,8 @@ way a long backup or a burst of writers would hold it.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -134,19 +136,58 @@ def test_a_forged_suggestion_on_a_signed_card_is_still_checked(tmp_path):
     assert client.post(f"{SERVICE_URL}/feedback", json=entry).status_code == 422
 
 
-def test_without_a_key_cards_are_looked_up_in_the_store(tmp_path):
-    app = create_app(
-        Settings(auth_required=False, database_url=f"sqlite:///{tmp_path / 'cds.db'}"), today=lambda: TODAY
-    )
+def test_without_a_key_this_runs_cards_are_known_at_once_and_another_runs_from_the_store(tmp_path):
+    """CDS_AUDIT_KEY unset: the run's random key signs its cards, so feedback for them needs no
+    database; a card another instance (another run, another random key) answered is not verifiable
+    here and is looked up in the store: found once that instance's record is in, unknown (422) before."""
+    db = tmp_path / "cds.db"
+    app = create_app(Settings(auth_required=False, database_url=f"sqlite:///{db}"), today=lambda: TODAY)
     client = app.test_client()
-    card = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).get_json()["cards"][0]
-    assert not card_ids.is_ours(card["uuid"])  # plain uuid5: nothing to verify it by
+    other_instance = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from cds_service.settings import Settings
+        from cds_service.web.app import create_app
+        from tests.conftest import TODAY, SERVICE_URL, hook_body, load
+        from tests.test_audit import HIGH_RISK
+        app = create_app(Settings(auth_required=False, database_url="sqlite:///{db}"), today=lambda: TODAY)
+        body = hook_body(load(HIGH_RISK), hook_instance="other-instance")
+        print(json.dumps(app.test_client().post(SERVICE_URL, json=body).get_json()["cards"][0]))
+        if sys.argv[1] == "lost":
+            import os
+            os._exit(0)  # its audit record never reaches the database (its spool is elsewhere)
+        """
+    )
+
+    def card_of_another_instance(fate: str) -> dict:
+        env = {**os.environ, "CDS_AUDIT_SPOOL_DIR": str(tmp_path / f"spool-{fate}")}
+        env.pop("CDS_AUDIT_KEY", None)
+        done = subprocess.run(
+            [sys.executable, "-c", other_instance, fate], capture_output=True, text=True, cwd=ROOT, env=env
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    with write_lock(db):  # the database takes nothing: this run's own cards need it not
+        card = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK))).get_json()["cards"][0]
+        assert card_ids.is_ours(card["uuid"])
+        entry = {"card": card["uuid"], "outcome": "accepted"}
+        assert client.post(f"{SERVICE_URL}/feedback", json=entry).status_code == 200
+    stored, lost = card_of_another_instance("stored"), card_of_another_instance("lost")
+    assert not card_ids.is_ours(stored["uuid"]) and not card_ids.is_ours(lost["uuid"])
     assert (
-        client.post(f"{SERVICE_URL}/feedback", json={"card": card["uuid"], "outcome": "accepted"}).status_code
+        client.post(
+            f"{SERVICE_URL}/feedback", json={"card": stored["uuid"], "outcome": "accepted"}
+        ).status_code
         == 200
     )
+    assert (
+        client.post(f"{SERVICE_URL}/feedback", json={"card": lost["uuid"], "outcome": "accepted"}).status_code
+        == 422
+    )
     assert app.extensions["cds.audit"].flush()
-    assert _count(tmp_path / "cds.db", "feedback") == 1
+    assert _count(db, "feedback") == 2
 
 
 @pytest.mark.slow

@@ -84,14 +84,17 @@ def open_store(settings: Settings) -> Store:
             if not isinstance(engine.pool, StaticPool):  # disposing it would drop an in-memory database
                 # Pooled connections must not cross a fork (gunicorn forks workers after this).
                 engine.dispose()
-    card_key = settings.audit_key.get_secret_value().encode() if settings.audit_key else None
+    secret = _audit_key(settings)
     return Store(
         engine,
-        _audit_key(settings),
+        secret,
         spool_dir=spool_folder(settings, url),
         spool_fsync=settings.audit_fsync,
         spool_max_bytes=settings.audit_spool_max_bytes,
-        card_key=card_key,
+        # Without CDS_AUDIT_KEY, the run's random key: `serve` makes it in the master, so every worker
+        # of this run recognises every other's cards; another instance's (or an earlier run's) cards
+        # are looked up in the database instead.
+        card_key=secret,
     )
 
 
@@ -245,8 +248,10 @@ def _reason(exc: SQLAlchemyError) -> str:
 @cache
 def _ephemeral_key() -> bytes:
     log.warning(
-        "CDS_AUDIT_KEY is not set: patient ids in the audit store are hashed with a random key "
-        "for this run only, so they cannot be linked across restarts or instances"
+        "CDS_AUDIT_KEY is not set: a random key for this run only hashes patient ids (they cannot be "
+        "linked across restarts or instances) and signs card uuids (feedback for another instance's "
+        "or an earlier run's cards is checked against the database: refused while it is down, 422 "
+        "when the card's audit row is late); set the same CDS_AUDIT_KEY on every instance"
     )
     return secrets.token_bytes(32)
 

@@ -39,7 +39,8 @@ class Store:
     engine: Engine
     audit_key: bytes = field(repr=False)
     # Where the audit trail spools (None: a private folder, e.g. for an in-memory database), whether
-    # it fsyncs, and the secret card uuids are signed with (None: CDS_AUDIT_KEY unset, not signed).
+    # it fsyncs, its cap, and the secret card uuids are signed with (open_store: CDS_AUDIT_KEY, else
+    # the run's random key; None: not signed).
     spool_dir: Path | None = None
     spool_fsync: bool = True
     spool_max_bytes: int | None = None
