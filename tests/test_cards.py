@@ -12,6 +12,7 @@ from cds_service.clinical.facts.derive import derive_facts
 from cds_service.clinical.scoring.lung import assess_lung
 from cds_service.render import cards as render
 from cds_service.render.cards import lung_card as render_lung_card
+from cds_service.render.detail_view import ref
 from cds_service.render.markdown import md
 from cds_service.web.app import create_app
 
@@ -56,7 +57,7 @@ def test_factor_table_shows_value_date_and_source(client):
     assert cea["value"] == "12.4 ng/mL" and cea["date"] and cea["sources"]
     row = next(line for line in card["detail"].splitlines() if line.startswith("| Serum CEA"))
     # The date with non-breaking hyphens: it never wraps in a narrow EHR panel.
-    assert "12.4 ng/mL" in row and cea["date"].replace("-", "\u2011") in row and md(cea["sources"][0]) in row
+    assert "12.4 ng/mL" in row and cea["date"].replace("-", "\u2011") in row and ref(cea["sources"][0]) in row
 
 
 def test_missing_cea_suggests_ordering_one(client):

@@ -9,6 +9,7 @@ saved under test-artifacts/ (gitignored). `scripts/install-test-deps.sh` install
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -235,8 +236,8 @@ def test_narrow_panel_shows_the_card_first_and_its_evidence_one_click_away(serve
     assert page.evaluate("document.documentElement.scrollWidth") <= 360  # nothing wider than the screen
     table = card.locator(".detail table")
     assert table.bounding_box()["x"] + table.bounding_box()["width"] <= 360
-    for date in card.locator(".detail td:nth-child(3)").all_text_contents():
-        assert "-" not in date.split("·")[0]  # non-breaking hyphens: a date never wraps
+    for finding in card.locator(".detail td:nth-child(2)").all_text_contents():
+        assert not re.search(r"\d{4}-\d{2}-\d{2}", finding)  # non-breaking hyphens: a date never wraps
     # The assessment (with the same factors) is folded away: the factor table is shown once.
     assert not card.locator("details.assessment").evaluate("d => d.open")
     link = card.locator("li.evidence-page a")

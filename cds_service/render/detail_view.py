@@ -42,6 +42,31 @@ _SEMANTIC_TAG = re.compile(
 NB_HYPHEN = "\u2011"  # a hyphen a line never breaks at: dates stay whole in a narrow side panel
 
 
+ZWSP = "\u200b"  # a zero-width space: a place a line may break, invisible on the card
+_LONG_RUN = 16  # characters of an id without a break opportunity, at most (about 120 px)
+_BREAKS = re.compile(r"([-/\s])")  # a line may break at these (UAX #14), within ids too
+
+
+def ref(source: str) -> str:
+    """A FHIR reference on a card, as inert Markdown that fits a narrow side panel.
+
+    An EHR's ids can be 40+ characters without a hyphen (Epic's `eXbT1.kQ2…`); an EHR renders the
+    factor table at its content's width, so one such id widened the table past the panel, where it
+    was cut off. So a line may break after each `/` and every 16 characters of a longer run (a
+    zero-width space: nothing is shown). The assessment extension keeps every reference exact.
+    """
+    pieces: list[str] = []
+    for part in _BREAKS.split(" ".join(source.split())):
+        if part in ("-", " "):
+            pieces.append(part)
+        elif part == "/":
+            pieces.append("/" + ZWSP)
+        else:
+            chunks = [part[i : i + _LONG_RUN] for i in range(0, len(part), _LONG_RUN)]
+            pieces.append(ZWSP.join(md(c) for c in chunks))
+    return "".join(pieces)
+
+
 def day(date: dt.date | None) -> str:
     """A date as the card shows it: ISO 8601 with non-breaking hyphens."""
     return date.isoformat().replace("-", NB_HYPHEN) if date else "—"
@@ -74,7 +99,7 @@ def _factor_view(f: Factor, label: str) -> FactorView:
         status=f.status,
         value_or_reason=shown or "—",
         date=day(f.date),
-        sources=", ".join(md(s) for s in f.sources) or "—",
+        sources=", ".join(ref(s) for s in f.sources),
         reason=clean(f.reason or ""),
     )
 
@@ -96,7 +121,7 @@ def common_view(
         for r in cea.not_used
     ]
     if facts.skipped:
-        notes.append("not read, not valid FHIR: " + ", ".join(md(s) for s in facts.skipped))
+        notes.append("not read, not valid FHIR: " + ", ".join(ref(s) for s in facts.skipped))
     return {
         "factors": [_factor_view(f, labels[f.id]) for f in a.factors],
         "unknown_factors": [_factor_view(f, labels[f.id]) for f in a.unknown],
@@ -124,7 +149,7 @@ def _context_lines(lines: Iterable[Any]) -> list[str]:
     """Context lines (docs/clinical-rules.md §8.27) with their sources; chart text escaped like all chart text.
     cards._card leaves the last ones out when the card would be too long."""
     return [
-        f"{md(c.value)}{' (' + ', '.join(md(s) for s in c.sources) + ')' if c.sources else ''}"
+        f"{md(c.value)}{' (' + ', '.join(ref(s) for s in c.sources) + ')' if c.sources else ''}"
         for c in lines
         if c.id != "thoracic-nodes"  # the card has its own line for them, with the evidence
     ]
@@ -152,21 +177,21 @@ def lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.date
             "pleural": bool(a.pleural),
             # The Li 2019 consensus, Table 4: lung and liver, or lung and one other organ, when oligometastatic.
             "staged_site": _organ_display(organs[0]) if oligometastatic and len(organs) == 1 else None,
-            "thoracic": ", ".join(f"{clean(m.display)} ({md(m.source or 'no id')})" for m in a.thoracic),
+            "thoracic": ", ".join(f"{clean(m.display)} ({ref(m.source or 'no id')})" for m in a.thoracic),
             # Unreadable ones are listed with the other skipped resources.
             "uncoded": ", ".join(
-                md(m.source or "a Condition without id") for m in a.uncoded_sites if m.display != UNREADABLE
+                ref(m.source or "a Condition without id") for m in a.uncoded_sites if m.display != UNREADABLE
             ),
             "local_therapy": _procedures_text(a.local_therapy_done),
             "liver_involved": a.liver_involved,
             "systemic": "; ".join(
-                f"{clean(t.drug)} from {day(t.start) if t.start else '(no date)'} ({md(t.source or 'no id')})"
+                f"{clean(t.drug)} from {day(t.start) if t.start else '(no date)'} ({ref(t.source or 'no id')})"
                 for t in a.systemic
             ),
             "systemic_start": min((t.start for t in a.systemic if t.start), default=dt.date.min).isoformat(),
             "systemic_start_day": day(min((t.start for t in a.systemic if t.start), default=None)),
             "planned": "; ".join(
-                f"{clean(t.display)}{' ' + day(t.date) if t.date else ''} ({md(t.source or 'no id')})"
+                f"{clean(t.display)}{' ' + day(t.date) if t.date else ''} ({ref(t.source or 'no id')})"
                 for t in a.ablation_planned
             ),
             "planned_kind": "SBRT"
@@ -180,7 +205,7 @@ def lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.date
 
 def _procedures_text(procedures: Iterable[DatedProcedure]) -> str:
     return "; ".join(
-        f"{clean(t.display)} {day(t.date) if t.date else '(no date)'} ({md(t.source or 'no id')})"
+        f"{clean(t.display)} {day(t.date) if t.date else '(no date)'} ({ref(t.source or 'no id')})"
         for t in procedures
     )
 
@@ -195,7 +220,7 @@ def _lung_lesion_size(facts: PatientFacts) -> str:
     largest = max(sizes, key=lambda s: s.longest_cm)
     limit = lung_params().ablation_lesion_risk_cm
     flag = f" (≥ {limit:g} cm: higher local progression risk)" if largest.longest_cm >= limit else ""
-    return f"{largest.longest_cm:.1f} cm ({md(largest.source or 'no id')}){flag}"
+    return f"{largest.longest_cm:.1f} cm ({ref(largest.source or 'no id')}){flag}"
 
 
 def liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.date, max_age: int) -> dict:
@@ -205,7 +230,7 @@ def liver_view(a: LiverAssessment, facts: PatientFacts, spec: dict, today: dt.da
             "extrahepatic": ", ".join(_organ_display(o) for o in a.extrahepatic_organs),
             "lung_involved": a.lung_involved,
             "systemic": "; ".join(
-                f"{clean(t.drug)} from {day(t.start) if t.start else '(no date)'} ({md(t.source or 'no id')})"
+                f"{clean(t.drug)} from {day(t.start) if t.start else '(no date)'} ({ref(t.source or 'no id')})"
                 for t in facts.systemic_since("liver")
             ),
             "systemic_start": min((t.start for t in a.systemic if t.start), default=dt.date.min).isoformat(),
