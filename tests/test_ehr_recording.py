@@ -486,3 +486,93 @@ def test_drugs_that_are_not_the_systemic_therapy_the_rules_count(answer, code, c
 def test_a_total_colectomy_with_ileoanal_anastomosis_dates_the_dfi(answer):
     cards = answer(crc(), procedure(CPT, "44153", performed="2019-02-01"), lung_met(onset="2021-03-01"))
     assert status(lung(cards), "dfi_lt_24m") == "absent"  # 25.0 months
+
+
+# --- partial dates everywhere a date is used (docs/clinical-rules.md §8.25; docs/clinical-decisions.md) -
+
+
+def test_the_first_of_two_resections_one_recorded_as_a_year(answer):
+    # "2019" and 2019-03-10: the first resection lies between 2019-01-01 and 2019-03-10, not anywhere
+    # in 2019. Lung metastasis 2021-04-01: 753 to 821 days = 24.7 to 27.0 months, never under 24.
+    cards = answer(
+        crc(onset="2018-12-01"),
+        resection("2019", id="r-year"),
+        resection("2019-03-10", id="r-day"),
+        lung_met(onset="2021-04-01"),
+    )
+    assert status(lung(cards), "dfi_lt_24m") == "absent"
+
+
+def test_the_first_of_two_resections_on_the_liver_side(answer):
+    # Liver metastasis 2020-03-20: 376 to 444 days after the first resection = 12.4 to 14.6 months.
+    cards = answer(
+        crc(onset="2018-12-01"),
+        resection("2019", id="r-year"),
+        resection("2019-03-10", id="r-day"),
+        liver_met(onset="2020-03-20"),
+        tumor(id="t1"),
+    )
+    assert status(liver(cards), "dfi_lt_12m") == "absent"
+
+
+def test_chemotherapy_recorded_as_a_year_may_be_for_the_metastases(answer):
+    # Oxaliplatin "2021", lung metastasis 2021-03-01: it may have begun on or after the metastasis, so
+    # it is treated as therapy for it (state, and no CEA from 2021-03-01 on is pre-treatment).
+    cards = answer(
+        *LUNG_BASE,
+        cea(9.0, date="2021-02-20", id="before"),
+        cea(2.0, date="2021-06-01", id="after"),
+        medication_request("2021"),
+    )
+    a = lung(cards)
+    assert a["recommendation"] == "assess-nat-response"
+    assert factor(a, "cea_gt_5")["sources"] == ["Observation/before"]
+    assert "prior-systemic-therapy" not in context_ids(a)
+
+
+def test_chemotherapy_recorded_as_a_year_before_the_metastasis_is_adjuvant(answer):
+    cards = answer(*LUNG_BASE, cea(3.0, date="2021-02-20"), medication_request("2020"))
+    a = lung(cards)
+    assert a["recommendation"] == "upfront-local-therapy"
+    assert "prior-systemic-therapy" in context_ids(a)
+
+
+def test_a_cea_dated_by_month_is_before_surgery_only_if_the_whole_month_is(answer):
+    # Wedge resection 2021-05-20; a CEA recorded as "2021-05" may be after it.
+    cards = answer(
+        *LUNG_BASE,
+        cea(8.0, date="2021-04-20", id="april"),
+        cea(2.0, date="2021-05", id="may"),
+        procedure(SNOMED, "232632009", performed="2021-05-20"),
+    )
+    f = factor(lung(cards), "cea_gt_5")
+    assert (f["status"], f["sources"]) == ("present", ["Observation/april"])
+
+
+def test_a_tumour_size_dated_by_month_is_before_chemotherapy_only_if_the_whole_month_is(answer):
+    # Oxaliplatin from 2021-04-10; a 6 cm size recorded as "2021-04" may be on treatment: the 3 cm of
+    # 2021-03-02 is the size before treatment (§8.30).
+    cards = answer(
+        *LIVER_BASE,
+        tumor_size(6.0, focus="BodyStructure/t1", date="2021-04"),
+        medication_request("2021-04-10"),
+    )
+    f = factor(liver(cards), "largest_liver_metastasis_gt_5cm")
+    assert (f["status"], f["value"]) == ("absent", "3.0 cm")
+
+
+@pytest.mark.parametrize(
+    ("born", "over_70"),
+    [
+        ("1950-03-02", False),  # 70 on 2021-03-01, when the lung metastases were found (73 at the call)
+        ("1950-02-28", True),  # 71 then
+        ("1950", False),  # 70 or 71 then: not surely over 70
+        ("1949", True),  # 71 or 72 then
+        ("1950-02", True),  # born by 1950-02-28: 71 then
+    ],
+)
+def test_age_over_70_when_the_metastases_were_found(answer, born, over_70):
+    person = patient()
+    person["birthDate"] = born
+    cards = answer(person, *LUNG_BASE)
+    assert ("age-over-70" in context_ids(lung(cards))) is over_70

@@ -17,7 +17,8 @@ def as_date(value: Any) -> dt.date | None:
     """A FHIR date/dateTime (model value or raw string) as a calendar date.
 
     Partial dates (`2021`, `2021-03`) give the first day they allow (last_day gives the last; the
-    interval thresholds treat them as ranges, docs/clinical-decisions.md). A dateTime keeps the calendar date of its own time zone.
+    rules read them as ranges, docs/clinical-decisions.md "Dates"). A dateTime keeps the calendar date
+    of its own time zone.
     """
     if value is None:
         return None

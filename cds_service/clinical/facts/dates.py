@@ -46,3 +46,13 @@ def observation_date(observation: Observation) -> dt.date | None:
         observation.effectivePeriod.start if observation.effectivePeriod else None
     )
     return as_date(effective) or as_date(observation.effectiveInstant) or as_date(observation.issued)
+
+
+def observation_date_last(observation: Observation) -> dt.date | None:
+    """The last day `observation_date` may stand for (a partial date is a range, §8.25)."""
+    effective = observation.effectiveDateTime or (
+        observation.effectivePeriod.start if observation.effectivePeriod else None
+    )
+    if as_date(effective):
+        return last_day(effective)
+    return as_date(observation.effectiveInstant) or as_date(observation.issued)

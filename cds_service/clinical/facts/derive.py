@@ -17,7 +17,7 @@ from cds_service.clinical.facts.observations import read_observations, validate_
 from cds_service.clinical.facts.procedures import read_planned_local_therapy, read_procedures
 from cds_service.clinical.facts.therapy import read_systemic_therapy
 from cds_service.clinical.facts.tumors import read_tumors
-from cds_service.clinical.fhir_fields import as_date
+from cds_service.clinical.fhir_fields import as_date, last_day
 from cds_service.clinical.knowledge.terminology import Terminology, terminology
 
 
@@ -32,7 +32,8 @@ def derive_facts(chart: Chart, term: Terminology | None = None) -> PatientFacts:
     term = term or terminology()
     facts = PatientFacts(patient_id=chart.patient_id, deceased=_deceased(chart.patient))
     facts.unread = chart.unread
-    facts.birth_date = as_date((chart.patient or {}).get("birthDate"))
+    born = (chart.patient or {}).get("birthDate")
+    facts.birth_date, facts.birth_date_last = as_date(born), last_day(born)
     staged = read_conditions(chart, term, facts)
     if not facts.in_scope:
         return facts  # quiet and fast: nothing more to read

@@ -49,6 +49,12 @@ class CeaResult:
     instant: dt.datetime | None = (
         None  # in UTC, when the result carries a time (docs/clinical-rules.md §8.24)
     )
+    date_last: dt.date | None = None  # a partial date's last day (§8.25); None: `date` exactly
+
+    @property
+    def surely_before(self) -> dt.date | None:
+        """The last day the result may have been drawn on."""
+        return self.date_last or self.date
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class TumorSize:
     date: dt.date | None
     longest_cm: float
     focus: frozenset[str]  # BodyStructure / Condition references
+    date_last: dt.date | None = None  # a partial date's last day (§8.25); None: `date` exactly
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,11 @@ class SystemicTherapy:
     drug: str
     start: dt.date | None  # its earliest date in the chart (docs/clinical-rules.md §8.4)
     matched_by: str  # "RxNorm code" | "Medication ingredient" | "drug name" | "chemotherapy procedure code"
+    start_last: dt.date | None = None  # the last day `start` may stand for (a partial date, §8.25)
+
+    @property
+    def latest_start(self) -> dt.date | None:
+        return self.start_last or self.start
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ class PatientFacts:
     systemic: list[SystemicTherapy] = field(default_factory=list)
     # Context (docs/clinical-rules.md §8.26, §8.27, §8.29): shown on the card, never scored, never scope.
     birth_date: dt.date | None = None
+    birth_date_last: dt.date | None = None  # a partial birthDate's last day (`1950`: 1950-12-31)
     rectal_primary: list[str] = field(default_factory=list)  # sources
     other_primaries: list[Entry] = field(default_factory=list)
     text_metastases: list[Entry] = field(default_factory=list)  # metastases recorded only as text
@@ -163,11 +176,31 @@ class PatientFacts:
         )
 
     def systemic_since(self, organ: str) -> list[SystemicTherapy]:
-        """Systemic therapy started on or after the organ's metastases were found (therapy for them)."""
+        """Systemic therapy that may have started on or after the organ's metastases were found
+        (therapy for them). A partial start date (`2021`) that reaches the detection day counts:
+        only therapy surely begun before the metastases is adjuvant (docs/clinical-decisions.md)."""
         detected, _ = self.detected(organ)
         if detected is None:
             return []
-        return [t for t in self.systemic if t.start is not None and t.start >= detected]
+        return [t for t in self.systemic if t.latest_start is not None and t.latest_start >= detected]
+
+    def systemic_before(self, organ: str) -> list[SystemicTherapy]:
+        """Systemic therapy surely begun before the organ's metastases were found (adjuvant)."""
+        detected, _ = self.detected(organ)
+        if detected is None:
+            return []
+        return [t for t in self.systemic if t.latest_start is not None and t.latest_start < detected]
+
+    def resection_range(self) -> tuple[list[DatedProcedure], dt.date | None, dt.date | None]:
+        """The dated primary resections that may be the first, and the first and last day the first
+        resection may have been (partial dates are ranges, §8.25): `2019` beside 2019-03-10 puts it
+        between 2019-01-01 and 2019-03-10."""
+        dated = [r for r in self.resections if r.date]
+        if not dated:
+            return [], None, None
+        first = min(r.date for r in dated if r.date)
+        last = min(r.date_last or r.date for r in dated if r.date)
+        return [r for r in dated if r.date and r.date <= last], first, last
 
     def treatment_cutoff(self, organ: str) -> tuple[dt.date | None, str]:
         """When treatment of the organ's metastases began, and what began (docs/clinical-rules.md §8.4, §8.19):
@@ -176,13 +209,19 @@ class PatientFacts:
         A therapy with no date may have begun any day since the metastases were found, so then
         their detection is the cutoff: only a CEA from before it is surely not on treatment
         (dt.date.min when the detection is undated too: no CEA can be placed before treatment).
+        A partial date counts from its first day; a therapy whose partial start reaches back before
+        the detection counts from the detection (the first day it may have been for the metastases).
         """
+        detected, _ = self.detected(organ)
         candidates = [(t.date, f"first {t.display}") for t in self.therapies(organ, done=True) if t.date]
-        candidates += [(t.start, "start of systemic therapy") for t in self.systemic_since(organ) if t.start]
+        candidates += [
+            (max(t.start, detected) if detected else t.start, "start of systemic therapy")
+            for t in self.systemic_since(organ)
+            if t.start
+        ]
         undated = [t.display for t in self.therapies(organ, done=True) if t.date is None]
         undated += ["systemic therapy" for t in self.systemic if t.start is None]
         if undated:
-            detected, _ = self.detected(organ)
             candidates.append(
                 (
                     detected or dt.date.min,

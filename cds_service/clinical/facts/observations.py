@@ -16,7 +16,7 @@ from cds_service.clinical.facts.rawjson import json_str, measured_number
 from cds_service.clinical.facts.staging import OtherDiseases, read_staging
 from cds_service.clinical.facts.tumors import tumor_size
 from cds_service.clinical.facts.validation import validated
-from cds_service.clinical.fhir_fields import as_date, as_instant, ref_of
+from cds_service.clinical.fhir_fields import as_date, as_instant, last_day, ref_of
 from cds_service.clinical.knowledge.terminology import Terminology
 
 
@@ -72,7 +72,18 @@ def cea_from_raw(raw: dict[str, Any], term: Terminology, unconvertible: bool) ->
         return CeaResult(source, when, None, comparator, shown, why, raw)
     if when is None:
         return CeaResult(source, None, None, comparator, shown, "no date", raw)
-    return CeaResult(source, when, value * factor, comparator, shown, None, raw, as_instant(effective))
+    last = last_day(effective)
+    return CeaResult(
+        source,
+        when,
+        value * factor,
+        comparator,
+        shown,
+        None,
+        raw,
+        as_instant(effective),
+        last if last != when else None,
+    )
 
 
 def read_observations(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
@@ -165,7 +176,9 @@ def validate_used_cea(facts: PatientFacts, cutoffs: set[dt.date | None]) -> None
     for cutoff in cutoffs:
         while True:
             candidates = [
-                r for r in facts.cea if r.ng_ml is not None and r.date and (cutoff is None or r.date < cutoff)
+                r
+                for r in facts.cea
+                if r.ng_ml is not None and r.date and (cutoff is None or (r.surely_before or r.date) < cutoff)
             ]
             if not candidates:
                 break

@@ -51,7 +51,12 @@ def read_procedures(chart: Chart, term: Terminology, facts: PatientFacts) -> Non
             # administration does (§8.4). In preparation, it has not been given yet.
             if procedure.status != "preparation":
                 drug = _chemotherapy_label(procedure.code)
-                facts.systemic.append(SystemicTherapy(source, drug, when, "chemotherapy procedure code"))
+                last = procedure_date_last(procedure)
+                facts.systemic.append(
+                    SystemicTherapy(
+                        source, drug, when, "chemotherapy procedure code", last if last != when else None
+                    )
+                )
             continue
         if resection or excision:
             if done:  # only a completed resection dates the DFI

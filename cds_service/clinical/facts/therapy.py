@@ -13,7 +13,7 @@ from cds_service.clinical.chart import Chart
 from cds_service.clinical.facts.model import PatientFacts, SystemicTherapy
 from cds_service.clinical.facts.rawjson import json_list, json_str
 from cds_service.clinical.facts.validation import validated
-from cds_service.clinical.fhir_fields import as_date, raw_codings, ref_of
+from cds_service.clinical.fhir_fields import as_date, last_day, raw_codings, ref_of
 from cds_service.clinical.knowledge.terminology import Terminology
 
 _MEDICATION_MODELS = {
@@ -71,7 +71,9 @@ def _drug(
     return None
 
 
-def _therapy_start(resource: Any) -> dt.date | None:
+def _therapy_start(resource: Any) -> tuple[dt.date | None, dt.date | None]:
+    """The earliest date in the chart, as the first and the last day it may be (a partial date is
+    a range: `2021` beside 2021-03-05 puts the start between 2021-01-01 and 2021-03-05)."""
     dates: list[Any] = []
     rtype = resource.get_resource_type()
     if rtype == "MedicationRequest":
@@ -87,8 +89,11 @@ def _therapy_start(resource: Any) -> dt.date | None:
         dates.append(resource.effectiveDateTime)
         if resource.effectivePeriod is not None:
             dates.append(resource.effectivePeriod.start)
-    found = [d for d in (as_date(v) for v in dates) if d is not None]
-    return min(found, default=None)
+    found = [(as_date(v), last_day(v)) for v in dates]
+    known = [(first, last or first) for first, last in found if first is not None]
+    if not known:
+        return None, None
+    return min(first for first, _ in known), min(last for _, last in known)
 
 
 def read_systemic_therapy(chart: Chart, term: Terminology, facts: PatientFacts) -> None:
@@ -109,5 +114,10 @@ def read_systemic_therapy(chart: Chart, term: Terminology, facts: PatientFacts) 
                     SystemicTherapy(ref_of(raw), hit[0], None, f"{hit[1]} (not valid FHIR R4)")
                 )
                 continue
-            facts.systemic.append(SystemicTherapy(ref_of(resource), hit[0], _therapy_start(resource), hit[1]))
+            start, start_last = _therapy_start(resource)
+            facts.systemic.append(
+                SystemicTherapy(
+                    ref_of(resource), hit[0], start, hit[1], start_last if start_last != start else None
+                )
+            )
     facts.systemic.sort(key=lambda t: (t.start or dt.date.max, t.source or ""))

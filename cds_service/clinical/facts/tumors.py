@@ -8,7 +8,7 @@ from fhir.resources.R4B.bodystructure import BodyStructure
 from fhir.resources.R4B.observation import Observation
 
 from cds_service.clinical.chart import Chart
-from cds_service.clinical.facts.dates import observation_date
+from cds_service.clinical.facts.dates import observation_date, observation_date_last
 from cds_service.clinical.facts.model import PatientFacts, Tumor, TumorSize
 from cds_service.clinical.facts.rawjson import measured_number
 from cds_service.clinical.facts.validation import validated
@@ -48,7 +48,8 @@ def tumor_size(raw: dict[str, Any], facts: PatientFacts, term: Terminology) -> T
     if factor is None or not size:
         return None  # mCODE allows only mm and cm; a size is a positive number
     focus = frozenset(reference_targets(observation.focus))
-    return TumorSize(ref_of(observation), observation_date(observation), size * factor, focus)
+    when, last = observation_date(observation), observation_date_last(observation)
+    return TumorSize(ref_of(observation), when, size * factor, focus, last if last != when else None)
 
 
 def read_tumors(chart: Chart, term: Terminology, facts: PatientFacts) -> None:

@@ -36,6 +36,18 @@ def _age(born: dt.date, today: dt.date) -> int:
     return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
 
 
+def age_when_found(facts: PatientFacts, detected: dt.date | None, today: dt.date | None) -> int | None:
+    """Age in whole years on the day the card's metastases were found (the decision the papers' age
+    limit is about; a chart date, so the same chart always gives the same line), else on the day of
+    the call. A partial birthDate counts from its last day: the youngest the patient may be, so the
+    line is shown only when every birthday the chart allows is over the limit."""
+    born = facts.birth_date_last or facts.birth_date
+    on = detected or today
+    if born is None or on is None:
+        return None
+    return _age(born, on)
+
+
 def _refs(*sources: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(s for s in sources if s))
 
@@ -49,10 +61,10 @@ def context_lines(facts: PatientFacts, organ: str, today: dt.date | None) -> tup
         if {"left", "right"} <= sides:
             refs = _refs(*(m.source for m in facts.sites("lung") if m.side))
             lines.append(ContextLine("bilateral-lung-metastases", "lung metastases on both sides", refs))
-    if today is not None and facts.birth_date is not None:
-        age = _age(facts.birth_date, today)
-        if age > AGE_LIMIT_YEARS:
-            lines.append(ContextLine("age-over-70", f"age {age}", _refs(f"Patient/{facts.patient_id}")))
+    age = age_when_found(facts, detected, today)
+    if age is not None and age > AGE_LIMIT_YEARS:
+        when = f"when the {organ} metastases were found" if detected else "today"
+        lines.append(ContextLine("age-over-70", f"age {age} {when}", _refs(f"Patient/{facts.patient_id}")))
     if facts.rectal_primary:
         lines.append(ContextLine("rectal-primary", "rectal primary", _refs(*facts.rectal_primary)))
     if facts.other_primaries:
@@ -65,9 +77,7 @@ def context_lines(facts: PatientFacts, organ: str, today: dt.date | None) -> tup
                 _refs(*(e.source for e in facts.other_primaries)),
             )
         )
-    before = [
-        t for t in facts.systemic if t.start is not None and detected is not None and t.start < detected
-    ]
+    before = facts.systemic_before(organ)
     if before:
         drugs = ", ".join(dict.fromkeys(t.drug for t in before))
         lines.append(

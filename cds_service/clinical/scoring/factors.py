@@ -94,13 +94,12 @@ def disease_free_interval(facts: PatientFacts, organ: str, factor_id: str, limit
             sources=tuple(met_sources),
             reason=f"the {organ} metastasis has no onset or recorded date",
         )
-    resection = dated[0]
-    resected = resection.date
+    firsts, resected, resected_last = facts.resection_range()
     assert resected is not None  # `dated` holds dated resections only
-    sources = tuple(s for s in (resection.source, *met_sources) if s)
+    sources = tuple(s for s in (*(r.source for r in firsts), *met_sources) if s)
     ranged = interval_over_ranges(
         factor_id,
-        ("the primary resection", resected, resection.date_last or resected),
+        ("the primary resection", resected, resected_last),
         (f"the {organ} metastasis", *facts.detected_range(organ)),
         limit_months,
         detected,
@@ -325,7 +324,8 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
     """
     readable = [r for r in results if r.ng_ml is not None and r.date]
     if before is not None:
-        candidates = [r for r in readable if r.date is not None and r.date < before]
+        # A partial date (`2021-05`) is before the cutoff only when its last day is (§8.25).
+        candidates = [r for r in readable if r.surely_before is not None and r.surely_before < before]
         # dt.date.min: treatment began on a day nobody recorded (facts.treatment_cutoff).
         on = f" on {before.isoformat()}" if before > dt.date.min else ""
         rule = f"latest CEA before the {before_what or 'start of treatment'}{on}"
@@ -346,7 +346,7 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
         for r in results
         if r.unreadable
         and (r.date is None or r.date >= cutoff)
-        and (before is None or r.date is None or r.date < before)
+        and (before is None or r.date is None or (r.surely_before or r.date) < before)
     ]
     if picked is None:
         if before is not None and readable:

@@ -58,12 +58,13 @@ def liver_timing_factor(facts: PatientFacts, params: LiverParams) -> Factor:
         return Factor(
             fid, UNKNOWN, sources=tuple(sources), reason="the liver metastasis has no onset or recorded date"
         )
-    resection = next((r for r in facts.resections if r.date), None)
-    if resection is not None and resection.date is not None:
-        refs = tuple(s for s in (resection.source, *sources) if s)
+    firsts, resected, resected_last = facts.resection_range()
+    resection = firsts[0] if firsts else None
+    if resection is not None and resection.date is not None and resected is not None:
+        refs = tuple(s for s in (*(r.source for r in firsts), *sources) if s)
         ranged = interval_over_ranges(
             fid,
-            ("the primary resection", resection.date, resection.date_last),
+            ("the primary resection", resected, resected_last),
             ("the liver metastasis", *facts.detected_range("liver")),
             params.dfi_limit_months,
             detected,
@@ -206,7 +207,7 @@ def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
         # A lesion measured more than once: its size before treatment (§8.30, as the CEA rule §8.19).
         latest: dict[frozenset[str], TumorSize] = {}
         for size in sorted(sizes, key=lambda s: (s.date or dt.date.min, s.source or "")):
-            if size.date is not None and size.date < cutoff:
+            if size.date is not None and (size.date_last or size.date) < cutoff:
                 latest[size.focus] = size
         if not latest:
             return Factor(
