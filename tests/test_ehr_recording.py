@@ -534,7 +534,8 @@ def test_chemotherapy_recorded_as_a_year_before_the_metastasis_is_adjuvant(answe
     cards = answer(*LUNG_BASE, cea(3.0, date="2021-02-20"), medication_request("2020"))
     a = lung(cards)
     assert a["recommendation"] == "upfront-local-therapy"
-    assert "prior-systemic-therapy" in context_ids(a)
+    line = next(c for c in a["context"] if c["id"] == "prior-systemic-therapy")
+    assert "begun 2020-01-01 to 2020-12-31" in line["value"]
 
 
 def test_a_cea_dated_by_month_is_before_surgery_only_if_the_whole_month_is(answer):
@@ -576,3 +577,24 @@ def test_age_over_70_when_the_metastases_were_found(answer, born, over_70):
     person["birthDate"] = born
     cards = answer(person, *LUNG_BASE)
     assert ("age-over-70" in context_ids(lung(cards))) is over_70
+
+
+def test_a_contained_medication_known_by_its_ingredient(answer):
+    order = medication_request("2021-03-15")
+    order.pop("medicationCodeableConcept")
+    order["contained"] = [
+        {
+            "resourceType": "Medication",
+            "id": "bag",
+            "ingredient": [{"itemCodeableConcept": concept(RXNORM, "1791701")}],  # injectable fluorouracil
+        }
+    ]
+    order["medicationReference"] = {"reference": "#bag"}
+    cards = answer(*LUNG_BASE, cea(12.0, date="2021-03-05"), order)
+    assert lung(cards)["recommendation"] == "assess-nat-response"
+
+
+def test_lung_sbrt_known_by_its_reason(answer):
+    sbrt = procedure(SNOMED, "1217123003", performed="2021-04-01", reason="Condition/lung-met")
+    cards = answer(*LUNG_BASE, cea(3.0, date="2021-02-20"), sbrt)
+    assert lung(cards)["recommendation"] == "post-local-therapy-follow-up"

@@ -80,10 +80,16 @@ def context_lines(facts: PatientFacts, organ: str, today: dt.date | None) -> tup
     before = facts.systemic_before(organ)
     if before:
         drugs = ", ".join(dict.fromkeys(t.drug for t in before))
+        first = before[0]  # facts.systemic is in order of start
+        since = (
+            f"from {first.start}"
+            if first.start_last is None
+            else f"begun {first.start} to {first.start_last}"
+        )
         lines.append(
             ContextLine(
                 "prior-systemic-therapy",
-                f"systemic therapy before the {organ} metastases ({drugs}, from {before[0].start})",
+                f"systemic therapy before the {organ} metastases ({drugs}, {since})",
                 _refs(*(t.source for t in before)),
             )
         )
