@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -112,6 +113,30 @@ def _draft(
 _NOT_IN_KEY = frozenset({"hookInstance", "fhirAuthorization"})
 
 
+_HOOK_INSTANCE = b'"hookInstance"'
+_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
+
+
+def _raw_without_hook_instance(raw: bytes, body: dict[str, Any]) -> bytes | None:
+    """The request bytes with the value of their one `"hookInstance"` member cut out, or None.
+
+    That value must be the request's hookInstance as orjson writes it. Two requests with the same
+    result differ only in hookInstance: their texts (valid JSON, so no two occurrences can overlap)
+    share every byte before and after the value, so the member is in the same place in both, and
+    were it not the request's own (a nested member of that name, the request's own written with
+    escapes) both values would equal the same hookInstance and the requests would be the same.
+    A request with fhirAuthorization is not keyed by its bytes (no access token is kept).
+    """
+    hook_instance = body.get("hookInstance")
+    if type(hook_instance) is not str or "fhirAuthorization" in body or raw.count(_HOOK_INSTANCE) != 1:
+        return None
+    colon = _COLON.match(raw, raw.index(_HOOK_INSTANCE) + len(_HOOK_INSTANCE))
+    value = orjson.dumps(hook_instance)
+    if colon is None or raw[colon.end() : colon.end() + len(value)] != value:
+        return None
+    return raw[: colon.end()] + raw[colon.end() + len(value) :]
+
+
 class Answers:
     """A worker's recent answers by request, for patient-view calls that send the same chart again.
 
@@ -133,14 +158,21 @@ class Answers:
         self._size = 0
         self._lock = threading.Lock()
 
-    def key(self, body: dict[str, Any], *parts: Any) -> bytes | None:
+    def key(self, body: dict[str, Any], *parts: Any, raw: bytes | None = None) -> bytes | None:
+        """The request's key: `parts` (what else the answer depends on) and its JSON text without
+        hookInstance and fhirAuthorization — the bytes as sent (`raw`) when they show where
+        hookInstance is, else the decoded body written again. None when it must not be kept."""
+        head = orjson.dumps(parts)
+        text = _raw_without_hook_instance(raw, body) if raw is not None else None
+        if text is not None:
+            return None if len(text) > self._largest else b"r" + head + text
         members = {k: v for k, v in body.items() if k not in _NOT_IN_KEY}
         try:
-            text = orjson.dumps([parts, members], option=orjson.OPT_PASSTHROUGH_DATETIME)
+            text = orjson.dumps(members, option=orjson.OPT_PASSTHROUGH_DATETIME)
         except TypeError:  # integers over 64 bits, lone surrogates, non-JSON values
             return None
         # orjson writes NaN and infinities as null: a request with a null is not kept.
-        return None if len(text) > self._largest or b"null" in text else text
+        return None if len(text) > self._largest or b"null" in text else b"d" + head + text
 
     def get(self, key: bytes) -> _Drafted | None:
         with self._lock:
@@ -189,17 +221,20 @@ def answer(
     issuer: str | None = None,
     base_url: str | None = None,
     answers: Answers | None = None,
+    raw: bytes | None = None,
 ) -> Outcome:
     """Validate a decoded request body for `service` and evaluate it (`issuer`: the client JWT's
     `iss`, which chooses the fhirServer allowlist when it is set per issuer); `answers`: kept answers
-    to reuse for an identical request, and to keep this one in."""
+    to reuse for an identical request, and to keep this one in; `raw`: the body as sent."""
     request = parse_hook_request(body, service.hook)
     if answers is None:
         return evaluate(request, service, settings, today, issuer=issuer, base_url=base_url)
     started = time.perf_counter()
     # None is written as [] (a null would keep the request from being kept); an empty base URL
     # means the default, as None does.
-    key = answers.key(body, service.id, today.isoformat(), [] if issuer is None else [issuer], base_url or "")
+    key = answers.key(
+        body, service.id, today.isoformat(), [] if issuer is None else [issuer], base_url or "", raw=raw
+    )
     drafted = answers.get(key) if key is not None else None
     if drafted is None:
         drafted = _draft(request, service, settings, today, issuer=issuer, base_url=base_url)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -142,3 +143,43 @@ def test_kept_answers_are_bounded_least_recently_used_out_first():
     assert answers.key({"hookInstance": "x", "text": "a" * 2_000}, "s") is None
     assert answers.key({"hookInstance": "x", "value": float("nan")}, "s") is None
     assert answers.key({"hookInstance": "x", "value": 2**70}, "s") is None
+
+
+def test_the_key_from_the_bytes_as_sent_leaves_out_only_the_hook_instance():
+    def cut(raw: bytes) -> bytes | None:
+        return pipeline._raw_without_hook_instance(raw, json.loads(raw))
+
+    assert cut(b'{"hook": "patient-view", "hookInstance" :\n "abc", "x": 1}') == (
+        b'{"hook": "patient-view", "hookInstance" :\n , "x": 1}'
+    )
+    # Two members of the name, or the value written otherwise than orjson would: not by the bytes.
+    assert cut(b'{"hookInstance": "abc", "p": {"hookInstance": "abc"}}') is None
+    assert cut(b'{"hookInstance": "a\\/c"}') is None
+    # Nor with a FHIR access token in them.
+    assert cut(b'{"hookInstance": "abc", "fhirAuthorization": {"access_token": "t"}}') is None
+
+
+def test_requests_that_differ_anywhere_but_the_hook_instance_get_different_keys():
+    answers = pipeline.Answers()
+
+    def key(raw: bytes) -> bytes | None:
+        return answers.key(json.loads(raw), "s", raw=raw)
+
+    base = key(b'{"hookInstance": "a", "prefetch": {"n": 1}}')
+    assert base is not None
+    assert key(b'{"hookInstance": "b", "prefetch": {"n": 1}}') == base
+    assert key(b'{"hookInstance": "a", "prefetch": {"n": 2}}') != base
+    # A decoy member named hookInstance inside the prefetch, the request's own written with an
+    # escape: the decoys' values differ, so do the keys.
+    decoy_1 = key(b'{"hook\\u0049nstance": "a", "prefetch": {"hookInstance": "x"}}')
+    decoy_2 = key(b'{"hook\\u0049nstance": "a", "prefetch": {"hookInstance": "y"}}')
+    assert decoy_1 is not None and decoy_2 is not None and decoy_1 != decoy_2
+
+
+def test_a_request_sent_again_in_other_bytes_gets_the_same_answer(signed_app):
+    client = signed_app.test_client()
+    body = hook_body(load(demo_files()[0]), "d1e0a3c4-0000-4000-8000-000000000003")
+    compact = client.post(SERVICE_URL, data=json.dumps(body), content_type="application/json")
+    spaced = client.post(SERVICE_URL, data=json.dumps(body, indent=2), content_type="application/json")
+    assert compact.status_code == spaced.status_code == 200
+    assert compact.data == spaced.data == _fresh(signed_app, body)
