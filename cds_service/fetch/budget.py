@@ -1,8 +1,8 @@
 """What one hook call may spend on FHIR reads, and what the process may spend on all of them.
 
 A call has one deadline (`CDS_FHIR_TIMEOUT_S` from its first fetch), one byte budget (decompressed
-bytes, every search and page) and one entry budget; when the deadline passes, its sockets are shut
-down. The process has a fixed number of fetch threads: a call that finds none free is answered 503
+bytes, every search and page) and one entry budget; when the deadline passes, the sockets it is still
+using are shut down. The process has a fixed number of fetch threads: a call that finds none free is answered 503
 with Retry-After instead of starting more threads.
 """
 
@@ -80,10 +80,11 @@ class CallBudget:
 
     @property
     def session(self) -> requests.Session:
-        """Made on first use: a call answered from its prefetch never builds one."""
+        """Made on first use: a call answered from its prefetch never builds one. Its connections
+        are the process's kept ones (fetch/session.py); the call's own are those lent to it."""
         with self._lock:
             if self._session is None:
-                self._session = make_session(self.tracker)
+                self._session = make_session(pooled=True)
             return self._session
 
     def remaining(self) -> float:
@@ -111,11 +112,10 @@ class CallBudget:
             raise Fail("too large", "too-long", detail="the call's entry budget", fatal=True)
 
     def close(self) -> None:
-        """End the call: wake and close every connection still open, whatever it is doing."""
+        """End the call: wake and close every connection it is still using, whatever it is doing
+        (the connections it gave back stay in the process's pool, for the next call)."""
         self.abort.set()
         self.tracker.close_all()
-        if self._session is not None:
-            self._session.close()
 
     def __enter__(self) -> CallBudget:
         return self

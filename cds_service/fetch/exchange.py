@@ -19,7 +19,7 @@ import requests
 
 from cds_service.fetch.budget import CallBudget
 from cds_service.fetch.policy import under
-from cds_service.fetch.session import FHIR_JSON, Fail, transport_failure
+from cds_service.fetch.session import FHIR_JSON, Fail, calling_for, transport_failure
 from cds_service.jsonio import loads
 
 _MAX_REDIRECTS = 5
@@ -82,9 +82,10 @@ class Exchange:
         remaining = self.budget.remaining()
         try:
             # Redirects by hand: requests would follow them to any host.
-            return self.budget.session.get(
-                url, headers=headers, timeout=remaining, stream=True, allow_redirects=False
-            )
+            with calling_for(self.budget.tracker):
+                return self.budget.session.get(
+                    url, headers=headers, timeout=remaining, stream=True, allow_redirects=False
+                )
         except requests.RequestException as exc:
             raise transport_failure(exc, past_deadline=self._past_deadline(), answered=False) from None
 

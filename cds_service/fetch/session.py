@@ -1,21 +1,28 @@
-"""The HTTP transport: a requests Session per fetch whose sockets the fetch can close, the address
-rule checked on every connection, and how a transport error becomes a generic cause.
+"""The HTTP transport: connections to each FHIR origin kept and reused across calls (a bounded pool
+per origin, per process), the address rule checked on every new connection, each call's deadline
+enforced on the sockets it is using, and how a transport error becomes a generic cause.
 
-Each fetch (all searches of one hook call) gets its own Session whose connections register with a
-`SocketTracker`. When the call's time budget ends, `SocketTracker.close_all` shuts every one of them
-down, so a peer that trickles its answer a byte at a time cannot keep a thread reading after the
-call was answered (a `requests` timeout bounds each read, not the whole answer).
+A connection is lent to one request at a time. While it is lent it registers with the calling
+fetch's `SocketTracker` (a thread-local set around each request); when the call's time budget ends,
+`SocketTracker.close_all` shuts down every socket the call is still using, so a peer that trickles
+its answer a byte at a time cannot keep a thread reading after the call was answered (a `requests`
+timeout bounds each read, not the whole answer). Only a connection whose answer was read to the end
+goes back to the pool; any other is closed. Pools are keyed by origin (scheme, host, port), and the
+bearer token is a header of each request, so a pooled connection carries nothing from one call to
+the next.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
 import threading
 from collections.abc import Iterator
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import requests
 import urllib3.exceptions
@@ -56,27 +63,52 @@ class AddressRefused(OSError):
 
 
 class SocketTracker:
-    """The connections one fetch opened, so that they can all be closed when its budget ends."""
+    """The connections one fetch is using, so that they can all be closed when its budget ends."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._connections: list[Any] = []
+        self._connections: dict[int, Any] = {}
         self.closed = False
 
     def add(self, conn: Any) -> None:
         with self._lock:
             closed = self.closed
             if not closed:
-                self._connections.append(conn)
+                self._connections[id(conn)] = conn
         if closed:
             _shutdown(conn)
 
+    def discard(self, conn: Any) -> None:
+        with self._lock:
+            self._connections.pop(id(conn), None)
+
     def close_all(self) -> None:
+        # Under the lock: a connection given back meanwhile (discard waits) is never shut down
+        # after another call has borrowed it from the pool.
         with self._lock:
             self.closed = True
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            _shutdown(conn)
+            for conn in self._connections.values():
+                _shutdown(conn)
+            self._connections = {}
+
+
+_calling = threading.local()
+
+
+def current_tracker() -> SocketTracker | None:
+    """The tracker of the fetch this thread is making a request for, if any."""
+    return getattr(_calling, "tracker", None)
+
+
+@contextlib.contextmanager
+def calling_for(tracker: SocketTracker) -> Iterator[None]:
+    """Connections lent to this thread's requests meanwhile register with `tracker`."""
+    previous = current_tracker()
+    _calling.tracker = tracker
+    try:
+        yield
+    finally:
+        _calling.tracker = previous
 
 
 def _shutdown(conn: Any) -> None:
@@ -101,8 +133,9 @@ def _checked(sock: socket.socket) -> socket.socket:
     return sock
 
 
-def _connected(sock: socket.socket, tracker: SocketTracker | None) -> socket.socket:
+def _connected(sock: socket.socket) -> socket.socket:
     sock = _checked(sock)
+    tracker = current_tracker()
     if tracker is not None and tracker.closed:
         # The call ended while this connection was being made: close_all could not reach it.
         sock.close()
@@ -111,62 +144,74 @@ def _connected(sock: socket.socket, tracker: SocketTracker | None) -> socket.soc
 
 
 class _Connection(HTTPConnection):
-    tracker: SocketTracker | None = None
-
     def _new_conn(self) -> socket.socket:
-        return _connected(super()._new_conn(), self.tracker)
+        return _connected(super()._new_conn())
 
 
 class _TLSConnection(HTTPSConnection):
-    tracker: SocketTracker | None = None
-
     def _new_conn(self) -> socket.socket:
-        return _connected(super()._new_conn(), self.tracker)
+        return _connected(super()._new_conn())
 
 
-def _pool_classes(tracker: SocketTracker) -> dict[str, type[HTTPConnectionPool]]:
-    class Conn(_Connection):
-        pass
+class _Lending:
+    """Pool behaviour: a connection lent out registers with the borrowing fetch's tracker, and
+    leaves it when it comes back."""
 
-    class TLSConn(_TLSConnection):
-        pass
-
-    Conn.tracker = TLSConn.tracker = tracker
-
-    class Pool(HTTPConnectionPool):
-        ConnectionCls = Conn
-
-        def _new_conn(self) -> Any:
-            conn = super()._new_conn()
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        tracker = current_tracker()
+        if tracker is not None:
+            if tracker.closed:
+                super()._put_conn(conn)  # type: ignore[misc]  # still good: keep it for others
+                raise TimeoutError("the call's time budget ended")
+            conn.cds_tracker = tracker
             tracker.add(conn)
-            return conn
+        return conn
 
-    class TLSPool(HTTPSConnectionPool):
-        ConnectionCls = TLSConn
+    def _put_conn(self, conn: Any) -> None:
+        tracker = getattr(conn, "cds_tracker", None)
+        if tracker is not None:
+            tracker.discard(conn)
+            conn.cds_tracker = None
+        super()._put_conn(conn)  # type: ignore[misc]
 
-        def _new_conn(self) -> Any:
-            conn = super()._new_conn()
-            tracker.add(conn)
-            return conn
 
-    return {"http": Pool, "https": TLSPool}
+class _Pool(_Lending, HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(_Lending, HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
 
 
 class _Adapter(HTTPAdapter):
-    def __init__(self, tracker: SocketTracker | None, **kwargs: Any) -> None:
-        self._tracker = tracker or SocketTracker()
-        super().__init__(**kwargs)
-
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _pool_classes(self._tracker)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
 
 
-def make_session(tracker: SocketTracker | None = None, pool_maxsize: int = 16) -> requests.Session:
-    """A Session whose connections register with `tracker`; thread-safe for our GET-only use."""
+class _DroppedOnly(Retry):
+    """A read retry only for a connection the server dropped: a server too slow to answer within
+    the call's budget is not asked again."""
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
+        if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+            raise error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def _adapter(origins: int, per_origin: int) -> _Adapter:
     # One retry, for GET only, when a pooled keep-alive connection turns out to have been closed by
     # the server as it was reused. Status retries (429/503) are ours: they must respect the budget.
-    retry = Retry(
+    retry = _DroppedOnly(
         total=1,
         connect=0,
         read=1,
@@ -177,7 +222,39 @@ def make_session(tracker: SocketTracker | None = None, pool_maxsize: int = 16) -
         respect_retry_after_header=False,
         raise_on_status=False,
     )
-    adapter = _Adapter(tracker, pool_connections=4, pool_maxsize=pool_maxsize, max_retries=retry)
+    return _Adapter(pool_connections=origins, pool_maxsize=per_origin, max_retries=retry)
+
+
+# The process's kept connections: at most this many FHIR origins (least recently used dropped, its
+# connections closed), and this many idle connections to each (more may be open at once; the extra
+# ones are closed when they come back).
+POOL_ORIGINS = 8
+POOL_PER_ORIGIN = 16
+_shared_lock = threading.Lock()
+_shared: tuple[int, _Adapter] | None = None  # (pid, adapter): a forked worker starts with its own
+
+
+def shared_adapter() -> _Adapter:
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared[0] != os.getpid():
+            _shared = (os.getpid(), _adapter(POOL_ORIGINS, POOL_PER_ORIGIN))
+        return _shared[1]
+
+
+def close_pooled() -> None:
+    """Close every kept connection (tests; a worker about to exit)."""
+    global _shared
+    with _shared_lock:
+        if _shared is not None and _shared[0] == os.getpid():
+            _shared[1].close()
+        _shared = None
+
+
+def make_session(*, pooled: bool = False) -> requests.Session:
+    """A Session for GETs to FHIR servers: on the process's kept connections when `pooled` (never
+    close() such a Session: that would close them for every call), else on connections of its own."""
+    adapter = shared_adapter() if pooled else _adapter(4, 16)
     session = requests.Session()
     session.mount("https://", adapter)
     session.mount("http://", adapter)
