@@ -598,3 +598,17 @@ def test_lung_sbrt_known_by_its_reason(answer):
     sbrt = procedure(SNOMED, "1217123003", performed="2021-04-01", reason="Condition/lung-met")
     cards = answer(*LUNG_BASE, cea(3.0, date="2021-02-20"), sbrt)
     assert lung(cards)["recommendation"] == "post-local-therapy-follow-up"
+
+
+def test_a_cea_dated_by_month_ties_with_the_results_of_that_month(answer):
+    # "2021-02" may be 28 February, after the 15 February result: they cannot be ordered, and the
+    # higher counts (§8.24's tie rule, the safety intent of §8.4).
+    cards = answer(
+        *LUNG_BASE,
+        cea(7.0, date="2021-02", id="month"),
+        cea(3.0, date="2021-02-15", id="day"),
+    )
+    a = lung(cards)
+    f = factor(a, "cea_gt_5")
+    assert (f["status"], f["sources"]) == ("present", ["Observation/month"])
+    assert "cannot be put in order" in card(cards, "cai-2025-lung")["detail"]

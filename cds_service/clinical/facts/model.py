@@ -57,6 +57,20 @@ class CeaResult:
         return self.date_last or self.date
 
 
+def latest_cea(candidates: list[CeaResult]) -> tuple[CeaResult, list[CeaResult]]:
+    """The latest of `candidates` (non-empty, in facts.observations.sort_cea's order): the last one,
+    unless a result dated only by month or year may be later than it (its range reaches the last
+    one's day). Results that cannot be put in order tie and the higher counts (§8.24, §8.25).
+    Returns the pick and, when there was such a tie, the results it was chosen among."""
+    last = candidates[-1]
+    day = last.date or dt.date.min
+    rivals = [r for r in candidates[:-1] if r.date_last is not None and r.date_last >= day]
+    if not rivals:
+        return last, []
+    group = [*rivals, last]
+    return max(group, key=lambda r: (r.ng_ml or 0.0, r.source or "")), group
+
+
 @dataclass(frozen=True)
 class NodalEvidence:
     source: str | None

@@ -11,7 +11,7 @@ from fhir.resources.R4B.observation import Observation
 
 from cds_service.clinical.chart import Chart
 from cds_service.clinical.facts.context import read_history, read_molecular
-from cds_service.clinical.facts.model import CeaResult, PatientFacts
+from cds_service.clinical.facts.model import CeaResult, PatientFacts, latest_cea
 from cds_service.clinical.facts.rawjson import json_str, measured_number
 from cds_service.clinical.facts.staging import OtherDiseases, read_staging
 from cds_service.clinical.facts.tumors import tumor_size
@@ -182,7 +182,7 @@ def validate_used_cea(facts: PatientFacts, cutoffs: set[dt.date | None]) -> None
             ]
             if not candidates:
                 break
-            pick = candidates[-1]  # facts.cea is in the rule's order
+            pick, _ = latest_cea(candidates)  # facts.cea is in the rule's order
             if id(pick) in checked:
                 break
             checked.add(id(pick))

@@ -9,7 +9,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass, field, replace
 
-from cds_service.clinical.facts.model import CeaResult, NodalEvidence, PatientFacts
+from cds_service.clinical.facts.model import CeaResult, NodalEvidence, PatientFacts, latest_cea
 from cds_service.clinical.fhir_fields import ref_of
 
 DAYS_PER_MONTH = 30.4375
@@ -332,8 +332,10 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
     else:
         candidates = readable
         rule = "latest CEA in the chart"
-    picked = candidates[-1] if candidates else None
-    if picked is not None:
+    picked, tied = latest_cea(candidates) if candidates else (None, [])
+    if tied and picked is not None:
+        rule += f"; {len(tied)} results whose dates cannot be put in order (dated only by month or year): the higher is used"
+    elif picked is not None:
         same_day = [r for r in candidates if r.date == picked.date]
         if len(same_day) > 1 and any(r.instant is None for r in same_day):
             # Results of one day that cannot be put in order tie; the card names it (§8.24).
