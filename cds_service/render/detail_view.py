@@ -177,6 +177,7 @@ def lung_view(a: LungAssessment, facts: PatientFacts, spec: dict, today: dt.date
             "pleural": bool(a.pleural),
             # The Li 2019 consensus, Table 4: lung and liver, or lung and one other organ, when oligometastatic.
             "staged_site": _organ_display(organs[0]) if oligometastatic and len(organs) == 1 else None,
+            "staged_liver": organs == ("liver",),
             "thoracic": ", ".join(f"{clean(m.display)} ({ref(m.source or 'no id')})" for m in a.thoracic),
             # Unreadable ones are listed with the other skipped resources.
             "uncoded": ", ".join(

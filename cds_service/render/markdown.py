@@ -44,7 +44,10 @@ class _Environment(jinja2.Environment):
 
 
 def lower_first(text: str) -> str:
-    """A sentence continued after a semicolon: "Assess response…" → "assess response…"."""
+    """A sentence continued after a semicolon: "Assess response…" → "assess response…"; an acronym
+    ("CRS 3–5", "RECIST", "NAT") stays as it is."""
+    if text[1:2].isupper() or text[1:2].isdigit():
+        return text
     return text[:1].lower() + text[1:]
 
 
