@@ -173,7 +173,11 @@ def _detail(*extra):
 
 def test_one_non_liver_site_gets_the_staged_treatment_line_with_its_name():
     detail = _detail(condition(ICD10CM, "C77.2", onset="2022-05-01", id="nodes"))
-    assert "- Lung and distant lymph nodes: if both are curable, staged radical treatment" in detail
+    assert (
+        "- Lung and distant lymph nodes: the consensus treats one other site like the liver: if both are curable, staged radical treatment"
+        in detail
+    )
+    assert "liver first" not in detail
 
 
 def test_two_other_sites_get_no_staged_treatment_and_a_liver_site_gets_it():
@@ -214,3 +218,12 @@ def test_a_chemotherapy_procedures_own_text_reaches_the_card_inert(client):
     assert not re.search(r"(?<!\\)<img", detail), "raw HTML reached the card"
     assert not re.search(r"(?<!\\)\[[^\]]*(?<!\\)\]\(", detail), "a live Markdown link reached the card"
     assert "**bold**" not in detail
+
+
+def test_a_sentence_continued_after_a_colon_keeps_its_acronym():
+    from cds_service.render.markdown import lower_first
+
+    assert lower_first("Assess response by RECIST 1.1") == "assess response by RECIST 1.1"
+    assert lower_first("CRS 3–5 marks a higher risk") == "CRS 3–5 marks a higher risk"
+    assert lower_first("NAT was linked") == "NAT was linked"
+    assert lower_first("") == ""

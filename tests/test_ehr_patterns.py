@@ -40,6 +40,7 @@ from .builders import (
     tumor,
     tumor_size,
 )
+from .card_checks import assert_answer_reads_in_ten_seconds
 from .conftest import SERVICE_URL, hook_body
 
 
@@ -52,7 +53,9 @@ def _bundle(*resources: dict[str, Any]) -> dict[str, Any]:
 def _cards(client, *resources: dict[str, Any]) -> list[dict[str, Any]]:
     resp = client.post(SERVICE_URL, json=hook_body(_bundle(*resources), hook_instance="fixed"))
     assert resp.status_code == 200, resp.get_data(as_text=True)
-    return resp.get_json()["cards"]
+    cards = resp.get_json()["cards"]
+    assert_answer_reads_in_ten_seconds(cards, "EHR pattern")  # §7 on every pattern's cards
+    return cards
 
 
 def _card(cards: list[dict[str, Any]], model: str) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from .builders import (
     tumor,
     tumor_size,
 )
+from .card_checks import assert_answer_reads_in_ten_seconds
 from .conftest import SERVICE_URL, hook_body
 
 PAGE = 50  # the test FHIR server's largest page, whatever _count asks
@@ -121,7 +122,9 @@ def answer(client, fhir_charts) -> Callable[..., list[dict[str, Any]]]:
         fetched = client.post(SERVICE_URL, json=body)
         assert fetched.status_code == 200, fetched.get_data(as_text=True)
         assert _strip(fetched.get_json()) == _strip(prefetched.get_json())
-        return prefetched.get_json()["cards"]
+        cards = prefetched.get_json()["cards"]
+        assert_answer_reads_in_ten_seconds(cards, "EHR recording pattern")  # §7 on every pattern's cards
+        return cards
 
     return run
 
