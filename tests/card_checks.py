@@ -32,7 +32,8 @@ def assert_card_reads_in_ten_seconds(card: dict[str, Any], where: str = "") -> N
     for bullet in bullets:
         assert _BULLET_START.match(bullet) and not _RESOURCE_ID.match(bullet), (where, bullet)
         assert not _NESTED.search(bullet), (where, bullet)
-    for fault in ("(qualifier value)", "lesion(s)", "unspecified stage", "American Joint Committee", "cRS "):
+    assert not re.search(r"\w\(s\)", detail), (where, "a plural written as (s)")
+    for fault in ("(qualifier value)", "unspecified stage", "American Joint Committee", "cRS "):
         assert fault not in detail, (where, fault)
 
 

@@ -911,7 +911,7 @@ def test_crs_0_to_2_wording_cites_esmo_2016_and_leaves_the_decision_to_the_mdt()
     assert "resection without preoperative chemotherapy is the usual option" in detail
     assert "(ESMO 2016)" in detail and assessment_json(c)["evidence"][0] == "esmo-2016-low-crs"
     assert "the MDT decides" in detail
-    assert "studied CRS 3–5 only" in detail
+    assert "the study held CRS 3–5 only" in detail
     assert "remains standard" not in detail  # the unsourced phrase of docs/clinical-rules.md §5
     assert ESMO_DOI in [link["url"] for link in c["links"]]
     assert "bevacizumab" not in detail.lower()  # the bevacizumab evidence is for CRS 3–5
@@ -952,7 +952,7 @@ def test_complete_risk_data_card_names_what_is_missing():
         "- Next: obtain what is missing — More than one liver metastasis, Largest liver metastasis > 5 cm"
         in detail
     )
-    assert "- If absent, score 2: " in detail and "- If present, up to 4: " in detail
+    assert "- If absent, score 2 — CRS 0–2: " in detail and "- If present, up to 4 — for CRS 3–5" in detail
     assert "liver MRI gives lesion count and size" in detail
 
 

@@ -268,7 +268,12 @@ def test_on_treatment_cea_cannot_make_a_patient_look_low_risk():
 def test_only_on_treatment_cea_leaves_the_factor_unknown():
     a = lung(cea(3.4, date="2021-05-01"), med(date="2021-02-01"))
     factor = next(f for f in a.factors if f.id == "cea_gt_5")
-    assert factor.status == "unknown" and "may reflect treatment" in factor.reason
+    assert factor.status == "unknown" and "(the later result may reflect treatment)" in factor.reason
+    two = lung(
+        cea(3.4, date="2021-05-01", id="c1"), cea(3.1, date="2021-06-01", id="c2"), med(date="2021-02-01")
+    )
+    reason = next(f for f in two.factors if f.id == "cea_gt_5").reason
+    assert "(the 2 later results may reflect treatment)" in reason and "(s)" not in reason
 
 
 def test_the_earlier_of_local_and_systemic_therapy_is_the_cutoff():

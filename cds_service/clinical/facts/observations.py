@@ -61,10 +61,9 @@ def cea_from_raw(raw: dict[str, Any], term: Terminology, unconvertible: bool) ->
     )
     shown = f"{comparator or ''}{_fmt(value)} {unit or '(no unit)'}"
     if unconvertible:
-        why = (
-            f"reported in {unit or 'molar or arbitrary units'}: converting it to ng/mL needs a molar "
-            "mass or assay calibrator"
-        )
+        # Short: the card quotes it in the factor table and in its chart line (a molar mass or the
+        # assay's calibrator would be needed: docs/terminology.md).
+        why = f"{unit or 'molar or arbitrary units'}: no safe conversion to ng/mL"
         return CeaResult(source, when, None, comparator, shown, why, raw)
     factor = term.cea_units.get(term.cea_unit_aliases.get(unit or "", unit or ""))
     if factor is None:

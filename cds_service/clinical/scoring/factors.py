@@ -352,9 +352,10 @@ def pick_cea(results: list[CeaResult], before: dt.date | None, before_what: str 
     ]
     if picked is None:
         if before is not None and readable:
-            reason = (
-                f"no CEA before the {before_what}{on} "
-                f"(the {len(readable)} later result(s) may reflect treatment)"
+            reason = f"no CEA before the {before_what}{on} " + (
+                "(the later result may reflect treatment)"
+                if len(readable) == 1
+                else f"(the {len(readable)} later results may reflect treatment)"
             )
         elif not_used:
             reason = "no CEA result that can be read: " + "; ".join(
