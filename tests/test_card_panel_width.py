@@ -44,6 +44,8 @@ def test_a_reference_may_break_after_its_slash_and_inside_a_long_id_and_reads_th
     runs = re.split(rf"[{ZWSP}\-\s]", shown)
     assert max(len(r) for r in runs) <= 16, runs
     assert ref("Condition/d01-lungmet") == f"Condition/{ZWSP}d01-lungmet"  # short ids are left whole
+    # A resource type is a word, never split: "MedicationReques t" would read as a typo.
+    assert ref("MedicationAdministration/x1") == f"MedicationAdministration/{ZWSP}x1"
     # Still inert Markdown: chart text cannot become a link or emphasis, split or not.
     assert ref("Condition/[x](https://evil.example)_*").replace(ZWSP, "") == (
         "Condition/\\[x\\](https\\://evil.example)\\_\\*"

@@ -45,6 +45,7 @@ NB_HYPHEN = "\u2011"  # a hyphen a line never breaks at: dates stay whole in a n
 ZWSP = "\u200b"  # a zero-width space: a place a line may break, invisible on the card
 _LONG_RUN = 16  # characters of an id without a break opportunity, at most (about 120 px)
 _BREAKS = re.compile(r"([-/\s])")  # a line may break at these (UAX #14), within ids too
+_TYPE = re.compile(r"[A-Z][A-Za-z]{1,39}")  # a FHIR resource type name
 
 
 def ref(source: str) -> str:
@@ -56,13 +57,16 @@ def ref(source: str) -> str:
     zero-width space: nothing is shown). The assessment extension keeps every reference exact.
     """
     pieces: list[str] = []
-    for part in _BREAKS.split(" ".join(source.split())):
+    parts = _BREAKS.split(" ".join(source.split()))
+    for i, part in enumerate(parts):
         if part in ("-", " "):
             pieces.append(part)
         elif part == "/":
             pieces.append("/" + ZWSP)
+        elif i + 1 < len(parts) and parts[i + 1] == "/" and _TYPE.fullmatch(part):
+            pieces.append(part)  # a resource type (MedicationAdministration: 24 letters) stays whole
         else:
-            chunks = [part[i : i + _LONG_RUN] for i in range(0, len(part), _LONG_RUN)]
+            chunks = [part[k : k + _LONG_RUN] for k in range(0, len(part), _LONG_RUN)]
             pieces.append(ZWSP.join(md(c) for c in chunks))
     return "".join(pieces)
 
