@@ -33,6 +33,7 @@ def assert_card_reads_in_ten_seconds(card: dict[str, Any], where: str = "") -> N
         assert _BULLET_START.match(bullet) and not _RESOURCE_ID.match(bullet), (where, bullet)
         assert not _NESTED.search(bullet), (where, bullet)
     assert not re.search(r"\w\(s\)", detail), (where, "a plural written as (s)")
+    assert detail.count("upporting (retrospective") <= 1, (where, "the supporting label said twice")
     for fault in ("(qualifier value)", "unspecified stage", "American Joint Committee", "cRS "):
         assert fault not in detail, (where, fault)
 

@@ -21,7 +21,7 @@ from cds_service.paths import data_dir
 _OPEN, _CLOSE = "\x1e", "\x1f"
 _MARKER = re.compile("\x1e([^\x1e\x1f]+)\x1f")
 # The wordings a statement may have; `card` is the usual one.
-_TEXT_KEYS = ("card", "dfi0", "alternative", "lymphangitic", "other_site")
+_TEXT_KEYS = ("card", "dfi0", "alternative", "lymphangitic", "other_site", "also")
 
 
 @cache
