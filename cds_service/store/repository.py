@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ class Store:
     card_key: bytes | None = field(default=None, repr=False)
 
     def patient_hash(self, patient_id: str) -> str:
-        return hmac.new(self.audit_key, f"Patient/{patient_id}".encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self.audit_key, f"Patient/{patient_id}".encode(), "sha256").hex()
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:

