@@ -243,6 +243,7 @@ class AuditTrail:
         sealed = self.spool.seal()
         if sealed is not None:
             self._held.append(sealed)
+            self.spool.prepare()  # off the answers' path
         if adopt:
             self._last_adopt = time.monotonic()
             self._held.extend(self.spool.adopt({s.path for s in self._held}))

@@ -316,6 +316,9 @@ class Spool:
         fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _pwrite_all(fd, bytes(WRITE_AHEAD), 0)  # its first records' space, synced with its name
+            if self.fsync:
+                os.fdatasync(fd)
             os.rename(new, path)
             if self.fsync:
                 _sync_folder(self.folder)  # the new file's name must survive a power cut too
@@ -324,8 +327,16 @@ class Spool:
             with contextlib.suppress(OSError):
                 new.unlink()
             raise
-        self._active = Segment(path, fd, 0)
+        self._active = Segment(path, fd, 0, end=WRITE_AHEAD)
         return self._active
+
+    def prepare(self) -> None:
+        """Make the next segment now, if there is none (the forwarder, after sealing one): the answer
+        that writes the next record does not wait for a file to be created and its name synced."""
+        with self._cond:
+            if self._active is None or self._pid != os.getpid():
+                with contextlib.suppress(OSError):  # the next append tries again, and reports it
+                    self._segment()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
