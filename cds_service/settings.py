@@ -164,6 +164,12 @@ class Settings(BaseSettings):
             return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        # A browser's Origin header never ends in "/": "https://ehr.example.org/" would match no call.
+        return [v.rstrip("/") or v for v in value]
+
     def fhir_servers_for(self, issuer: str | None) -> list[str] | None:
         """The fhirServer bases allowed for a call from `issuer`; None: no allowlist set."""
         allowlist = self.fhir_server_allowlist

@@ -248,3 +248,20 @@ def test_unexpected_error_is_a_plain_500_without_trace(client, monkeypatch):
     resp = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK)))
     issue = assert_operation_outcome(resp, 500, "exception")
     assert "secret" not in resp.get_data(as_text=True) and issue["diagnostics"] == "internal error"
+
+
+def test_cors_origins_match_however_written_and_none_is_said_at_start(tmp_path, caplog):
+    """A configured origin with a trailing slash still matches the browser's Origin (which has none);
+    an empty list, which turns every browser-based client away, is said at start."""
+    from cds_service.settings import Settings
+    from cds_service.web.app import create_app
+
+    origin = "http://127.0.0.1:8082"
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    app = create_app(Settings(auth_required=False, database_url=db, cors_origins=origin + "/"))
+    resp = app.test_client().get("/cds-services", headers={"Origin": origin})
+    assert resp.headers["Access-Control-Allow-Origin"] == origin
+    assert "CDS_CORS_ORIGINS is empty" not in caplog.text
+    none = create_app(Settings(auth_required=False, database_url=db, cors_origins=""))
+    assert "Access-Control-Allow-Origin" not in none.test_client().get("/cds-services").headers
+    assert "CDS_CORS_ORIGINS is empty" in caplog.text

@@ -264,6 +264,11 @@ def create_app(
     app.extensions["cds.fhir_gate"] = FhirGate(settings.max_fhir_calls)
     app.extensions["cds.answers"] = Answers()  # a chart sent again is answered from its kept cards
     auth.init_app(app, settings)  # the trusted issuers' key caches; warns when auth is off
+    if not settings.cors_origins:
+        log.warning(
+            "CDS_CORS_ORIGINS is empty: browsers refuse every call of a browser-based CDS client "
+            "(the CDS Hooks sandbox); EHRs calling from their servers are not affected"
+        )
     ops.init_app(app)
     app.register_blueprint(bp)
     app.register_blueprint(evidence.bp)
