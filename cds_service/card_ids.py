@@ -17,8 +17,9 @@ The uuid stays an ordinary RFC 4122 string (version 4 layout), which is what CDS
 echo back. Forging one takes about 2^61 attempts against the feedback endpoint per accepted guess.
 The service always runs with a key: CDS_AUDIT_KEY, or without it a random key made once per run
 (under `serve`, in the master, so all its workers share it); then another instance's, or an earlier
-run's, cards do not verify and feedback for them is checked against the store instead. Without any
-key (`evaluate`, which opens no store) uuids are plain uuid5 of the same parts.
+run's, cards do not verify and feedback for them is checked against the store instead. `evaluate`
+signs as the service does: with CDS_AUDIT_KEY, else with the derived key the last `serve` or `demo` on
+its database recorded there (`served_base`); with neither, uuids are plain uuid5 of the same parts.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def configure(secret: bytes | None) -> None:
 
 def signing() -> bool:
     return _key is not None
+
+
+def signing_key() -> bytes | None:
+    """The key this process signs with. It is derived from the secret, which it does not reveal (the
+    same secret keys the audit trail's patient hashes)."""
+    return _key
+
+
+def use_signing_key(key: bytes | None) -> None:
+    """Sign with a key `signing_key()` gave in another process: `evaluate` beside a `serve` run that
+    has no CDS_AUDIT_KEY mints the uuids that run mints."""
+    global _key
+    _key = key
 
 
 _NAMESPACE_BYTES = _NAMESPACE.bytes

@@ -27,8 +27,8 @@ HIGH_RISK = FIXTURES / "01-lung-high-risk-all-four.json"
 OUT_OF_SCOPE = FIXTURES / "16-out-peritoneal-only.json"
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CDS_AUTH_REQUIRED": "false"}
+def run(*args: str, cwd: Path | None = None, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CDS_AUTH_REQUIRED": "false", **(extra_env or {})}
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, cwd=cwd, env=env)
 
 
@@ -93,13 +93,21 @@ def test_evaluate_request_prints_exactly_the_http_answer(tmp_path):
     body = hook_body(load(HIGH_RISK))
     path = tmp_path / "request.json"
     path.write_text(json.dumps(body))
-    proc = run("evaluate", str(path), cwd=tmp_path)
+    # One CDS_AUDIT_KEY for both: evaluate signs the card uuids with it, as the service does.
+    proc = run("evaluate", str(path), cwd=tmp_path, extra_env={"CDS_AUDIT_KEY": "a" * 40})
     assert proc.returncode == 0, proc.stderr
     app = create_app(
-        Settings(auth_required=False, public_base_url=DEFAULT_BASE_URL)
+        Settings(
+            auth_required=False,
+            public_base_url=DEFAULT_BASE_URL,
+            audit_key="a" * 40,
+            database_url=f"sqlite:///{tmp_path / 'http.db'}",
+        )
     )  # today's date, as the CLI uses
     http = app.test_client().post(SERVICE_URL, json=body).get_data(as_text=True)
     assert proc.stdout.strip() == http
+    unsigned = run("evaluate", str(path), cwd=tmp_path)  # no key, no server on its database: uuid5
+    assert json.loads(unsigned.stdout)["cards"][0]["uuid"] != json.loads(http)["cards"][0]["uuid"]
 
 
 @pytest.mark.parametrize(

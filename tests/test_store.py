@@ -65,7 +65,7 @@ def test_open_creates_the_schema_at_head_and_reopening_is_a_no_op(database_url):
     close_stores()  # a new process: the migration runs again and must change nothing
     again = _store(database_url)
     with again.read() as conn:
-        assert conn.execute(text("SELECT version_num FROM cds_alembic_version")).scalars().all() == ["0003"]
+        assert conn.execute(text("SELECT version_num FROM cds_alembic_version")).scalars().all() == ["0004"]
     assert again.counts()["hook_call"] == 1
 
 
@@ -76,9 +76,14 @@ def test_the_served_base_is_read_back_without_creating_or_migrating_anything(dat
     assert not missing.exists()  # reading it did not create it
     store = _store(database_url)
     assert recorded_served_base(settings) is None  # a store, no server started on it yet
-    store.record_served_base("http://127.0.0.1:8123")
+    store.record_served_base("http://127.0.0.1:8123", b"k" * 32)
     store.record_served_base("https://cds.example.org/crc")  # the last start wins
-    assert recorded_served_base(settings) == "https://cds.example.org/crc"
+    recorded = recorded_served_base(settings)
+    assert recorded is not None and recorded.base_url == "https://cds.example.org/crc"
+    assert recorded.card_key is None
+    store.record_served_base("http://127.0.0.1:8123", b"\x01" * 32)
+    recorded = recorded_served_base(settings)
+    assert recorded is not None and recorded.card_key == b"\x01" * 32
     with store.read() as conn:
         assert conn.execute(text("SELECT count(*) FROM served_base")).scalar_one() == 1
 

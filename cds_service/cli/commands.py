@@ -157,7 +157,7 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError("give PATH(s), or --fhir-server URL --patient ID")
     several = len(args.paths) > 1
     status = 0
-    base_url = evidence_base_url(settings)
+    base_url = as_the_service(settings)
     for path in args.paths:
         try:
             body = _request_from_file(path)
@@ -186,15 +186,23 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return status
 
 
-def evidence_base_url(settings: Settings) -> str | None:
-    """Where the cards link the evidence pages, as the service would: CDS_PUBLIC_BASE_URL, else
-    where the last `serve` or `demo` on this database (CDS_DATABASE_URL) answers; None: the default
-    `serve` address."""
-    if settings.public_base_url:
-        return settings.public_base_url
-    from cds_service.store.database import recorded_served_base
+def as_the_service(settings: Settings) -> str | None:
+    """Answer as the service would: sign card uuids as it does, and return where its cards link the
+    evidence pages. CDS_AUDIT_KEY and CDS_PUBLIC_BASE_URL first; else what the last `serve` or `demo`
+    on this database (CDS_DATABASE_URL) recorded; else unsigned uuids and the default `serve` address
+    (None)."""
+    from cds_service import card_ids
 
-    return recorded_served_base(settings)
+    recorded = None
+    if settings.audit_key is None or not settings.public_base_url:
+        from cds_service.store.database import recorded_served_base
+
+        recorded = recorded_served_base(settings)
+    if settings.audit_key is not None:
+        card_ids.configure(settings.audit_key.get_secret_value().encode())
+    else:
+        card_ids.use_signing_key(recorded.card_key if recorded else None)
+    return settings.public_base_url or (recorded.base_url if recorded else None)
 
 
 def _evaluate_fhir_server(
@@ -222,7 +230,7 @@ def _evaluate_fhir_server(
     from cds_service.fetch.client import FetchFailed, PatientNotFound
 
     try:
-        outcome = answer(body, service, settings, today, base_url=evidence_base_url(settings))
+        outcome = answer(body, service, settings, today, base_url=as_the_service(settings))
     except PatientNotFound as exc:  # one line says it all
         raise CliError(exc.diagnostics) from None
     except FetchFailed as exc:  # what was read and what failed, then the reason

@@ -11,6 +11,7 @@ import os
 import uuid
 from typing import Any
 
+from cds_service import card_ids
 from cds_service.cli.common import CliError
 from cds_service.cli.fixtures import demo_resources
 from cds_service.hooks.catalogue import services
@@ -108,8 +109,11 @@ def record_served_base(settings: Settings, host: str, port: int) -> None:
     from cds_service.store.database import StoreError, open_store
 
     base = settings.public_base_url or listen_url(host, port)
+    # Without CDS_AUDIT_KEY the run signs card uuids with a random key: evaluate needs it to mint the
+    # same uuids (only the derived signing key is stored, never the secret behind the patient hashes).
+    card_key = card_ids.signing_key() if settings.audit_key is None else None
     try:
-        open_store(settings).record_served_base(base)
+        open_store(settings).record_served_base(base, card_key)
     except StoreError as exc:  # StoreDown included: evaluate then falls back to its default
         log.warning("could not record the served base URL in the store: %s", exc)
 

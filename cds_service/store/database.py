@@ -22,6 +22,7 @@ import os
 import secrets
 import threading
 import weakref
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,16 @@ def close_stores() -> None:
         _migrated.clear()
 
 
-def recorded_served_base(settings: Settings) -> str | None:
-    """Where the last `serve` or `demo` on this database answers, read without creating, migrating
+@dataclass(frozen=True)
+class ServedBase:
+    """What the last `serve` or `demo` on a database recorded there when it started."""
+
+    base_url: str
+    card_key: bytes | None  # its derived card-signing key, when it ran without CDS_AUDIT_KEY
+
+
+def recorded_served_base(settings: Settings) -> ServedBase | None:
+    """What the last `serve` or `demo` on this database recorded, read without creating, migrating
     or writing anything; None when there is no such database, no record, or it cannot be read."""
     try:
         url = normalise_url(settings.database_url)
@@ -145,12 +154,21 @@ def recorded_served_base(settings: Settings) -> str | None:
     engine = create_engine(url, hide_parameters=True, poolclass=NullPool, connect_args=connect_args)
     try:
         with engine.connect() as conn:
-            value = conn.execute(select(served_base.c.base_url).where(served_base.c.id == 1)).scalar()
+            row = conn.execute(select(served_base).where(served_base.c.id == 1)).mappings().first()
+            if row is None:
+                return None
+            base, key = row["base_url"], row.get("card_key")
     except SQLAlchemyError:  # no such table (an older schema), locked, down: the caller's default
         return None
     finally:
         engine.dispose()
-    return value if isinstance(value, str) and value else None
+    if not isinstance(base, str) or not base:
+        return None
+    try:
+        card_key = bytes.fromhex(key) if isinstance(key, str) and key else None
+    except ValueError:
+        card_key = None
+    return ServedBase(base, card_key)
 
 
 def normalise_url(raw: str) -> URL:

@@ -133,13 +133,18 @@ class Store:
                 is not None
             )
 
-    def record_served_base(self, base_url: str) -> None:
-        """Where the service now answers (StoreDown when the database fails)."""
+    def record_served_base(self, base_url: str, card_key: bytes | None = None) -> None:
+        """Where the service now answers, and the run's derived card-signing key when it has no
+        CDS_AUDIT_KEY (StoreDown when the database fails)."""
+        row = {
+            "id": 1,
+            "base_url": base_url,
+            "recorded_at": dt.datetime.now(dt.UTC),
+            "card_key": card_key.hex() if card_key else None,
+        }
         with _store_down(), self._write() as conn:
             conn.execute(delete(served_base))
-            conn.execute(
-                insert(served_base), {"id": 1, "base_url": base_url, "recorded_at": dt.datetime.now(dt.UTC)}
-            )
+            conn.execute(insert(served_base), row)
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for tests, the load test and operators' sanity checks)."""

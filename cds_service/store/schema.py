@@ -135,6 +135,9 @@ served_base = Table(
     Column("id", Integer(), primary_key=True, autoincrement=False),
     Column("base_url", Text(), nullable=False),
     Column("recorded_at", UtcDateTime(), nullable=False),
+    # Hex of the run's derived card-signing key when CDS_AUDIT_KEY is unset (card_ids.signing_key):
+    # it signs card uuids only; the secret behind the patient hashes is not derivable from it.
+    Column("card_key", Text()),
 )
 
 
