@@ -9,15 +9,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from cds_service.clinical.facts.derive import derive_facts
+from cds_service.clinical.kept import KeptLru
 from cds_service.clinical.knowledge.terminology import terminology
 from cds_service.clinical.knowledge.thresholds import liver_params, lung_params
 from cds_service.clinical.scoring.factors import Assessment
@@ -153,10 +152,8 @@ class Answers:
     """
 
     def __init__(self, entries: int = 64, json_bytes: int = 8_000_000, largest: int = 1_000_000) -> None:
-        self._entries, self._json_bytes, self._largest = entries, json_bytes, largest
-        self._kept: OrderedDict[bytes, _Drafted] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
+        self._largest = largest
+        self._kept: KeptLru[bytes, _Drafted] = KeptLru(entries, json_bytes, len)
 
     def key(self, body: dict[str, Any], *parts: Any, raw: bytes | None = None) -> bytes | None:
         """The request's key: `parts` (what else the answer depends on) and its JSON text without
@@ -175,26 +172,13 @@ class Answers:
         return None if len(text) > self._largest or b"null" in text else b"d" + head + text
 
     def get(self, key: bytes) -> _Drafted | None:
-        with self._lock:
-            drafted = self._kept.get(key)
-            if drafted is not None:
-                self._kept.move_to_end(key)
-            return drafted
+        return self._kept.get(key)
 
     def put(self, key: bytes, drafted: _Drafted) -> None:
-        with self._lock:
-            if key in self._kept:
-                return
-            self._kept[key] = drafted
-            self._size += len(key)
-            while len(self._kept) > self._entries or self._size > self._json_bytes:
-                old, _ = self._kept.popitem(last=False)
-                self._size -= len(old)
+        self._kept.put(key, drafted)
 
     def clear(self) -> None:
-        with self._lock:
-            self._kept.clear()
-            self._size = 0
+        self._kept.clear()
 
     def __len__(self) -> int:
         return len(self._kept)

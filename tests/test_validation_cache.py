@@ -102,7 +102,7 @@ def test_a_large_resource_is_validated_every_time(calls):
 
 
 def test_the_cache_is_bounded_in_entries_and_bytes():
-    outcomes = validation._Outcomes(entries=3, json_bytes=100)
+    outcomes = validation._outcomes(entries=3, json_bytes=100)
     for n in range(5):
         outcomes.put((Condition, json.dumps({"n": n}).encode()), object())
     assert len(outcomes) == 3
@@ -113,7 +113,7 @@ def test_the_cache_is_bounded_in_entries_and_bytes():
 
 
 def test_the_least_recently_used_goes_first():
-    outcomes = validation._Outcomes(entries=2, json_bytes=1000)
+    outcomes = validation._outcomes(entries=2, json_bytes=1000)
     kept = object()
     outcomes.put((Condition, b"a"), kept)
     outcomes.put((Condition, b"b"), object())

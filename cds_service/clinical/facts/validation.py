@@ -4,8 +4,6 @@ validate. A picked resource that is not valid FHIR is skipped and named, never g
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -14,6 +12,7 @@ from pydantic import ValidationError
 from cds_service.clinical.facts.model import PatientFacts
 from cds_service.clinical.facts.rawjson import json_str
 from cds_service.clinical.fhir_fields import ref_of
+from cds_service.clinical.kept import KeptLru
 
 log = logging.getLogger("cds_service.facts")  # the name operators filter on, kept across the move
 
@@ -80,42 +79,12 @@ def _content_key(model: Any, resource: dict[str, Any]) -> tuple[Any, bytes] | No
     return model, text
 
 
-class _Outcomes:
-    """A least-recently-used map, shared by a worker's threads."""
-
-    def __init__(self, entries: int, json_bytes: int) -> None:
-        self._entries, self._json_bytes = entries, json_bytes
-        self._kept: OrderedDict[tuple[Any, bytes], Any] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[Any, bytes]) -> Any | None:
-        with self._lock:
-            outcome = self._kept.get(key)
-            if outcome is not None:
-                self._kept.move_to_end(key)
-            return outcome
-
-    def put(self, key: tuple[Any, bytes], outcome: Any) -> None:
-        with self._lock:
-            if key in self._kept:
-                return
-            self._kept[key] = outcome
-            self._size += len(key[1])
-            while len(self._kept) > self._entries or self._size > self._json_bytes:
-                (_, text), _ = self._kept.popitem(last=False)
-                self._size -= len(text)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._kept.clear()
-            self._size = 0
-
-    def __len__(self) -> int:
-        return len(self._kept)
+def _outcomes(entries: int, json_bytes: int) -> KeptLru[tuple[Any, bytes], Any]:
+    """Kept outcomes by (model, the resource's JSON text), sized by that text."""
+    return KeptLru(entries, json_bytes, lambda key: len(key[1]))
 
 
-OUTCOMES = _Outcomes(CACHE_ENTRIES, CACHE_JSON_BYTES)
+OUTCOMES = _outcomes(CACHE_ENTRIES, CACHE_JSON_BYTES)
 
 
 # The date elements the facts are read from. FHIR JSON writes dates as strings; fhir.resources
