@@ -223,29 +223,16 @@ def lesion_size_factor(facts: PatientFacts, params: LiverParams) -> Factor:
     if largest.longest_cm > params.largest_lesion_limit_cm:
         return Factor(fid, PRESENT, value, largest.date, refs)
     unmeasured = len(_unmeasured_lesions(facts, tumors, sizes))
+    limit = f"{params.largest_lesion_limit_cm:g} cm"
     if "BodyStructure" in facts.unread:
         # Lesions recorded only as Tumor records, and sizes measured on them, are not in the chart:
         # one of them may be larger, or unmeasured (docs/clinical-decisions.md).
-        return Factor(
-            fid,
-            UNKNOWN,
-            value,
-            largest.date,
-            refs,
-            reason=f"the measured liver lesions are ≤ {params.largest_lesion_limit_cm:g} cm, but the "
-            "EHR's Tumor records (BodyStructure) could not be read",
-        )
-    if unmeasured:
-        return Factor(
-            fid,
-            UNKNOWN,
-            value,
-            largest.date,
-            refs,
-            reason=f"{unmeasured} liver lesion(s) without a size; the measured ones are ≤ "
-            f"{params.largest_lesion_limit_cm:g} cm",
-        )
-    return Factor(fid, ABSENT, value, largest.date, refs)
+        reason = f"the measured liver lesions are ≤ {limit}, but the EHR's Tumor records (BodyStructure) could not be read"
+    elif unmeasured:
+        reason = f"{unmeasured} liver lesion(s) without a size; the measured ones are ≤ {limit}"
+    else:
+        return Factor(fid, ABSENT, value, largest.date, refs)
+    return Factor(fid, UNKNOWN, value, largest.date, refs, reason=reason)
 
 
 def recommend(
