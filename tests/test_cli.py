@@ -239,6 +239,27 @@ def test_serving_heap_is_frozen_and_young_collections_spaced_out():
     frozen, after, before, young = json.loads(out.stdout)
     assert frozen > 10_000  # the imported service's modules and models
     assert after == [young, before[1], before[2]] and young > before[0]
+    # Every thread of a worker holding a parsed 500-resource chart starts no young collection
+    # (each one walks all the charts in flight, only to find them alive).
+    resources = [e["resource"] for path in sorted(FIXTURES.glob("[0-9]*.json")) for e in load(path)["entry"]]
+    raw = json.dumps({"entry": [{"resource": r} for r in (resources * 500)[:500]]}).encode()
+    script = (
+        "import gc, json, sys\n"
+        "from cds_service.jsonio import loads\n"
+        "raw = sys.stdin.buffer.read()\n"
+        "gc.disable()\n"
+        "before = gc.get_count()[0]\n"
+        "chart = loads(raw)\n"
+        "print(gc.get_count()[0] - before)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], input=raw, capture_output=True, check=True, timeout=60
+    )
+    containers = int(out.stdout)
+    assert containers > 4_000  # what a parsed chart of that size holds
+    from cds_service.settings import Settings
+
+    assert young >= Settings.model_fields["threads"].default * containers
 
 
 # --- configuration and --help (in-process: main() returns before it sets up logging or serves) ------
