@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_httpserver import HTTPServer
 
 from cds_service.cli.commands import request_from_bundle
 from cds_service.settings import Settings
@@ -82,6 +83,24 @@ def lung_card(cards: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- the store's databases: every store test runs on SQLite and on a real PostgreSQL server -------
+
+
+@pytest.fixture(scope="module")
+def fhir_server() -> Iterator[HTTPServer]:
+    """One threaded FHIR endpoint per test module (threaded: concurrent searches must be answered at once)."""
+    srv = HTTPServer(host="127.0.0.1", threaded=True)
+    srv.start()
+    yield srv
+    srv.clear()
+    srv.stop()
+
+
+@pytest.fixture
+def fhir(fhir_server: HTTPServer) -> Iterator[HTTPServer]:
+    """The module's FHIR endpoint with no expectations left from another test (a module may override)."""
+    fhir_server.clear()
+    yield fhir_server
+    fhir_server.clear()
 
 
 @pytest.fixture(scope="session")

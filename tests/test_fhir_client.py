@@ -49,23 +49,6 @@ def fhir_response(body: object, status: int = 200, **headers: str) -> Response:
     return Response(json.dumps(body), status=status, content_type=FHIR_JSON, headers=headers)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[HTTPServer]:
-    # Threaded: the concurrency test needs the server to answer three requests at once.
-    srv = HTTPServer(host="127.0.0.1", threaded=True)
-    srv.start()
-    yield srv
-    srv.clear()
-    srv.stop()
-
-
-@pytest.fixture
-def fhir(server: HTTPServer) -> Iterator[HTTPServer]:
-    server.clear()
-    yield server
-    server.clear()
-
-
 @pytest.fixture
 def base(fhir: HTTPServer) -> str:
     return fhir.url_for("/fhir")

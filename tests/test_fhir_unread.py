@@ -10,7 +10,6 @@ The required data comes in the prefetch; the optional searches go to a real HTTP
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,22 +22,6 @@ from .conftest import SERVICE_URL, hook_body
 MEDICATION_KEYS = ("medicationrequests", "medicationadministrations", "medicationstatements")
 MEDICATION_PATHS = ("/fhir/MedicationRequest", "/fhir/MedicationAdministration", "/fhir/MedicationStatement")
 PN0 = "1229947003"
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[HTTPServer]:
-    srv = HTTPServer(host="127.0.0.1", threaded=True)
-    srv.start()
-    yield srv
-    srv.clear()
-    srv.stop()
-
-
-@pytest.fixture
-def fhir(server: HTTPServer) -> Iterator[HTTPServer]:
-    server.clear()
-    yield server
-    server.clear()
 
 
 def _chart() -> dict[str, Any]:
