@@ -967,10 +967,11 @@ def test_systemic_therapy_first_card_shows_the_crs_for_information():
 
 
 def test_an_unreadable_tumor_record_still_counts_as_a_lesion_without_a_size():
-    # Two Tumors at the liver; one not valid FHIR (meta must be an object). Dropping it would read
-    # "one lesion, 3 cm": absent twice, and a low score the chart does not support.
+    # Two Tumors at the liver; one not valid FHIR where the facts read it (a location's text must be
+    # a string). Dropping it would read "one lesion, 3 cm": absent twice, and a low score the chart
+    # does not support.
     broken = tumor(id="t2")
-    broken["meta"] = "x"
+    broken["location"]["text"] = {"x": 1}
     a = assess(*low_crs(broken))
     assert factor(a, "multiple_liver_metastases").status == PRESENT
     assert factor(a, "largest_liver_metastasis_gt_5cm").status == UNKNOWN

@@ -1,5 +1,5 @@
-"""Validation outcomes kept by content: a resource seen before is not validated again, and what is
-accepted or refused stays what validating it again would give."""
+"""Validation outcomes kept by content: a resource whose read elements were seen before is not
+validated again, and what is accepted or refused stays what validating it again would give."""
 
 from __future__ import annotations
 
@@ -15,22 +15,25 @@ from fhir.resources.R4B.condition import Condition
 from cds_service.clinical.facts import validation
 from cds_service.clinical.facts.derive import derive_facts
 from cds_service.clinical.facts.model import PatientFacts
+from cds_service.clinical.facts.read_elements import READ_MODELS
 
 from .builders import PATIENT_ID, chart, crc, lung_met
 
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
-    """Every resource fhir.resources validates as a Condition, from a cache emptied for the test."""
+    """Every resource fhir.resources validates as a Condition (its elements read), from a cache
+    emptied for the test."""
     validation.OUTCOMES.clear()
     seen: list[dict[str, Any]] = []
-    original = Condition.model_validate
+    read = READ_MODELS[Condition]
+    original = read.model_validate
 
     def spy(obj: Any, *args: Any, **kwargs: Any) -> Any:
         seen.append(obj)
         return original(obj, *args, **kwargs)
 
-    monkeypatch.setattr(Condition, "model_validate", spy)
+    monkeypatch.setattr(read, "model_validate", spy)
     yield seen
     validation.OUTCOMES.clear()
 
@@ -44,6 +47,16 @@ def test_an_identical_resource_is_validated_once_and_read_the_same(calls):
     again = validation.validated(Condition, copy.deepcopy(lung_met()), _facts())
     assert len(calls) == 1
     assert again is first and first is not None and first.id == "lung-met"
+
+
+def test_a_resource_that_differs_only_in_what_is_not_read_gets_the_kept_outcome(calls):
+    # An EHR's new meta.versionId, or a new text narrative, changes nothing the facts read.
+    first = validation.validated(Condition, lung_met(), _facts())
+    changed = lung_met()
+    changed["meta"] = {"versionId": "2"}
+    changed["text"] = {"status": "generated", "div": "<div>lung</div>"}
+    assert validation.validated(Condition, changed, _facts()) is first
+    assert len(calls) == 1
 
 
 def test_the_facts_of_a_chart_seen_again_are_the_same_without_validating_again(calls):

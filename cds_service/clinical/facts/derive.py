@@ -1,8 +1,9 @@
 """FHIR chart → typed facts with provenance (docs/clinical-rules.md §2).
 
 Pure: a Chart in, PatientFacts out, no I/O. Resources are picked by their codings first (cheap, on
-the raw JSON) and only those are validated with fhir.resources R4B models; a picked resource that
-is not valid FHIR is skipped and named, never guessed at.
+the raw JSON) and only those are validated with fhir.resources R4B models, on the elements the facts
+read (facts/read_elements.py); a picked resource whose read elements are not valid FHIR is skipped
+and named, never guessed at.
 """
 
 from __future__ import annotations

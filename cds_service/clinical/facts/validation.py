@@ -1,5 +1,6 @@
 """fhir.resources R4B validation of the resources the facts are read from: the one place the facts
-validate. A picked resource that is not valid FHIR is skipped and named, never guessed at."""
+validate. Only the elements the facts read are validated (read_elements.py says which, and why);
+a picked resource whose read elements are not valid FHIR is skipped and named, never guessed at."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from cds_service.clinical.facts.model import PatientFacts
 from cds_service.clinical.facts.rawjson import json_str
+from cds_service.clinical.facts.read_elements import READ_MODELS
 from cds_service.clinical.fhir_fields import ref_of
 from cds_service.clinical.kept import KeptLru
 
@@ -18,12 +20,15 @@ log = logging.getLogger("cds_service.facts")  # the name operators filter on, ke
 
 
 def validated(model: Any, resource: dict[str, Any], facts: PatientFacts) -> Any | None:
-    """The resource as a `model` instance (shared: read it, never change it), or None when it is
-    not valid FHIR (then logged and named in `facts.skipped`)."""
-    key = _content_key(model, resource)
+    """The elements of the resource the facts read, as an instance of `model` trimmed to them
+    (read_elements.READ_MODELS: the same attribute names; shared, read it, never change it), or
+    None when they are not valid FHIR (then logged and named in `facts.skipped`)."""
+    read, keys = READ_MODELS[model], _READ_KEYS[model]
+    elements = {k: resource[k] for k in keys if k in resource}
+    key = _content_key(read, elements)
     outcome = OUTCOMES.get(key) if key is not None else None
     if outcome is None:
-        outcome = _validate(model, resource)
+        outcome = _validate(read, elements)
         if key is not None:
             OUTCOMES.put(key, outcome)
     if not isinstance(outcome, tuple):
@@ -32,6 +37,13 @@ def validated(model: Any, resource: dict[str, Any], facts: PatientFacts) -> Any 
     log.warning("skipped %s: not valid FHIR R4 (%s)", where, ", ".join(outcome))
     facts.skipped.append(where)
     return None
+
+
+# The JSON names of the elements each trimmed model holds (not fhir_comments, which no fact reads).
+_READ_KEYS = {
+    model: tuple(f.alias or n for n, f in read.model_fields.items() if n != "fhir_comments")
+    for model, read in READ_MODELS.items()
+}
 
 
 def _validate(model: Any, resource: dict[str, Any]) -> Any:
@@ -49,16 +61,16 @@ def _validate(model: Any, resource: dict[str, Any]) -> Any:
     return tuple(problems)
 
 
-# Validation with fhir.resources costs 0.3-0.5 ms a resource: most of a card call's own work. An EHR
-# sends the same resources again each time the chart is opened (patient-view), so each outcome is
-# kept by content. The key is the resource's exact JSON text, keys sorted: only an identical resource
-# gets a kept outcome back, whichever call or patient sent it, so what is accepted or refused is
-# what validating it again would give. Kept: the model (about 12 KB for a 1 KB resource) or the
-# problems, the least recently used dropped first, bounded in number and in bytes of JSON so that
-# no chart can make the cache large.
+# Validation with fhir.resources costs 0.05-0.1 ms a resource even trimmed to the elements read. An
+# EHR sends the same resources again each time the chart is opened (patient-view), so each outcome
+# is kept by content. The key is the exact JSON text of the elements read, keys sorted: only a
+# resource identical in those gets a kept outcome back, whichever call or patient sent it (a new
+# meta.versionId changes nothing read), so what is accepted or refused is what validating it again
+# would give. Kept: the model or the problems, the least recently used dropped first, bounded in
+# number and in bytes of JSON so that no chart can make the cache large.
 CACHE_ENTRIES = 1024
 CACHE_JSON_BYTES = 2_000_000
-_LARGEST_KEPT = 64_000  # bytes of JSON: a larger resource is validated every time
+_LARGEST_KEPT = 64_000  # bytes of JSON: larger read elements are validated every time
 # What orjson would write as something JSON does not hold (a datetime, a str subclass) raises
 # instead; NaN and infinities, which it writes as null, are kept out by the null test below.
 _KEY_OPTIONS = (
@@ -80,7 +92,7 @@ def _content_key(model: Any, resource: dict[str, Any]) -> tuple[Any, bytes] | No
 
 
 def _outcomes(entries: int, json_bytes: int) -> KeptLru[tuple[Any, bytes], Any]:
-    """Kept outcomes by (model, the resource's JSON text), sized by that text."""
+    """Kept outcomes by (model, the JSON text of the elements read), sized by that text."""
     return KeptLru(entries, json_bytes, lambda key: len(key[1]))
 
 
