@@ -25,7 +25,7 @@ from cds_service.clinical.scoring.lung import assess_lung
 from cds_service.fetch.prefetch import ChartSource, resolve_chart
 from cds_service.hooks.catalogue import Service
 from cds_service.hooks.models import HookRequest, parse_hook_request
-from cds_service.render.cards import DEFAULT_BASE_URL, CardDraft, draft_answer, mint
+from cds_service.render.cards import DEFAULT_BASE_URL, CardDraft, Minted, draft_answer, mint
 from cds_service.render.cards import preload as preload_cards
 from cds_service.settings import Settings
 
@@ -36,11 +36,16 @@ log = logging.getLogger("cds_service.engine")  # the name operators filter on, k
 class Outcome:
     """One hook call's answer and what the audit trail needs to know about it."""
 
-    answer: dict[str, Any]
+    minted: Minted  # the answer's JSON as sent, and its cards' uuids
     source: ChartSource
     chart_size: int
     seconds: float
     recommendations: tuple[str, ...] = ()
+
+    @property
+    def answer(self) -> dict[str, Any]:
+        """The answer as a document (`{"cards": [...]}`), parsed from its JSON."""
+        return self.minted.document()
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,10 @@ class _Drafted:
     reusable: bool
 
     def outcome(self, hook_instance: str, started: float) -> Outcome:
-        doc = mint(self.drafts, hook_instance)
-        return Outcome(doc, self.source, self.chart_size, time.perf_counter() - started, self.recommendations)
+        minted = mint(self.drafts, hook_instance)
+        return Outcome(
+            minted, self.source, self.chart_size, time.perf_counter() - started, self.recommendations
+        )
 
 
 def evaluate(

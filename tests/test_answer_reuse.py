@@ -5,6 +5,7 @@ answer could differ or a warning must be logged again."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -15,7 +16,9 @@ import pytest
 
 from cds_service import pipeline
 from cds_service.hooks.catalogue import services
+from cds_service.hooks.models import parse_hook_request
 from cds_service.jsonio import dump_bytes
+from cds_service.render.cards import _document, mint
 from cds_service.settings import Settings
 from cds_service.web.app import create_app
 
@@ -56,6 +59,32 @@ def _fresh(app: Any, body: dict[str, Any]) -> bytes:
         base_url="http://localhost/",
     )
     return dump_bytes(outcome.answer)
+
+
+def test_an_answer_written_from_its_pieces_is_the_whole_document_written_again(signed_app):
+    """A kept answer is sent with new uuids placed between pieces of its JSON, never written again:
+    for every demo chart those bytes are exactly those of writing the whole document."""
+    settings = signed_app.extensions["cds.settings"]
+    service = services()["crc-metastases"]
+    with_cards = 0
+    for path in demo_files():
+        request = parse_hook_request(hook_body(load(path)), service.hook)
+        drafts = pipeline._draft(request, service, settings, TODAY, issuer=None, base_url=None).drafts
+        assert all(d.pieces is not None for d in drafts), path.name
+        whole = tuple(dataclasses.replace(d, pieces=None) for d in drafts)
+        for hook_instance in ("a", "d1e0a3c4-0000-4000-8000-000000000009"):
+            fast, slow = mint(drafts, hook_instance), mint(whole, hook_instance)
+            assert fast == slow, path.name
+            assert fast.json == dump_bytes(
+                {
+                    "cards": [
+                        _document(d, c.uuid, c.suggestion_uuids)
+                        for d, c in zip(drafts, fast.cards, strict=True)
+                    ]
+                }
+            )
+        with_cards += bool(drafts)
+    assert with_cards >= 10
 
 
 def test_every_demo_chart_sent_again_gets_the_answer_evaluating_it_again_gives(signed_app, evaluations):

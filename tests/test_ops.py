@@ -117,6 +117,23 @@ def test_logs_carry_the_request_id_and_no_patient_id_or_token(client, caplog):
     )
 
 
+def test_a_hook_call_logs_one_line_that_says_what_it_answered(client, caplog):
+    with caplog.at_level(logging.INFO):
+        resp = client.post(SERVICE_URL, json=hook_body(load(HIGH_RISK)))
+    assert resp.status_code == 200
+    cards = resp.get_json()["cards"]
+    lines = [r for r in caplog.records if r.name.startswith("cds_service") and r.levelno == logging.INFO]
+    (line,) = lines  # a log line costs about as much as answering a chart sent again: one per call
+    doc = json.loads(JsonFormatter().format(line))
+    assert doc["logger"] == "cds_service.access" and doc["route"] == "/cds-services/<service_id>"
+    assert doc["card_count"] == len(cards) >= 1 and doc["status"] == 200
+    assert doc["recommendations"] == ",".join(
+        c["extension"]["crc-cds-assessment"]["recommendation"] for c in cards
+    )
+    assert doc["chart_resources"] > 0 and doc["fhir_mode"] and doc["evaluate_ms"] >= 0
+    assert f"{len(cards)} card(s)" in doc["message"]
+
+
 def test_json_formatter_adds_request_id_extra_fields_and_exceptions():
     from cds_service.telemetry.logs import REQUEST_ID
 
@@ -134,6 +151,15 @@ def test_json_formatter_adds_request_id_extra_fields_and_exceptions():
         REQUEST_ID.reset(token)
     assert doc["message"] == "failed here" and doc["request_id"] == "rid-7" and doc["status"] == 500
     assert "ValueError: boom" in doc["exception"] and doc["level"] == "ERROR"
+
+
+def test_json_formatter_writes_what_orjson_cannot():
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "odd \u2028 %s", ("\ud800",), None)
+    record.big = 10**30  # beyond 64 bits: the standard library writes it
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and "\u2028" not in line
+    doc = json.loads(line)
+    assert doc["big"] == 10**30 and doc["message"] == "odd \u2028 \ud800"
 
 
 # --- the production server: two workers, one set of metrics, JSON logs -----------------------------------

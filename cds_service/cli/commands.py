@@ -161,7 +161,7 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
     for path in args.paths:
         try:
             body = _request_from_file(path)
-            line = dumps(answer(body, service, settings, today, base_url=base_url).answer)
+            line = answer(body, service, settings, today, base_url=base_url).minted.json.decode()
         except (CliError, ServiceError) as exc:
             reason = exc.diagnostics if isinstance(exc, ServiceError) else str(exc)
             status = status or 2
@@ -238,7 +238,7 @@ def _evaluate_fhir_server(
         raise CliError(exc.diagnostics) from None
     except ServiceError as exc:
         raise CliError(exc.diagnostics) from None
-    print(dumps(outcome.answer))
+    print(outcome.minted.json.decode())  # the bytes `serve` sends
     if outcome.source.report is not None:
         _print_fetch_report(args.fhir_server, outcome.source.report)
     return 0

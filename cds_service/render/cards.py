@@ -6,12 +6,15 @@ template reads is built in detail_view.py, which escapes chart text.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import secrets
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import jinja2
+import orjson
 import yaml
 
 from cds_service import card_ids
@@ -197,7 +200,8 @@ def _card(
         for s in [spec["suggestions"][key]]
     ]
     card.selectionBehavior = "any"
-    return CardDraft(card, content, wanted, dump_bytes(answer_json([card])["cards"][0]))
+    draft = CardDraft(card, content, wanted, dump_bytes(answer_json([card])["cards"][0]))
+    return dataclasses.replace(draft, pieces=_cut(draft))
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,14 @@ class CardDraft:
     content: str  # what the card uuid is derived from: its words and its assessment
     suggestion_keys: tuple[str, ...]  # one per suggestion, in order
     doc_json: bytes  # the card's JSON without the uuids (empty fields pruned)
+    # The card's answer JSON cut where its uuids go: piece, card uuid, piece, first suggestion's
+    # uuid, piece... (None when only the document path can write it: see `_cut`).
+    pieces: tuple[bytes, ...] | None = None
+
+    @property
+    def assessment(self) -> dict[str, Any]:
+        """The card's assessment extension (shared: read it, never change it)."""
+        return (self.card.extension or {}).get(ASSESSMENT_KEY) or {}
 
     def with_uuids(self, hook_instance: str) -> Card:
         card = self.card.model_copy(deep=True)
@@ -218,24 +230,87 @@ class CardDraft:
         return card
 
 
-def mint(drafts: tuple[CardDraft, ...], hook_instance: str) -> dict[str, Any]:
-    """The hook's answer, `{"cards": [...]}`, from drafts: the same JSON as `answer_json` of the cards
-    with their uuids. Derived from hookInstance and content (a retried call gets the same uuids), and
-    signed with the deployment's key so any instance recognises its cards' feedback without the
-    store (card_ids). A fresh document each time: the drafts stay unchanged."""
-    return {"cards": [_minted(d, hook_instance) for d in drafts]}
+@dataclass(frozen=True)
+class MintedCard:
+    """What the audit trail keeps of a card in an answer."""
+
+    uuid: str
+    suggestion_uuids: tuple[str, ...]
+    assessment: dict[str, Any]  # shared with the draft: read only
 
 
-def _minted(draft: CardDraft, hook_instance: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Minted:
+    """A hook call's answer: its JSON as sent, and its cards' uuids."""
+
+    json: bytes
+    cards: tuple[MintedCard, ...]
+
+    def document(self) -> dict[str, Any]:
+        """The answer as a document of its own (`{"cards": [...]}`)."""
+        return dict(loads(self.json))
+
+
+def mint(drafts: tuple[CardDraft, ...], hook_instance: str) -> Minted:
+    """The hook's answer from drafts: the JSON of `answer_json` of the cards with their uuids.
+    Derived from hookInstance and content (a retried call gets the same uuids), and signed with the
+    deployment's key so any instance recognises its cards' feedback without the store (card_ids).
+
+    A kept answer is sent again with new uuids only: its bytes are the draft's pieces with the
+    uuids between them, the same bytes as writing the whole document, for a fraction of the cost."""
+    cards = tuple(_uuids(d, hook_instance) for d in drafts)
+    if all(d.pieces is not None for d in drafts):
+        texts = [_joined(d.pieces, c) for d, c in zip(drafts, cards, strict=True)]  # type: ignore[arg-type]
+        return Minted(b'{"cards":[' + b",".join(texts) + b"]}", cards)
+    doc = {"cards": [_document(d, c.uuid, c.suggestion_uuids) for d, c in zip(drafts, cards, strict=True)]}
+    return Minted(dump_bytes(doc), cards)
+
+
+def _uuids(draft: CardDraft, hook_instance: str) -> MintedCard:
     card_uuid = card_ids.card_uuid(hook_instance, draft.content)
+    suggestions = tuple(card_ids.suggestion_uuid(card_uuid, key) for key in draft.suggestion_keys)
+    return MintedCard(card_uuid, suggestions, draft.assessment)
+
+
+def _joined(pieces: tuple[bytes, ...], card: MintedCard) -> bytes:
+    uuids = (card.uuid, *card.suggestion_uuids)
+    out = [pieces[0]]
+    for value, piece in zip(uuids, pieces[1:], strict=True):
+        out += (value.encode(), piece)
+    return b"".join(out)
+
+
+def _document(draft: CardDraft, card_uuid: str, suggestion_uuids: tuple[str, ...]) -> dict[str, Any]:
     # Parsed again for each answer, so each is a document of its own (nothing shared with the draft).
     doc = {"uuid": card_uuid, **loads(draft.doc_json)}  # `uuid` is the Card's first field
     doc["suggestions"] = [
         # `uuid` follows `label`, as in the Suggestion model; every other field is kept as pruned.
-        {"label": s["label"], "uuid": card_ids.suggestion_uuid(card_uuid, key), **s}
-        for s, key in zip(doc["suggestions"], draft.suggestion_keys, strict=True)
+        {"label": s["label"], "uuid": value, **s}
+        for s, value in zip(doc["suggestions"], suggestion_uuids, strict=True)
     ]
     return doc
+
+
+def _cut(draft: CardDraft) -> tuple[bytes, ...] | None:
+    """The draft's answer JSON cut at its uuids: written once with a random mark in each uuid's
+    place, then split at the marks. A uuid is plain ASCII, written as is, so the answer with real
+    uuids is the pieces joined with them. None when a mark is not found exactly once, or the card
+    holds what only the standard library writes (dump_bytes' fallback): then `mint` writes the
+    whole document, as before."""
+    marks = [secrets.token_hex(18) for _ in range(1 + len(draft.suggestion_keys))]
+    try:
+        text = orjson.dumps(_document(draft, marks[0], tuple(marks[1:])), option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return None
+    pieces = []
+    for mark in marks:
+        quoted = f'"{mark}"'.encode()
+        if text.count(quoted) != 1:
+            return None
+        before, _, text = text.partition(quoted)
+        pieces.append(before + b'"')
+        text = b'"' + text
+    return (*pieces, text)
 
 
 def _needs_cea(cea: CeaPick, factor: Factor, stale: bool) -> bool:
@@ -367,4 +442,4 @@ def answer(
     **view: Any,
 ) -> dict[str, Any]:
     """The hook's answer, `{"cards": [...]}` (`view`: `draft_answer`'s keywords)."""
-    return mint(draft_answer(lung, liver, facts, **view), hook_instance)
+    return mint(draft_answer(lung, liver, facts, **view), hook_instance).document()

@@ -44,7 +44,7 @@ from cds_service.pipeline import Outcome
 from cds_service.store.records import (
     CallRecord,
     FeedbackRecord,
-    cards_of,
+    card_record,
     new_record_id,
     spooled_call,
     spooled_feedback,
@@ -114,7 +114,7 @@ class AuditTrail:
         Raises AuditUnavailable (503) only when the spool cannot be written.
         """
         try:
-            cards = cards_of(outcome.answer)
+            cards = tuple(card_record(c.uuid, c.assessment, c.suggestion_uuids) for c in outcome.minted.cards)
             metrics.observe_answer(service_id, outcome, cards)
             call = CallRecord(
                 hook_instance=body["hookInstance"],

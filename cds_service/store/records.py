@@ -93,26 +93,29 @@ class FeedbackResult:
 
 def cards_of(answer: Mapping[str, Any]) -> tuple[CardRecord, ...]:
     """The audit view of an answer's cards (those with a uuid: the others cannot get feedback)."""
-    records = []
-    for card in answer.get("cards", []):
-        if not isinstance(card.get("uuid"), str):
-            continue
-        assessment = (card.get("extension") or {}).get("crc-cds-assessment") or {}
-        score = assessment.get("score") or {}
-        records.append(
-            CardRecord(
-                uuid=card["uuid"],
-                model=assessment.get("model"),
-                recommendation=assessment.get("recommendation"),
-                score_min=score.get("min"),
-                score_max=score.get("max"),
-                group=assessment.get("group"),
-                suggestion_uuids=tuple(
-                    s["uuid"] for s in card.get("suggestions", []) if isinstance(s.get("uuid"), str)
-                ),
-            )
+    return tuple(
+        card_record(
+            card["uuid"],
+            (card.get("extension") or {}).get("crc-cds-assessment") or {},
+            tuple(s["uuid"] for s in card.get("suggestions", []) if isinstance(s.get("uuid"), str)),
         )
-    return tuple(records)
+        for card in answer.get("cards", [])
+        if isinstance(card.get("uuid"), str)
+    )
+
+
+def card_record(uuid: str, assessment: Mapping[str, Any], suggestion_uuids: tuple[str, ...]) -> CardRecord:
+    """The audit view of one card: its uuids and what its assessment extension says."""
+    score = assessment.get("score") or {}
+    return CardRecord(
+        uuid=uuid,
+        model=assessment.get("model"),
+        recommendation=assessment.get("recommendation"),
+        score_min=score.get("min"),
+        score_max=score.get("max"),
+        group=assessment.get("group"),
+        suggestion_uuids=suggestion_uuids,
+    )
 
 
 # --- the spooled form: one JSON line per record (see spool.py), already hashed, no patient id ----------

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("cds_request_id", default=None)
 
 # The attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
@@ -59,8 +61,12 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        # json.dumps escapes C0 controls but leaves DEL, C1 and U+2028/9 as they are.
-        return _UNSAFE.sub(_json_escaped, json.dumps(doc, ensure_ascii=False, default=str))
+        try:
+            line = orjson.dumps(doc, default=str).decode()  # a few times faster than json.dumps
+        except TypeError:  # what orjson cannot write (an integer beyond 64 bits, a lone surrogate)
+            line = json.dumps(doc, ensure_ascii=False, default=str)
+        # Both escape C0 controls but leave DEL, C1 and U+2028/9 as they are.
+        return _UNSAFE.sub(_json_escaped, line)
 
 
 class TextFormatter(logging.Formatter):
@@ -86,8 +92,19 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+def _lean_records() -> None:
+    """Log records without what no line of ours shows: the caller's file, line and function (a
+    stack walk per record), thread and process names. What the logging documentation's
+    "Optimization" section advises; a hook call's log line costs about a tenth less."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
 def configure_logging(level: str, *, json_lines: bool) -> None:
     """Root logging for a command: JSON lines or text on stderr."""
+    _lean_records()
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()
@@ -103,6 +120,7 @@ def gunicorn_logconfig(level: str, *, json_lines: bool) -> dict[str, Any]:
     Our app writes the access line (ops.py); gunicorn's would carry the raw request line, whose
     path and query string can hold a patient id (the demo's /fhir searches).
     """
+    _lean_records()
     formatter = JsonFormatter if json_lines else TextFormatter
     return {
         "version": 1,

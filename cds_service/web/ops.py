@@ -23,6 +23,8 @@ _REQUEST_ID = "cds.request_id"
 _CONTEXT_TOKEN = "cds.request_id_token"
 # Probes and scrapers call these every few seconds; their access lines are debug noise.
 _QUIET_ENDPOINTS = frozenset({"healthz", "metrics"})
+# What a hook call answered (set by its route): fields of the call's access line.
+ANSWERED = "cds.answered"
 
 
 def init_app(app: Flask) -> None:
@@ -54,21 +56,38 @@ def _finish(response: Response) -> Response:
     service, endpoint = _labels(req)
     metrics.observe_request(service, endpoint, response.status_code, seconds)
     route = req.url_rule.rule if req.url_rule is not None else "-"
-    log.log(
-        logging.DEBUG if endpoint in _QUIET_ENDPOINTS else logging.INFO,
-        "%s %s %d %.1f ms",
-        req.method,
-        route,
-        response.status_code,
-        seconds * 1000,
-        extra={
-            "method": req.method,
-            "route": route,
-            "status": response.status_code,
-            "duration_ms": round(seconds * 1000, 1),
-            "service": service,
-        },
-    )
+    fields = {
+        "method": req.method,
+        "route": route,
+        "status": response.status_code,
+        "duration_ms": round(seconds * 1000, 1),
+        "service": service,
+    }
+    answered = req.environ.get(ANSWERED)
+    if answered is None:
+        log.log(
+            logging.DEBUG if endpoint in _QUIET_ENDPOINTS else logging.INFO,
+            "%s %s %d %.1f ms",
+            req.method,
+            route,
+            response.status_code,
+            seconds * 1000,
+            extra=fields,
+        )
+    else:
+        log.info(
+            "%s %s %d %.1f ms: %d card(s) %s, chart %d resources, %s, evaluated in %.1f ms",
+            req.method,
+            route,
+            response.status_code,
+            seconds * 1000,
+            answered["card_count"],
+            answered["recommendations"],
+            answered["chart_resources"],
+            answered["fhir_mode"],
+            answered["evaluate_ms"],
+            extra={**fields, **answered},
+        )
     return response
 
 
