@@ -19,8 +19,10 @@ from .builders import PATIENT_ID, chart, crc, lung_met, resection
 @pytest.fixture(autouse=True)
 def _fresh_outcomes():
     validation.OUTCOMES.clear()
+    validation.ELEMENTS.clear()
     yield
     validation.OUTCOMES.clear()
+    validation.ELEMENTS.clear()
 
 
 def _with(resource: dict[str, Any], **elements: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.condition import Condition
 
 from cds_service.clinical.facts import validation
@@ -25,6 +26,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     """Every resource fhir.resources validates as a Condition (its elements read), from a cache
     emptied for the test."""
     validation.OUTCOMES.clear()
+    validation.ELEMENTS.clear()
     seen: list[dict[str, Any]] = []
     read = READ_MODELS[Condition]
     original = read.model_validate
@@ -36,6 +38,21 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     monkeypatch.setattr(read, "model_validate", spy)
     yield seen
     validation.OUTCOMES.clear()
+    validation.ELEMENTS.clear()
+
+
+@pytest.fixture
+def concepts(calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every CodeableConcept fhir.resources validates (as an element of a resource, or on its own)."""
+    seen: list[Any] = []
+    original = CodeableConcept.model_validate
+
+    def spy(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(obj)
+        return original(obj, *args, **kwargs)
+
+    monkeypatch.setattr(CodeableConcept, "model_validate", spy)
+    return seen
 
 
 def _facts() -> PatientFacts:
@@ -134,3 +151,33 @@ def test_the_least_recently_used_goes_first():
     outcomes.put((Condition, b"c"), object())
     assert outcomes.get((Condition, b"a")) is kept
     assert outcomes.get((Condition, b"b")) is None
+
+
+def test_an_element_seen_in_another_resource_is_not_validated_again(concepts):
+    # A new patient's Condition: another id and onset, the same code and statuses as charts before.
+    first = validation.validated(Condition, lung_met(id="a"), _facts())
+    assert len(concepts) == 3  # code, clinicalStatus, verificationStatus
+    second = validation.validated(Condition, lung_met(id="b", onset="2022-05-06"), _facts())
+    assert len(concepts) == 3
+    assert first is not None and second is not None and second.id == "b"
+    assert second.code is first.code and second.onsetDateTime.isoformat().startswith("2022-05-06")
+
+
+def test_a_kept_element_does_not_let_an_invalid_one_beside_it_through(concepts, caplog):
+    validation.validated(Condition, lung_met(id="a"), _facts())
+    broken = lung_met(id="b")
+    broken["verificationStatus"] = {"coding": [{"code": ["confirmed"]}]}
+    caplog.set_level(logging.WARNING, logger="cds_service.facts")
+    for _ in range(2):
+        facts = _facts()
+        assert validation.validated(Condition, copy.deepcopy(broken), facts) is None
+        assert facts.skipped == ["Condition/b"]
+    warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warnings) == 2 and "verificationStatus.coding.0.code" in warnings[0]
+    assert all(key[1] != orjson_text(broken["verificationStatus"]) for key in validation.ELEMENTS._kept)
+
+
+def orjson_text(value: Any) -> bytes:
+    key = validation._content_key(None, value)
+    assert key is not None
+    return key[1]
