@@ -17,9 +17,9 @@ system time of all its processes over the measured calls, from /proc): on a mach
 other work the wall-clock ratios mostly measure waiting for a core, the CPU ratio what a call costs.
 The bodies:
 - demo patient 01 (fixtures/fhir/01-*.json, a patient-view request with full prefetch; a card);
-- the same, every resource with a new meta.versionId on every call ("never seen": no work done for
-  a resource's content on an earlier call can be reused; an EHR sends the same chart again each
-  time a clinician reopens it, but a new patient is never seen before);
+- the same, every resource with a new id and meta.versionId on every call ("never seen": only what
+  new patients share, such as codes and statuses, can be reused; an EHR sends the same chart again
+  each time a clinician reopens it, but a new patient is never seen before);
 - a real Synthea chart (../shared/fhir-external, read in place) with a lung metastasis Condition
   added here (a card);
 - a real Synthea chart of a patient without colorectal cancer (out of scope: no card).
@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hook_latency import synthetic_chart  # noqa: E402
+from hook_latency import as_new_patient, synthetic_chart  # noqa: E402
 
 from cds_service.cli.commands import request_from_bundle  # noqa: E402
 
@@ -174,16 +174,13 @@ def stop(server: Server) -> None:
 
 
 def _template(bundle: dict[str, Any], unseen: bool = False) -> str:
-    """The request as text; `unseen`: every resource but the Patient gets a new meta.versionId on
-    every call, so nothing computed for a resource's content on an earlier call can be reused."""
+    """The request as text; `unseen`: every resource but the Patient gets a new id and
+    meta.versionId on every call (hook_latency.as_new_patient), so nothing computed for a
+    resource's content on an earlier call can be reused: a new patient's chart."""
     request = request_from_bundle(bundle)
     request["hookInstance"] = _PLACEHOLDER
     if unseen:
-        for key, value in request["prefetch"].items():
-            if key != "patient":
-                for entry in value["entry"]:
-                    resource = entry["resource"] = {**entry["resource"]}
-                    resource["meta"] = {**resource.get("meta", {}), "versionId": _VERSION}
+        as_new_patient(request, _VERSION)
     return json.dumps(request)
 
 
