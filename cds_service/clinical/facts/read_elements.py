@@ -25,7 +25,7 @@ from fhir.resources.R4B.medicationstatement import MedicationStatement
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.procedure import Procedure
 from fhir.resources.R4B.servicerequest import ServiceRequest
-from pydantic import create_model
+from pydantic import BaseModel, create_model
 
 # Elements read from the raw JSON before validation (how a resource is picked: its code, status,
 # medication) are listed too: the facts depend on them as much as on what they read from the model.
@@ -102,6 +102,10 @@ class _ReadModel(FHIRResourceModel):
     """A resource model trimmed to the elements the facts read. It keeps fhir.resources' own checks
     on those elements: no null in a list of elements, one type only of a choice element, a required
     element present (`read_required` and `read_choices` hold the model's rules for the kept elements)."""
+
+    # Validated straight by pydantic: fhir.resources' own __init__ only checks a resourceType (never
+    # among the elements read) and then validates again, running every model check twice.
+    __init__ = BaseModel.__init__
 
     read_sequence: ClassVar[list[str]] = []
     read_required: ClassVar[list[tuple[str, str | None]]] = []
