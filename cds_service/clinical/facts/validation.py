@@ -107,8 +107,8 @@ OUTCOMES = _outcomes(CACHE_ENTRIES, CACHE_JSON_BYTES)
 # place, which fhir.resources takes as they are. Whether an element is valid FHIR does not depend on
 # the resource around it, so this accepts and refuses what validating it in place would. An invalid
 # element is not kept: it is validated again with its resource, which names it by its path.
-ELEMENT_ENTRIES = 4096
-ELEMENT_JSON_BYTES = 1_000_000
+ELEMENT_ENTRIES = 1024
+ELEMENT_JSON_BYTES = 500_000
 ELEMENTS = _outcomes(ELEMENT_ENTRIES, ELEMENT_JSON_BYTES)
 _ADAPTERS: dict[Any, dict[str, TypeAdapter[Any]]] = {}
 for _read in READ_MODELS.values():
