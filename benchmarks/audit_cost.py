@@ -2,20 +2,22 @@
 
     python benchmarks/audit_cost.py [--calls N] [--threads T]
 
-Three apps answer the same card-producing call (demo patient 01) through their WSGI callables, the
+Four apps answer the same card-producing call (demo patient 01) through their WSGI callables, the
 calls interleaved so that each variant sees the same machine:
 
-  fsync     the default: the record is appended to the local spool and fdatasync'd (group commit)
-            before the answer; the forwarder thread copies it to the database behind the answer
-  no fsync  CDS_AUDIT_FSYNC=false: appended (a killed process still loses nothing), not synced
-  no audit  the same app with the audit call replaced by nothing: the floor for the other two
+  behind    the default: the record is appended to the local spool before the answer (a killed
+            process loses nothing) and fdatasync'd right behind it by the spool's syncer thread
+            (group commit); the forwarder thread copies it to the database
+  before    CDS_AUDIT_SYNC_BEFORE_ANSWER=true: the answer also waits for the record's fdatasync
+  no fsync  CDS_AUDIT_FSYNC=false: appended, never synced
+  no audit  the same app with the audit call replaced by nothing: the floor for the others
 
 Printed: latency until the answer's last byte, p50/p95, sequential and with T concurrent callers
 (where group commit shares one fdatasync between calls); then the audit CPU per call — the
 process's CPU time (all threads: the request side and the forwarder's database writes, system time
 included) over N `AuditTrail.record` calls and the flush that puts them in the database, divided by
 N, for each mode. Target: at most 0.3 ms a call. The database is a throwaway SQLite file
-(synchronous=FULL); BENCH_DATABASE_URL points the fsync variant elsewhere (e.g. PostgreSQL).
+(synchronous=FULL); BENCH_DATABASE_URL points the default variant elsewhere (e.g. PostgreSQL).
 """
 
 from __future__ import annotations
@@ -61,16 +63,23 @@ class _NoAudit:
 
 def _apps(workdir: str) -> dict[str, Any]:
     apps = {}
-    for name, fsync in (("fsync", True), ("no fsync", False), ("no audit", True)):
+    modes = (
+        ("behind", True, False),
+        ("before", True, True),
+        ("no fsync", False, False),
+        ("no audit", True, False),
+    )
+    for name, fsync, before in modes:
         folder = Path(workdir) / name.replace(" ", "-")
         folder.mkdir()
-        url = os.environ.get("BENCH_DATABASE_URL") if name == "fsync" else None
+        url = os.environ.get("BENCH_DATABASE_URL") if name == "behind" else None
         settings = Settings(
             auth_required=False,
             database_url=url or f"sqlite:///{folder}/bench.db",
             audit_key="b" * 32,
             audit_spool_dir=str(folder / "spool"),
             audit_fsync=fsync,
+            audit_sync_before_answer=before,
         )
         app = create_app(settings)
         if name == "no audit":
@@ -89,8 +98,11 @@ def sequential(apps: dict[str, Any], calls: int) -> dict[str, list[float]]:
     wsgi = {name: Wsgi(app) for name, app in apps.items()}
     times: dict[str, list[float]] = {name: [] for name in apps}
     body = _body(0)
+    names = list(wsgi)
     for i in range(calls + 5):
-        for name, app in wsgi.items():
+        # The first of a round follows a gc.collect and the others' background work: rotate who it is.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            app = wsgi[name]
             gc.collect()
             status, data, ms = app.post(body)
             assert status.startswith("200"), data[:300]
@@ -127,7 +139,7 @@ def audit_cpu(apps: dict[str, Any], calls: int, threads: int) -> dict[str, tuple
     service = services()["crc-metastases"]
     request = json.loads(_body(2))
     out = {}
-    for name in ("fsync", "no fsync"):
+    for name in ("behind", "before", "no fsync"):
         app = apps[name]
         trail = app.extensions["cds.audit"]
         outcome = answer(request, service, app.extensions["cds.settings"], _today())
@@ -188,11 +200,13 @@ def main() -> int:
         print(f"{line}   {statistics.median(conc[name]):>8.2f}{_percentile(conc[name], 0.95):>9.2f}")
     base = statistics.median(seq["no audit"])
     print(
-        f"durability cost (p50, sequential): fsync +{statistics.median(seq['fsync']) - base:.2f} ms, "
-        f"no fsync +{statistics.median(seq['no fsync']) - base:.2f} ms"
+        "durability cost (p50, sequential): "
+        + ", ".join(
+            f"{m} +{statistics.median(seq[m]) - base:.2f} ms" for m in ("behind", "before", "no fsync")
+        )
     )
     print("audit CPU per call, ms (target <= 0.3): all threads (record + forwarding to the database),")
-    print("and of that in the calling threads (record, write, fdatasync)")
+    print("and of that in the calling threads (record, write; fdatasync when it syncs before the answer)")
     for label, (cpu, callers_cpu) in audit_cpu(apps, args.calls * 3, args.threads).items():
         print(f"  {label:<24}{cpu:>7.3f}{callers_cpu:>9.3f}")
     return 0

@@ -33,13 +33,18 @@ class Settings(BaseSettings):
     # Key of the HMAC that replaces patient ids in the audit store. Unset: a random key per
     # start, so hashes cannot be linked across restarts or instances (store.py warns about it).
     audit_key: SecretStr | None = None
-    # The local store-and-forward spool of audit records and feedback (store/spool.py): written and
-    # fsync'd before each answer, forwarded to the database behind it. Unset: a `cds-audit-spool`
+    # The local store-and-forward spool of audit records and feedback (store/spool.py): written before
+    # each answer, fsync'd and forwarded to the database behind it. Unset: a `cds-audit-spool`
     # folder beside a SQLite database file, or in the working directory for PostgreSQL.
     audit_spool_dir: str | None = None
     # False skips the fsync (a killed process still loses nothing; a power cut can lose the last
     # second's records): for benchmarks and throwaway runs.
     audit_fsync: bool = True
+    # Whether each answer waits for its record's fsync. False (the default): the record is written
+    # before the answer (a killed process loses nothing) and fsync'd right behind it by the spool's
+    # syncer thread; a power cut or kernel crash can lose the records of the last moments (the
+    # sync in flight, at most 1,000 records or half a second: then answers wait for the disk).
+    audit_sync_before_answer: bool = False
     # The spool's cap in bytes (its folder, every process's records): reached only when the database
     # has not taken records for a long time; then hook calls and feedback are answered 503 until it
     # does (an answer without its audit record is not given). About 1 KB per call.

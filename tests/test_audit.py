@@ -78,6 +78,44 @@ def test_the_answer_does_not_wait_for_the_audit_write(tmp_path):
     assert _count(db) == 1 and _count(db, "hook_card") == 1
 
 
+@pytest.mark.parametrize("before_answer", [False, True])
+def test_the_record_is_written_before_the_answer_and_synced_behind_it_or_before_it(
+    tmp_path, monkeypatch, before_answer
+):
+    """By default the answer waits for its record's write, not its fsync (the spool's syncer does that
+    right behind); CDS_AUDIT_SYNC_BEFORE_ANSWER=true makes it wait for the fsync too."""
+    import threading
+
+    from cds_service.store import spool as spool_module
+
+    settings = Settings(
+        auth_required=False,
+        database_url=f"sqlite:///{tmp_path / 'cds.db'}",
+        audit_key="a" * 32,
+        audit_sync_before_answer=before_answer,
+    )
+    app = create_app(settings, today=lambda: TODAY)
+    audit: AuditTrail = app.extensions["cds.audit"]
+    audit.spool.prepare()  # the segment made ahead, as the forwarder does
+    disk = threading.Event()
+    real = os.fdatasync
+    monkeypatch.setattr(spool_module.os, "fdatasync", lambda fd: (disk.wait(10), real(fd)))
+    answered = threading.Event()
+    body = hook_body(load(HIGH_RISK))
+    caller = threading.Thread(
+        target=lambda: app.test_client().post(SERVICE_URL, json=body).status_code == 200 and answered.set()
+    )
+    caller.start()
+    try:
+        assert answered.wait(2) is not before_answer
+        spooled = b"".join(p.read_bytes() for p in audit.spool.folder.glob("*.spool"))
+        assert body["hookInstance"].encode() in spooled  # written before the answer in both modes
+    finally:
+        disk.set()
+        caller.join(10)
+    assert answered.is_set() and audit.flush() and _count(tmp_path / "cds.db") == 1
+
+
 def test_records_queued_while_the_database_is_busy_are_written_together(tmp_path):
     db = tmp_path / "cds.db"
     app = _app(db)

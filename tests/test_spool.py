@@ -58,6 +58,92 @@ def test_append_returns_only_after_the_sync(tmp_path, monkeypatch):
     assert events == ["sync", "returned"]
 
 
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_behind_the_answer_an_append_returns_once_written_and_the_syncer_syncs_it(tmp_path, monkeypatch):
+    synced = threading.Event()
+    gate = threading.Event()
+    real = os.fdatasync
+
+    def held_sync(fd: int) -> None:
+        gate.wait(5)  # the disk answers only when the test says so
+        real(fd)
+        synced.set()
+
+    spool = Spool(tmp_path / "spool", before_return=False)
+    spool.prepare()
+    monkeypatch.setattr(spool_module.os, "fdatasync", held_sync)
+    started = time.monotonic()
+    spool.append(_line(1))
+    assert time.monotonic() - started < 1  # not waiting for the held sync
+    segment_path = spool._active.path  # type: ignore[union-attr]
+    assert orjson.loads(segment_path.read_bytes().rstrip(b"\0")) == {"n": 1}  # written: a kill loses nothing
+    assert spool._synced == 0 and not synced.is_set()
+    gate.set()
+    assert synced.wait(5) and _wait_for(lambda: spool._synced == 1)
+
+
+def test_behind_the_answer_appends_wait_once_the_syncer_is_too_far_behind(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real = os.fdatasync
+    monkeypatch.setattr(spool_module, "BEHIND_MAX_LINES", 5)
+
+    def held_sync(fd: int) -> None:
+        gate.wait(5)
+        real(fd)
+
+    spool = Spool(tmp_path / "spool", before_return=False)
+    spool.prepare()
+    monkeypatch.setattr(spool_module.os, "fdatasync", held_sync)
+    for n in range(4):
+        spool.append(_line(n))  # within the bound: not waiting
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (spool.append(_line(4)), spool.append(_line(5)), done.set()))
+    waiter.start()
+    assert not done.wait(0.3)  # the fifth unsynced line waits for the disk
+    gate.set()
+    assert done.wait(5)
+    waiter.join(5)
+    assert spool._synced >= 5
+
+
+def test_behind_the_answer_a_failed_sync_refuses_every_later_append(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool", before_return=False)
+    spool.prepare()
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module.os, "fdatasync", broken)
+    spool.append(_line(0))  # answered: its sync fails behind it
+    assert _wait_for(lambda: spool._sync_failed is not None)
+    with pytest.raises(SpoolError):
+        spool.append(_line(1))
+    segment = spool.seal()
+    assert segment is None or [r["n"] for r in segment.read()] == [0]  # the refused line was not written
+
+
+def test_behind_the_answer_sealing_syncs_what_the_syncer_has_not(tmp_path, monkeypatch):
+    syncs: list[int] = []
+    spool = Spool(tmp_path / "spool", before_return=False)
+    spool.prepare()
+    monkeypatch.setattr(spool_module, "BEHIND_MAX_LINES", 10**6)
+    monkeypatch.setattr(spool, "_start_syncer", lambda: None)  # a syncer that has not run yet
+    monkeypatch.setattr(spool_module.os, "fdatasync", lambda fd: syncs.append(fd))
+    for n in range(3):
+        spool.append(_line(n))
+    assert syncs == [] and spool._synced == 0
+    segment = spool.seal()
+    assert segment is not None and len(syncs) == 1 and spool._synced == 3
+
+
 def test_a_failed_sync_is_an_error_for_the_writer(tmp_path, monkeypatch):
     def broken(fd: int) -> None:
         raise OSError(5, "Input/output error")

@@ -58,3 +58,14 @@ def test_cors_allows_and_exposes_the_request_id(client):
     )
     assert resp.headers["X-Request-Id"] == "trace-42"
     assert "X-Request-Id" in resp.headers["Access-Control-Expose-Headers"]
+
+
+def test_evidence_links_follow_the_host_each_call_reached_us_at(client):
+    """Without CDS_PUBLIC_BASE_URL a card links the evidence pages where the call reached the service;
+    the base URL is remembered per Host (and scheme) for speed, never mixed between hosts."""
+    body = hook_body(load(HIGH_RISK))
+    for n in [*range(70), 3, 69]:  # more hosts than are remembered, then some seen before
+        resp = client.post(SERVICE_URL, json=body, base_url=f"https://host-{n}.example:8443/")
+        links = [link["url"] for card in resp.get_json()["cards"] for link in card.get("links", [])]
+        pages = [u for u in links if "/evidence" in u]
+        assert pages and all(u.startswith(f"https://host-{n}.example:8443/evidence") for u in pages), n

@@ -50,7 +50,7 @@ def run_gunicorn(
 ) -> None:
     from gunicorn.app.base import BaseApplication
 
-    from cds_service.cli.worker import Worker
+    from cds_service.cli.worker import AppLogs, Worker
     from cds_service.store import audit
     from cds_service.telemetry import metrics
     from cds_service.telemetry.logs import gunicorn_logconfig
@@ -72,6 +72,7 @@ def run_gunicorn(
             self.cfg.set("threads", threads)
             self.cfg.set("timeout", 60)
             self.cfg.set("accesslog", None)
+            self.cfg.set("logger_class", AppLogs)
             if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 25.1 opens one by default
                 self.cfg.set("control_socket_disable", True)
             self.cfg.set("logconfig_dict", logconfig)

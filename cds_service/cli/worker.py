@@ -4,6 +4,9 @@
   container, the data volume): instances sharing a HOME replaced each other's, and nothing here
   uses `gunicornc`. An operator who wants it names a path of its own in GUNICORN_CMD_ARGS
   (`--control-socket /run/cds-service/gunicorn.ctl`), which turns it back on.
+- No gunicorn access log (`AppLogs`): the app writes each request's access line (web/ops.py);
+  gunicorn's request line could carry a patient id. Only switched off by its settings, gunicorn
+  would still build every line's fields (~25 µs a call) because a logging config is given.
 - Requests gunicorn refuses before the app sees them — headers over its limits (431), a request
   line over its limit (414), malformed HTTP (400) — are answered with an OperationOutcome, like every
   other non-2xx answer, instead of gunicorn's HTML page. gunicorn's limits stay as they are: they
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gunicorn.glogging import Logger
 from gunicorn.http import errors as http_errors
 from gunicorn.util import write_nonblock
 from gunicorn.workers.gthread import ThreadWorker
@@ -80,3 +84,10 @@ class Worker(ThreadWorker):
             write_nonblock(client, head.encode("ascii") + body)
         except Exception:  # the client has gone; nothing to answer
             self.log.debug("could not send the refusal")
+
+
+class AppLogs(Logger):
+    """gunicorn's logger without its access log (the app writes the access lines)."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        return None

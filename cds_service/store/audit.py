@@ -1,9 +1,10 @@
-"""The hook-call audit trail and the feedback posts: spooled durably before the answer, forwarded behind it.
+"""The hook-call audit trail and the feedback posts: spooled before the answer, forwarded behind it.
 
 Each answered call becomes one audit record (its cards, model, score, recommendation, latency, the
 keyed hash of the patient id). `record` appends it to this process's local spool and returns once
-it is fsync'd (group commit: one sync covers every call that arrived meanwhile); the route sends
-the answer only then. A forwarder thread per process copies what has spooled up into the database,
+it is written (the spool's syncer fsyncs it right behind; with CDS_AUDIT_SYNC_BEFORE_ANSWER, once
+it is fsync'd — group commit either way: one sync covers every record written meanwhile); the
+route sends the answer only then. A forwarder thread per process copies what has spooled up into the database,
 many records per transaction, a fraction of a second behind, and removes what the database holds.
 
 So a process killed outright (SIGKILL, out of memory) loses no record it answered: its segment
@@ -12,8 +13,8 @@ stays in the spool folder, and any process using the folder adopts and forwards 
 spool (counted by the `cds_audit_spool_records` gauge), and they are forwarded when it is back.
 Feedback takes the same path, so it is never refused because the database is busy or down.
 
-What the request process pays: building the record, an orjson line, a write() and its share of one
-fdatasync; the forwarder's database work is batched (two multi-row INSERTs per batch, no ORM).
+What the request process pays: building the record, an orjson line, a write() (and, syncing before
+the answer, its share of one fdatasync); the forwarder's database work is batched (two multi-row INSERTs per batch, no ORM).
 If the spool itself cannot be written (disk full), or holds its cap (CDS_AUDIT_SPOOL_MAX_BYTES: a
 database outage of hours), the call is answered 503: an answer the audit trail cannot keep is not
 given.
@@ -92,7 +93,12 @@ class AuditTrail:
         if folder is None:  # an in-memory database: a private folder, gone with the process
             folder = Path(tempfile.mkdtemp(prefix="cds-audit-spool-"))
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        self.spool = Spool(folder, fsync=store.spool_fsync, max_bytes=store.spool_max_bytes)
+        self.spool = Spool(
+            folder,
+            fsync=store.spool_fsync,
+            before_return=store.spool_sync_before_answer,
+            max_bytes=store.spool_max_bytes,
+        )
         self._forward_lock = threading.Lock()
         self._held: list[Segment] = []  # sealed or adopted, not yet in the database (oldest first)
         self._thread: threading.Thread | None = None

@@ -91,6 +91,7 @@ def open_store(settings: Settings) -> Store:
         secret,
         spool_dir=spool_folder(settings, url),
         spool_fsync=settings.audit_fsync,
+        spool_sync_before_answer=settings.audit_sync_before_answer,
         spool_max_bytes=settings.audit_spool_max_bytes,
         # Without CDS_AUDIT_KEY, the run's random key: `serve` makes it in the master, so every worker
         # of this run recognises every other's cards; another instance's (or an earlier run's) cards

@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import itertools
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cds_service.ids import UniqueIds
+
 
 def new_record_id() -> str:
-    """A record's own id: the database keeps it unique, so replaying a spooled record is harmless.
-
-    64 random bits drawn once per process (again in a forked child) and a counter: unique without
-    a getrandom system call per hook call."""
-    return f"{_id_prefix}{next(_id_counter):016x}"
+    """A record's own id: the database keeps it unique, so replaying a spooled record is harmless."""
+    return _RECORD_IDS.next_id()
 
 
-def _reseed_ids() -> None:
-    global _id_prefix, _id_counter
-    _id_prefix, _id_counter = os.urandom(8).hex(), itertools.count()
-
-
-_id_prefix, _id_counter = "", itertools.count()
-_reseed_ids()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reseed_ids)
+_RECORD_IDS = UniqueIds()
 
 
 @dataclass(frozen=True)

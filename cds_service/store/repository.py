@@ -42,6 +42,7 @@ class Store:
     # the run's random key; None: not signed).
     spool_dir: Path | None = None
     spool_fsync: bool = True
+    spool_sync_before_answer: bool = False
     spool_max_bytes: int | None = None
     card_key: bytes | None = field(default=None, repr=False)
 

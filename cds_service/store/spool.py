@@ -1,10 +1,13 @@
-"""A local, append-only, fsync'd spool: what the service answered is on disk before the answer leaves.
+"""A local, append-only, fsync'd spool: what the service answers is written before the answer leaves.
 
 Each process appends records (one JSON line each) to its own segment file in the spool folder and
 holds an exclusive `flock` on it while the file is its own (a segment is created under a name no
-one adopts, locked, then renamed: no live segment is ever seen unlocked). `append` returns once the line is on
-stable storage (`fdatasync`), and the answer is sent only then. Many requests share one sync:
-whoever arrives while a sync is running waits for the next one, which covers every line written
+one adopts, locked, then renamed: no live segment is ever seen unlocked). `append` returns once the
+line is written — in the kernel's hands, so a killed process loses nothing — and the syncer thread
+brings it to stable storage (`fdatasync`) right behind; a power cut can take only what was written
+while that sync ran. With `before_return` (CDS_AUDIT_SYNC_BEFORE_ANSWER), `append` returns once
+the line is synced, and the answer waits for that. Many lines share one sync: whoever arrives while
+a sync is running waits for (or is covered by) the next one, which syncs every line written
 meanwhile (group commit), so under load an fsync costs each call a fraction of one. Lines
 overwrite zeros written ahead a chunk at a time (cut off when the segment is sealed), so most syncs
 flush data with no new file size to commit: about half the CPU and a third of the wait of syncing
@@ -47,6 +50,12 @@ RESCAN_S = 0.1
 # How old the folder's measure may grow while far from the cap: other processes' records count within
 # a second, so the folder exceeds the cap by at most about a second of every process's records.
 MEASURE_EVERY_S = 1.0
+# Sync behind the answer (the default): how far the syncer may fall behind before appends wait for it
+# as they do when syncing before the answer. A sync normally takes well under a millisecond to a few
+# milliseconds; these bound what a power cut can take when the disk stalls.
+BEHIND_MAX_LINES = 1000
+BEHIND_MAX_S = 0.5
+SYNCER_IDLE_S = 5.0
 # Zeros written ahead of the records, a chunk at a time (see Spool.append); cut off when sealed.
 WRITE_AHEAD = 16 * 1024  # about 40 records
 
@@ -94,9 +103,14 @@ class Segment:
 class Spool:
     """One process's segments in `folder`: append (durably), seal, adopt others' orphans, discard."""
 
-    def __init__(self, folder: Path, *, fsync: bool = True, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, *, fsync: bool = True, before_return: bool = True, max_bytes: int | None = None
+    ) -> None:
         self.folder = folder
         self.fsync = fsync
+        # True: `append` returns once its line is synced. False: once it is written (in the kernel's
+        # hands: a killed process loses nothing), the syncer thread syncing it right behind.
+        self.sync_before_return = before_return
         # The cap on the folder's segments (every process's): beyond it `append` raises SpoolFull.
         self.max_bytes = max_bytes
         self._folder_bytes = 0  # the folder's segments as last measured, less what was discarded since
@@ -108,10 +122,17 @@ class Spool:
         self._written = 0  # lines appended by this process (all segments)
         self._synced = 0  # of those, known to be on stable storage
         self._syncing = False
+        self._unsynced_since = 0.0  # when the oldest line not yet synced was written
+        self._syncer: threading.Thread | None = None
+        self._sync_failed: str | None = None
 
     def append(self, line: bytes) -> None:
-        """Write one record (a JSON line) and return once it is on stable storage. SpoolError if not."""
+        """Write one record (a JSON line); return once it is written, or once it is on stable storage
+        when `sync_before_return` (or when the syncer is behind: see BEHIND_MAX_LINES). SpoolError
+        when it cannot be written."""
         with self._cond:
+            if self._sync_failed is not None:
+                raise SpoolError(errno.EIO, f"audit spool sync failed: {self._sync_failed}")
             if self.max_bytes is not None and (
                 self._folder_bytes + self._grown + len(line) > self.max_bytes
                 or time.monotonic() - self._measured_at >= MEASURE_EVERY_S
@@ -136,24 +157,67 @@ class Spool:
             self._written += 1
             if not self.fsync:
                 return
-            mine = self._written
-            while self._synced < mine:
-                if self._syncing:
-                    self._cond.wait()  # a sync is running; the next one will cover this line
+            if self._synced == self._written - 1:
+                self._unsynced_since = time.monotonic()
+            if not self.sync_before_return and (
+                self._written - self._synced < BEHIND_MAX_LINES
+                and time.monotonic() - self._unsynced_since < BEHIND_MAX_S
+            ):
+                self._start_syncer()
+                self._cond.notify_all()  # the syncer
+                return
+            # Syncing before the answer, or the disk is not keeping up: wait for this line's sync.
+            self._sync_through(self._written)
+
+    def _sync_through(self, mine: int) -> None:
+        """Return once line `mine` is on stable storage (called with the lock held): lead a sync
+        for every line written so far, or wait for the one running, which may not cover it."""
+        while self._synced < mine:
+            if self._syncing:
+                self._cond.wait()  # a sync is running; the next one will cover this line
+                continue
+            segment = self._active
+            if segment is None:  # sealed meanwhile: `seal` synced every line written before
+                return
+            self._syncing = True
+            fd, target = segment.fd, self._written
+            self._cond.release()  # not held meanwhile: other callers append
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise SpoolError(exc.errno, f"audit spool sync failed: {exc.strerror}") from None
+            finally:
+                self._cond.acquire()
+                self._syncing = False
+                self._cond.notify_all()
+            self._synced = max(self._synced, target)
+
+    def _start_syncer(self) -> None:
+        # Called with the lock held. One per process, started in the process that writes.
+        if self._syncer is None or not self._syncer.is_alive():
+            self._syncer = threading.Thread(target=self._sync_behind, name="cds-audit-syncer", daemon=True)
+            self._syncer.start()
+
+    def _sync_behind(self) -> None:
+        """The syncer thread: syncs whatever was written, as soon as it is written (group commit);
+        exits after SYNCER_IDLE_S with nothing to sync (the next append starts another)."""
+        with self._cond:
+            while True:
+                if self._synced >= self._written or self._syncing:
+                    if not self._cond.wait(SYNCER_IDLE_S) and self._synced >= self._written:
+                        self._syncer = None
+                        return
                     continue
-                # Lead a sync for every line written so far, without holding the lock meanwhile.
-                self._syncing = True
-                fd, target = segment.fd, self._written
-                self._cond.release()
                 try:
-                    os.fdatasync(fd)
-                except OSError as exc:
-                    raise SpoolError(exc.errno, f"audit spool sync failed: {exc.strerror}") from None
-                finally:
-                    self._cond.acquire()
-                    self._syncing = False
+                    self._sync_through(self._written)
+                except SpoolError as exc:
+                    # The answers are already sent: every later append fails (503) until a restart,
+                    # rather than answer with records that may never reach the disk.
+                    self._sync_failed = exc.strerror or "I/O error"
                     self._cond.notify_all()
-                self._synced = max(self._synced, target)
+                    self._syncer = None
+                    log.error("audit spool: %s; hook calls are refused until the service is restarted", exc)
+                    return
 
     @property
     def measured_at(self) -> float:
@@ -292,6 +356,7 @@ class Spool:
         self._cond = threading.Condition()
         self._active = None
         self._syncing = False
+        self._syncer = None
         self._written = self._synced = 0
         self._grown, self._measured_at = 0, -1e9
         if active is not None and self._pid != os.getpid():

@@ -96,6 +96,24 @@ def _parsed(raw: bytes) -> Any:
         ) from None
 
 
+# request.host_url by the environ values it is built from: building it (URL joining and decoding)
+# costs about as much as the rest of a kept answer's route. Bounded: the Host header is the caller's.
+_HOST_URLS: dict[tuple[Any, ...], str] = {}
+_HOST_URL_KEYS = ("wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "SCRIPT_NAME")
+
+
+def _host_url() -> str:
+    environ = request.environ
+    key = tuple(environ.get(k) for k in _HOST_URL_KEYS)
+    url = _HOST_URLS.get(key)
+    if url is None:
+        url = request.host_url
+        if len(_HOST_URLS) >= 64:
+            _HOST_URLS.clear()
+        _HOST_URLS[key] = url
+    return url
+
+
 @bp.get("/cds-services", strict_slashes=False)  # `/cds-services/` too: clients append the slash
 def discovery() -> Response:
     doc = Discovery(services=[s.discovery() for s in services().values()])
@@ -122,7 +140,7 @@ def hook(service_id: str) -> Response:
             settings,
             current_app.extensions["cds.today"](),
             issuer=issuer,
-            base_url=request.host_url,
+            base_url=None if settings.public_base_url else _host_url(),
             answers=current_app.extensions["cds.answers"],
             raw=raw,
         )
@@ -170,34 +188,33 @@ _SECURITY_HEADERS = (
     ("X-Frame-Options", "DENY"),
 )
 # JSON is data: should a browser ever render it, nothing may load or run, nor be framed.
-_DATA_CSP = ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+_DATA_HEADERS = (
+    *_SECURITY_HEADERS,
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+)
 
 
-def _cors(response: Response) -> Response:
+def _headers(response: Response) -> Response:
+    """CORS (the service endpoints) and security headers (every answer), added in one pass."""
+    added: list[tuple[str, str]] = []
     # Browser-based CDS clients (the sandbox) call the service endpoints only; /healthz, /metrics
     # and the preview page get no CORS headers. Preflight is Flask's automatic OPTIONS answer.
     path = request.path
-    if not any(path == p or path.startswith(p + "/") for p in _CORS_PREFIXES):
-        return response
-    allowed = _settings().cors_origins
-    headers = response.headers
-    if "*" in allowed:
-        headers["Access-Control-Allow-Origin"] = "*"
-    else:
-        origin = request.headers.get("Origin")
-        if origin in allowed:
-            headers["Access-Control-Allow-Origin"] = origin
-    headers.extend(_CORS_HEADERS)
-    return response
-
-
-def _security_headers(response: Response) -> Response:
+    if any(path == p or path.startswith(p + "/") for p in _CORS_PREFIXES):
+        allowed = _settings().cors_origins
+        if "*" in allowed:
+            added.append(("Access-Control-Allow-Origin", "*"))
+        else:
+            origin = request.headers.get("Origin")
+            if origin in allowed:
+                added.append(("Access-Control-Allow-Origin", origin))
+        added += _CORS_HEADERS
     # Only where not set already: a blueprint serving HTML (the preview page) sets its own,
     # stricter-for-it policy.
-    headers = response.headers
-    present = {name.lower() for name, _ in headers}
-    wanted = _SECURITY_HEADERS if response.mimetype == "text/html" else (*_SECURITY_HEADERS, _DATA_CSP)
-    headers.extend([(name, value) for name, value in wanted if name.lower() not in present])
+    present = {name.lower() for name, _ in response.headers}
+    wanted = _SECURITY_HEADERS if response.mimetype == "text/html" else _DATA_HEADERS
+    added += [(name, value) for name, value in wanted if name.lower() not in present]
+    response.headers.extend(added)
     return response
 
 
@@ -280,8 +297,7 @@ def create_app(
         from cds_service.web.preview import create_preview_blueprint
 
         app.register_blueprint(create_preview_blueprint(demo_resources))
-    app.after_request(_cors)
-    app.after_request(_security_headers)
+    app.after_request(_headers)
     app.register_error_handler(ServiceError, _handle_service_error)
     app.register_error_handler(HTTPException, _handle_http_error)
     app.register_error_handler(Exception, _handle_unexpected)

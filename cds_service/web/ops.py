@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from flask import Flask, Request, Response, request
 
 from cds_service.hooks.catalogue import services
+from cds_service.ids import UniqueIds
 from cds_service.telemetry import metrics
 from cds_service.telemetry.logs import REQUEST_ID, accepted_request_id
 
@@ -42,9 +42,12 @@ def elapsed() -> float:
 
 def _start() -> None:
     request.environ[_STARTED] = time.perf_counter()
-    request_id = accepted_request_id(request.headers.get("X-Request-Id")) or os.urandom(16).hex()
+    request_id = accepted_request_id(request.headers.get("X-Request-Id")) or _REQUEST_IDS.next_id()
     request.environ[_REQUEST_ID] = request_id
     request.environ[_CONTEXT_TOKEN] = REQUEST_ID.set(request_id)
+
+
+_REQUEST_IDS = UniqueIds()  # ours, when the caller sent none we accept
 
 
 def _finish(response: Response) -> Response:
