@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from cds_service.clinical.facts.derive import derive_facts
-from cds_service.clinical.kept import KeptLru
 from cds_service.clinical.knowledge.terminology import terminology
 from cds_service.clinical.knowledge.thresholds import liver_params, lung_params
 from cds_service.clinical.scoring.factors import Assessment
@@ -24,7 +20,8 @@ from cds_service.clinical.scoring.liver import assess_liver
 from cds_service.clinical.scoring.lung import assess_lung
 from cds_service.fetch.prefetch import ChartSource, resolve_chart
 from cds_service.hooks.catalogue import Service
-from cds_service.hooks.models import HookRequest, parse_hook_request
+from cds_service.hooks.models import HookRequest, parse_hook_request, valid_call_values
+from cds_service.kept_answers import Answers as KeptAnswers
 from cds_service.render.cards import DEFAULT_BASE_URL, CardDraft, Minted, draft_answer, mint
 from cds_service.render.cards import preload as preload_cards
 from cds_service.settings import Settings
@@ -37,6 +34,8 @@ class Outcome:
     """One hook call's answer and what the audit trail needs to know about it."""
 
     minted: Minted  # the answer's JSON as sent, and its cards' uuids
+    hook_instance: str
+    patient_id: str
     source: ChartSource
     chart_size: int
     seconds: float
@@ -53,6 +52,7 @@ class _Drafted:
     """A call's answer before its uuids, and whether the same request can be answered from it again."""
 
     drafts: tuple[CardDraft, ...]
+    patient_id: str
     source: ChartSource
     chart_size: int
     recommendations: tuple[str, ...]
@@ -60,9 +60,14 @@ class _Drafted:
     reusable: bool
 
     def outcome(self, hook_instance: str, started: float) -> Outcome:
-        minted = mint(self.drafts, hook_instance)
         return Outcome(
-            minted, self.source, self.chart_size, time.perf_counter() - started, self.recommendations
+            mint(self.drafts, hook_instance),
+            hook_instance,
+            self.patient_id,
+            self.source,
+            self.chart_size,
+            time.perf_counter() - started,
+            self.recommendations,
         )
 
 
@@ -110,85 +115,7 @@ def _draft(
     # must log it on every call, so such an answer is never reused.
     reusable = not (source.fetched or source.unavailable or facts.skipped or chart.foreign_dropped)
     recommendations = tuple(a.recommendation for a in assessments)
-    return _Drafted(drafts, source, chart.size, recommendations, reusable)
-
-
-# Members the key leaves out: the call's own id, and the FHIR access token (never kept after the
-# call). Whether anything is fetched depends on the prefetch and fhirServer, which the key holds, not
-# on the token, and a kept answer is one for which nothing was fetched.
-_NOT_IN_KEY = frozenset({"hookInstance", "fhirAuthorization"})
-
-
-_HOOK_INSTANCE = b'"hookInstance"'
-_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
-
-
-def _raw_without_hook_instance(raw: bytes, body: dict[str, Any]) -> bytes | None:
-    """The request bytes with the value of their one `"hookInstance"` member cut out, or None.
-
-    That value must be the request's hookInstance as orjson writes it. Two requests with the same
-    result differ only in hookInstance: their texts (valid JSON, so no two occurrences can overlap)
-    share every byte before and after the value, so the member is in the same place in both, and
-    were it not the request's own (a nested member of that name, the request's own written with
-    escapes) both values would equal the same hookInstance and the requests would be the same.
-    A request with fhirAuthorization is not keyed by its bytes (no access token is kept).
-    """
-    hook_instance = body.get("hookInstance")
-    if type(hook_instance) is not str or "fhirAuthorization" in body or raw.count(_HOOK_INSTANCE) != 1:
-        return None
-    colon = _COLON.match(raw, raw.index(_HOOK_INSTANCE) + len(_HOOK_INSTANCE))
-    value = orjson.dumps(hook_instance)
-    if colon is None or raw[colon.end() : colon.end() + len(value)] != value:
-        return None
-    return raw[: colon.end()] + raw[colon.end() + len(value) :]
-
-
-class Answers:
-    """A worker's recent answers by request, for patient-view calls that send the same chart again.
-
-    An EHR calls patient-view each time a clinician opens the chart, with the same prefetch and a
-    new hookInstance. When the whole chart was prefetched (nothing fetched from a FHIR server) and
-    reading it logged nothing, the answer depends only on the request body, the day and the
-    service's settings: it is kept, without its uuids, by the request's exact JSON text (every
-    member but hookInstance and fhirAuthorization, in the order sent) with the service, the day,
-    the evidence base URL and the caller's issuer. Only an identical request gets a kept answer
-    back, with uuids minted from its own hookInstance, so the answer is the one evaluating it again
-    would give. At most `entries` answers and `json_bytes` bytes of request text are kept (least
-    recently used out first); a request over `largest` bytes, or holding what its JSON text cannot
-    tell apart (NaN, integers beyond 64 bits, lone surrogates), is evaluated every time.
-    """
-
-    def __init__(self, entries: int = 64, json_bytes: int = 8_000_000, largest: int = 1_000_000) -> None:
-        self._largest = largest
-        self._kept: KeptLru[bytes, _Drafted] = KeptLru(entries, json_bytes, len)
-
-    def key(self, body: dict[str, Any], *parts: Any, raw: bytes | None = None) -> bytes | None:
-        """The request's key: `parts` (what else the answer depends on) and its JSON text without
-        hookInstance and fhirAuthorization — the bytes as sent (`raw`) when they show where
-        hookInstance is, else the decoded body written again. None when it must not be kept."""
-        head = orjson.dumps(parts)
-        text = _raw_without_hook_instance(raw, body) if raw is not None else None
-        if text is not None:
-            return None if len(text) > self._largest else b"r" + head + text
-        members = {k: v for k, v in body.items() if k not in _NOT_IN_KEY}
-        try:
-            text = orjson.dumps(members, option=orjson.OPT_PASSTHROUGH_DATETIME)
-        except TypeError:  # integers over 64 bits, lone surrogates, non-JSON values
-            return None
-        # orjson writes NaN and infinities as null: a request with a null is not kept.
-        return None if len(text) > self._largest or b"null" in text else b"d" + head + text
-
-    def get(self, key: bytes) -> _Drafted | None:
-        return self._kept.get(key)
-
-    def put(self, key: bytes, drafted: _Drafted) -> None:
-        self._kept.put(key, drafted)
-
-    def clear(self) -> None:
-        self._kept.clear()
-
-    def __len__(self) -> int:
-        return len(self._kept)
+    return _Drafted(drafts, request.context.patientId, source, chart.size, recommendations, reusable)
 
 
 def warm_up() -> None:
@@ -201,6 +128,33 @@ def warm_up() -> None:
     lung_params()
     liver_params()
     preload_cards()
+
+
+Answers = KeptAnswers[_Drafted]
+
+
+def _key_parts(service: Service, today: dt.date, issuer: str | None, base_url: str | None) -> tuple[Any, ...]:
+    # None is written as [] (a null would keep a decoded key from being kept); an empty base URL
+    # means the default, as None does.
+    return (service.id, today.isoformat(), [] if issuer is None else [issuer], base_url or "")
+
+
+def kept_answer(
+    raw: bytes,
+    service: Service,
+    today: dt.date,
+    answers: Answers,
+    *,
+    issuer: str | None = None,
+    base_url: str | None = None,
+) -> Outcome | None:
+    """The answer to a request sent before but for its hookInstance and access token, from its
+    bytes alone (nothing parsed but those two values, validated as `answer` would), or None."""
+    started = time.perf_counter()
+    hit = answers.find(raw, *_key_parts(service, today, issuer, base_url))
+    if hit is None or not valid_call_values(hit.hook_instance, hit.fhir_authorization):
+        return None  # a bad value: `answer` says what is wrong with it
+    return hit.kept.outcome(hit.hook_instance, started)
 
 
 def answer(
@@ -220,15 +174,18 @@ def answer(
     request = parse_hook_request(body, service.hook)
     if answers is None:
         return evaluate(request, service, settings, today, issuer=issuer, base_url=base_url)
+    if raw is not None and (
+        outcome := kept_answer(raw, service, today, answers, issuer=issuer, base_url=base_url)
+    ):
+        return outcome
     started = time.perf_counter()
-    # None is written as [] (a null would keep the request from being kept); an empty base URL
-    # means the default, as None does.
-    key = answers.key(
-        body, service.id, today.isoformat(), [] if issuer is None else [issuer], base_url or "", raw=raw
-    )
-    drafted = answers.get(key) if key is not None else None
+    parts = _key_parts(service, today, issuer, base_url)
+    drafted = None
+    if raw is None or answers.cut(raw, *parts) is None:  # not found by its bytes: by its members
+        key = answers.decoded_key(body, *parts)
+        drafted = answers.get_decoded(key) if key is not None else None
     if drafted is None:
         drafted = _draft(request, service, settings, today, issuer=issuer, base_url=base_url)
-        if key is not None and drafted.reusable:
-            answers.put(key, drafted)
+        if drafted.reusable:
+            answers.keep(raw, body, parts, drafted)
     return drafted.outcome(request.hookInstance, started)

@@ -154,55 +154,112 @@ def test_a_chart_with_a_resource_that_is_not_valid_fhir_is_never_kept_and_warns_
 
 
 def test_kept_answers_are_bounded_least_recently_used_out_first():
-    answers = pipeline.Answers(entries=2, json_bytes=10_000, largest=1_000)
+    answers: pipeline.Answers = pipeline.Answers(entries=2, json_bytes=10_000, largest=1_000)
     drafted: Any = object()
-    keys = [answers.key({"hookInstance": "x", "n": i}, "s") for i in range(3)]
+    bodies = [{"hookInstance": "x", "hookInstance ": 1, "n": i} for i in range(3)]
+    keys = [answers.decoded_key(b, "s") for b in bodies]
     assert all(k is not None for k in keys)
-    k0, k1, k2 = keys
-    answers.put(k0, drafted)  # type: ignore[arg-type]
-    answers.put(k1, drafted)  # type: ignore[arg-type]
-    assert answers.get(k0) is drafted  # k0 used last: k1 goes first
-    answers.put(k2, drafted)  # type: ignore[arg-type]
-    assert answers.get(k1) is None and answers.get(k0) is drafted and len(answers) == 2
+    k0, k1, _ = keys
+    for body in bodies[:2]:
+        answers.keep(None, body, ("s",), drafted)
+    assert answers.get_decoded(k0) is drafted  # k0 used last: k1 goes first
+    answers.keep(None, bodies[2], ("s",), drafted)
+    assert answers.get_decoded(k1) is None and answers.get_decoded(k0) is drafted and len(answers) == 2
     # The hookInstance is not part of the key; a request too large, or with a NaN, gets none.
-    assert answers.key({"hookInstance": "y", "n": 0}, "s") == k0
+    assert answers.decoded_key({"hookInstance": "y", "hookInstance ": 1, "n": 0}, "s") == k0
     # Nor is the FHIR access token: no token is kept after its call.
     token = {"access_token": "secret-token", "token_type": "Bearer"}
-    assert answers.key({"hookInstance": "x", "fhirAuthorization": token, "n": 0}, "s") == k0
-    assert answers.key({"hookInstance": "x", "text": "a" * 2_000}, "s") is None
-    assert answers.key({"hookInstance": "x", "value": float("nan")}, "s") is None
-    assert answers.key({"hookInstance": "x", "value": 2**70}, "s") is None
+    assert answers.decoded_key({**bodies[0], "fhirAuthorization": token}, "s") == k0
+    assert answers.decoded_key({"hookInstance": "x", "text": "a" * 2_000}, "s") is None
+    assert answers.decoded_key({"hookInstance": "x", "value": float("nan")}, "s") is None
+    assert answers.decoded_key({"hookInstance": "x", "value": 2**70}, "s") is None
 
 
-def test_the_key_from_the_bytes_as_sent_leaves_out_only_the_hook_instance():
-    def cut(raw: bytes) -> bytes | None:
-        return pipeline._raw_without_hook_instance(raw, json.loads(raw))
+def test_the_key_from_the_bytes_as_sent_leaves_out_only_the_hook_instance_and_the_token():
+    answers: pipeline.Answers = pipeline.Answers()
 
-    assert cut(b'{"hook": "patient-view", "hookInstance" :\n "abc", "x": 1}') == (
-        b'{"hook": "patient-view", "hookInstance" :\n , "x": 1}'
+    def key(raw: bytes) -> bytes | None:
+        cut = answers.cut(raw, "s")
+        return None if cut is None else cut.key
+
+    head = b'r["s"]'
+    assert key(b'{"hook": "patient-view", "hookInstance" :\n "abc", "x": 1}') == (
+        head + b'{"hook": "patient-view", "hookInstance" :\n , "x": 1}'
     )
-    # Two members of the name, or the value written otherwise than orjson would: not by the bytes.
-    assert cut(b'{"hookInstance": "abc", "p": {"hookInstance": "abc"}}') is None
-    assert cut(b'{"hookInstance": "a\\/c"}') is None
-    # Nor with a FHIR access token in them.
-    assert cut(b'{"hookInstance": "abc", "fhirAuthorization": {"access_token": "t"}}') is None
+    token = b'{"access_token": "t}{\\"", "scope": ["a", {"b": "}"}]}'  # braces in strings, nesting
+    assert json.loads(token)["access_token"] == 't}{"'
+    assert key(b'{"hookInstance": "a\\/c\\u0041", "fhirAuthorization": ' + token + b', "n": 2}') == (
+        head + b'{"hookInstance": , "fhirAuthorization": , "n": 2}'
+    )
+    # Two members of the name, a value neither a string nor an object, JSON cut short: not by bytes.
+    assert key(b'{"hookInstance": "abc", "p": {"hookInstance": "abc"}}') is None
+    assert key(b'{"hookInstance": 7}') is None
+    assert key(b'{"hookInstance": "abc", "fhirAuthorization": null}') is None
+    assert key(b'{"hookInstance": "abc", "fhirAuthorization": {"access_token": "t"') is None
 
 
 def test_requests_that_differ_anywhere_but_the_hook_instance_get_different_keys():
-    answers = pipeline.Answers()
+    answers: pipeline.Answers = pipeline.Answers()
+    kept: Any = object()
 
-    def key(raw: bytes) -> bytes | None:
-        return answers.key(json.loads(raw), "s", raw=raw)
+    def keep_and_find(raw: bytes, again: bytes) -> Any:
+        answers.clear()
+        answers.keep(raw, json.loads(raw), ("s",), kept)
+        return answers.find(again, "s")
 
-    base = key(b'{"hookInstance": "a", "prefetch": {"n": 1}}')
-    assert base is not None
-    assert key(b'{"hookInstance": "b", "prefetch": {"n": 1}}') == base
-    assert key(b'{"hookInstance": "a", "prefetch": {"n": 2}}') != base
+    base = b'{"hookInstance": "a", "prefetch": {"n": 1}}'
+    hit = keep_and_find(base, b'{"hookInstance": "b\\u0041", "prefetch": {"n": 1}}')
+    assert (
+        hit is not None and hit.kept is kept and hit.hook_instance == "bA" and hit.fhir_authorization is None
+    )
+    assert keep_and_find(base, b'{"hookInstance": "a", "prefetch": {"n": 2}}') is None
+    with_token = b'{"hookInstance": "a", "fhirAuthorization": {"access_token": "t1"}, "p": 1}'
+    hit = keep_and_find(
+        with_token, b'{"hookInstance": "c", "fhirAuthorization": {"access_token": "t2"}, "p": 1}'
+    )
+    assert hit is not None and hit.hook_instance == "c" and hit.fhir_authorization == {"access_token": "t2"}
     # A decoy member named hookInstance inside the prefetch, the request's own written with an
-    # escape: the decoys' values differ, so do the keys.
-    decoy_1 = key(b'{"hook\\u0049nstance": "a", "prefetch": {"hookInstance": "x"}}')
-    decoy_2 = key(b'{"hook\\u0049nstance": "a", "prefetch": {"hookInstance": "y"}}')
-    assert decoy_1 is not None and decoy_2 is not None and decoy_1 != decoy_2
+    # escape: the bytes would be cut at the decoy, so such a request is never kept.
+    decoy = b'{"hook\\u0049nstance": "a", "prefetch": {"hookInstance": "x"}}'
+    assert keep_and_find(decoy, decoy.replace(b'"x"', b'"y"')) is None and len(answers) == 0
+    # Nor one whose own member is given twice (the last one counts when parsed).
+    twice = b'{"hookInstance": "a", "p": 1, "hook\\u0049nstance": "b"}'
+    assert keep_and_find(twice, twice) is None and len(answers) == 0
+
+
+def test_a_chart_sent_again_is_answered_from_its_bytes_without_parsing_them(
+    signed_app, evaluations, monkeypatch
+):
+    from cds_service.web import app as web_app
+
+    parsed: list[int] = []
+    real = web_app._parsed
+    monkeypatch.setattr(web_app, "_parsed", lambda raw: (parsed.append(1), real(raw))[1])
+    client = signed_app.test_client()
+    bundle = load(demo_files()[0])
+    token = {
+        "access_token": "first-token",
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "patient/*.read",
+    }
+    first = {**hook_body(bundle, "d1e0a3c4-0000-4000-8000-000000000011"), "fhirAuthorization": token}
+    assert client.post(SERVICE_URL, json=first).status_code == 200
+    again = {**first, "hookInstance": "d1e0a3c4-0000-4000-8000-000000000012"}
+    again["fhirAuthorization"] = {**token, "access_token": "another-token-of-another-length"}
+    resp = client.post(SERVICE_URL, json=again)
+    assert len(parsed) == 1 and len(evaluations) == 1  # the second call parsed and evaluated nothing
+    assert resp.status_code == 200 and resp.data == _fresh(signed_app, again)
+    del evaluations[:]
+    # Values a request may not hold are refused as if the chart had never been seen.
+    for bad in (
+        {"hookInstance": "x" * 65},
+        {"hookInstance": "bell\a"},
+        {"fhirAuthorization": {"scope": "s"}},
+    ):
+        resp = client.post(SERVICE_URL, json={**again, **bad})
+        assert resp.status_code == 400 and resp.mimetype == "application/fhir+json", bad
+    assert evaluations == []
 
 
 def test_a_request_sent_again_in_other_bytes_gets_the_same_answer(signed_app):

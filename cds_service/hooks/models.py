@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cds_service.errors import BadRequest
 
@@ -37,21 +45,23 @@ class PatientViewContext(_Model):
     encounterId: str | None = None
 
 
+def _printable(value: str) -> str:
+    if not value.isprintable():  # control characters, line and paragraph separators
+        raise ValueError("must be printable characters only (a UUID, in CDS Hooks 2.0)")
+    return value
+
+
+# A UUID in CDS Hooks 2.0; stored and logged, so short and printable whatever a client sends.
+HookInstance = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
+
+
 class HookRequest(_Model):
     hook: str = Field(min_length=1)
-    # A UUID in CDS Hooks 2.0; stored and logged, so short and printable whatever a client sends.
-    hookInstance: str = Field(min_length=1, max_length=64)
+    hookInstance: HookInstance
     context: PatientViewContext
     fhirServer: str | None = None
     fhirAuthorization: FhirAuthorization | None = None
     prefetch: dict[str, Any] | None = None
-
-    @field_validator("hookInstance")
-    @classmethod
-    def _printable(cls, value: str) -> str:
-        if not value.isprintable():  # control characters, line and paragraph separators
-            raise ValueError("must be printable characters only (a UUID, in CDS Hooks 2.0)")
-        return value
 
     @field_validator("prefetch")
     @classmethod
@@ -63,6 +73,25 @@ class HookRequest(_Model):
             if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
                 raise ValueError(f"prefetch {key!r} is neither null nor a FHIR resource")
         return prefetch
+
+
+class CallValues(_Model):
+    """The members that change from one call for a chart to the next, validated as in HookRequest:
+    all a request needs checked when it is the bytes of a valid one with only these changed."""
+
+    hookInstance: HookInstance
+    fhirAuthorization: FhirAuthorization | None = None
+
+
+def valid_call_values(hook_instance: Any, fhir_authorization: Any) -> bool:
+    values = {"hookInstance": hook_instance}
+    if fhir_authorization is not None:
+        values["fhirAuthorization"] = fhir_authorization
+    try:
+        CallValues.model_validate(values)
+    except ValidationError:
+        return False
+    return True
 
 
 def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -113,19 +113,18 @@ class AuditTrail:
 
     # --- the request side -------------------------------------------------------------------------
 
-    def record(self, body: Mapping[str, Any], service_id: str, outcome: Outcome, latency_s: float) -> None:
-        """Spool the audit of one answered hook call; returns once it is on disk.
+    def record(self, service_id: str, outcome: Outcome, latency_s: float) -> None:
+        """Spool the audit of one answered hook call; returns once it is written (see Spool).
 
-        `body` has been validated by the engine already (hookInstance and context.patientId exist).
-        Raises AuditUnavailable (503) only when the spool cannot be written.
+        Raises AuditUnavailable (503) only when the spool cannot take it.
         """
         try:
             cards = tuple(card_record(c.uuid, c.assessment, c.suggestion_uuids) for c in outcome.minted.cards)
             metrics.observe_answer(service_id, outcome, cards)
             call = CallRecord(
-                hook_instance=body["hookInstance"],
+                hook_instance=outcome.hook_instance,
                 service_id=service_id,
-                patient_id=body["context"]["patientId"],
+                patient_id=outcome.patient_id,
                 received_at=dt.datetime.now(dt.UTC),
                 fhir_mode=outcome.source.fhir_mode,
                 latency_ms=round(latency_s * 1000, 3),
