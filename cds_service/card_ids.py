@@ -90,7 +90,7 @@ def suggestion_uuid(card: str, key: str) -> str:
     digest = _digest((card, key))
     if _key is None:
         return str(uuid.UUID(bytes=digest[:16], version=5))
-    return _signed(digest, _key, uuid.UUID(card).bytes)
+    return _signed(digest, _key, bytes.fromhex(card.replace("-", "")))  # uuid.UUID(card).bytes, faster
 
 
 def _verifies(value: str, card: bytes = b"") -> bool:

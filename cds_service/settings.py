@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     audit_fsync: bool = True
     # Whether each answer waits for its record's fsync. False (the default): the record is written
     # before the answer (a killed process loses nothing) and fsync'd right behind it by the spool's
-    # syncer thread; a power cut or kernel crash can lose the records of the last moments (the
-    # sync in flight, at most 1,000 records or half a second: then answers wait for the disk).
+    # syncer thread (within about 5 ms); a power cut or kernel crash can lose the records of the
+    # last moments (at most 1,000 records or half a second: then answers wait for the disk).
     audit_sync_before_answer: bool = False
     # The spool's cap in bytes (its folder, every process's records): reached only when the database
     # has not taken records for a long time; then hook calls and feedback are answered 503 until it

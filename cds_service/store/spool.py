@@ -56,6 +56,8 @@ MEASURE_EVERY_S = 1.0
 BEHIND_MAX_LINES = 1000
 BEHIND_MAX_S = 0.5
 SYNCER_IDLE_S = 5.0
+# How long the syncer lets lines gather before it syncs them.
+SYNC_GATHER_S = 0.005
 # Zeros written ahead of the records, a chunk at a time (see Spool.append); cut off when sealed.
 WRITE_AHEAD = 16 * 1024  # about 40 records
 
@@ -208,6 +210,14 @@ class Spool:
                         self._syncer = None
                         return
                     continue
+                if SYNC_GATHER_S:
+                    # Lines written meanwhile share this sync: at a few calls a second, a sync a
+                    # call would cost more CPU than the calls themselves.
+                    self._cond.release()
+                    try:
+                        time.sleep(SYNC_GATHER_S)
+                    finally:
+                        self._cond.acquire()
                 try:
                     self._sync_through(self._written)
                 except SpoolError as exc:

@@ -262,6 +262,19 @@ class _SingleSlashes:
 _SLASHES = re.compile("/{2,}")
 
 
+class _Flask(Flask):
+    """Flask, remembering which views and hooks are coroutine functions: it asks `inspect` again for
+    each one on every request (five times a hook call, about as long as writing the answer), and
+    ours never change once the app is made."""
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        known = self.__dict__.setdefault("_sync_functions", {})
+        sync = known.get(func)
+        if sync is None:
+            sync = known[func] = super().ensure_sync(func)
+        return sync
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -270,7 +283,7 @@ def create_app(
 ) -> Flask:
     settings = settings or Settings()
     warm_up()
-    app = Flask(__name__)
+    app = _Flask(__name__)
     # `//cds-services/x` (a base URL ending in `/`) is routed as `/cds-services/x`, never answered
     # with werkzeug's HTML redirect (which no EHR follows on a POST anyway).
     app.url_map.merge_slashes = False

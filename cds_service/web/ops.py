@@ -41,10 +41,11 @@ def elapsed() -> float:
 
 
 def _start() -> None:
-    request.environ[_STARTED] = time.perf_counter()
-    request_id = accepted_request_id(request.headers.get("X-Request-Id")) or _REQUEST_IDS.next_id()
-    request.environ[_REQUEST_ID] = request_id
-    request.environ[_CONTEXT_TOKEN] = REQUEST_ID.set(request_id)
+    environ = request.environ  # one context lookup, not four
+    environ[_STARTED] = time.perf_counter()
+    request_id = accepted_request_id(environ.get("HTTP_X_REQUEST_ID")) or _REQUEST_IDS.next_id()
+    environ[_REQUEST_ID] = request_id
+    environ[_CONTEXT_TOKEN] = REQUEST_ID.set(request_id)
 
 
 _REQUEST_IDS = UniqueIds()  # ours, when the caller sent none we accept
