@@ -27,16 +27,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     emptied for the test."""
     validation.OUTCOMES.clear()
     validation.ELEMENTS.clear()
-    seen: list[dict[str, Any]] = []
-    read = READ_MODELS[Condition]
-    original = read.model_validate
-
-    def spy(obj: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(obj)
-        return original(obj, *args, **kwargs)
-
-    monkeypatch.setattr(read, "model_validate", spy)
-    yield seen
+    yield _spy_on_validation(READ_MODELS[Condition], monkeypatch)
     validation.OUTCOMES.clear()
     validation.ELEMENTS.clear()
 
@@ -44,14 +35,19 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
 @pytest.fixture
 def concepts(calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every CodeableConcept fhir.resources validates (as an element of a resource, or on its own)."""
+    return _spy_on_validation(CodeableConcept, monkeypatch)
+
+
+def _spy_on_validation(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """What `model.model_validate` is given from now on, in order."""
     seen: list[Any] = []
-    original = CodeableConcept.model_validate
+    original = model.model_validate
 
     def spy(obj: Any, *args: Any, **kwargs: Any) -> Any:
         seen.append(obj)
         return original(obj, *args, **kwargs)
 
-    monkeypatch.setattr(CodeableConcept, "model_validate", spy)
+    monkeypatch.setattr(model, "model_validate", spy)
     return seen
 
 

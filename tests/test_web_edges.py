@@ -69,3 +69,29 @@ def test_evidence_links_follow_the_host_each_call_reached_us_at(client):
         links = [link["url"] for card in resp.get_json()["cards"] for link in card.get("links", [])]
         pages = [u for u in links if "/evidence" in u]
         assert pages and all(u.startswith(f"https://host-{n}.example:8443/evidence") for u in pages), n
+
+
+def test_a_browser_gets_one_allow_origin_header_from_the_demo_fhir_server_and_the_service(tmp_path):
+    """The demo FHIR server sets its own CORS headers and the app adds the service's: a second
+    Access-Control-Allow-Origin would make a browser (the CDS Hooks sandbox) refuse the answer."""
+    import datetime as dt
+
+    from cds_service.cli.fixtures import demo_resources
+    from cds_service.settings import Settings
+    from cds_service.web.app import create_app
+
+    for allowed in (["*"], ["http://127.0.0.1:8081"]):
+        settings = Settings(
+            auth_required=False, database_url=f"sqlite:///{tmp_path / 'a.db'}", cors_origins=allowed
+        )
+        app = create_app(settings, demo_resources=demo_resources(shift_to=dt.date(2026, 12, 3)))
+        client = app.test_client()
+        origin = {"Origin": "http://127.0.0.1:8081"}
+        preflight = {**origin, "Access-Control-Request-Method": "POST"}
+        for resp in (
+            client.get("/fhir/metadata", headers=origin),
+            client.options("/fhir/Patient", headers=preflight),
+            client.get("/cds-services", headers=origin),
+            client.options(SERVICE_URL, headers=preflight),
+        ):
+            assert len(resp.headers.getlist("Access-Control-Allow-Origin")) == 1, (allowed, resp.request.path)

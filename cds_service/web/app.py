@@ -205,12 +205,12 @@ def _headers(response: Response) -> Response:
     path = request.path
     if any(path == p or path.startswith(p + "/") for p in _CORS_PREFIXES):
         allowed = _settings().cors_origins
-        if "*" in allowed:
-            added.append(("Access-Control-Allow-Origin", "*"))
-        else:
-            origin = request.headers.get("Origin")
-            if origin in allowed:
-                added.append(("Access-Control-Allow-Origin", origin))
+        origin = request.headers.get("Origin")
+        allow = "*" if "*" in allowed else origin if origin in allowed else None
+        if allow is not None:
+            # Set, not added: a blueprint may have set it already (the demo FHIR server), and a
+            # browser refuses an answer that carries two.
+            response.headers["Access-Control-Allow-Origin"] = allow
         added += _CORS_HEADERS
     # Only where not set already: a blueprint serving HTML (the preview page) sets its own,
     # stricter-for-it policy.
