@@ -134,12 +134,12 @@ class Answers(Generic[V]):
         """The request's key by its bytes (`parts`: what else the answer depends on), or None."""
         return _cut(raw, orjson.dumps(parts), self._largest)
 
-    def find(self, raw: bytes, *parts: Any) -> Hit[V] | None:
-        """The kept answer for the request's bytes, with its hookInstance and fhirAuthorization
-        (parsed from their bytes; still to be validated), or None: parse the request and evaluate."""
-        cut = self.cut(raw, *parts)
-        kept = self._kept.get(cut.key) if cut is not None else None
-        if cut is None or kept is None:
+    def find(self, raw: bytes, cut: Cut) -> Hit[V] | None:
+        """The kept answer for the request's bytes (`cut` from them), with its hookInstance and
+        fhirAuthorization (parsed from their bytes; still to be validated), or None: parse the
+        request and evaluate it."""
+        kept = self._kept.get(cut.key)
+        if kept is None:
             return None
         try:
             hook_instance = orjson.loads(raw[slice(*cut.hook_instance)])
@@ -161,16 +161,17 @@ class Answers(Generic[V]):
         # orjson writes NaN and infinities as null: a request with a null is not kept.
         return None if len(text) > self._largest or b"null" in text else b"d" + orjson.dumps(parts) + text
 
-    def keep(self, raw: bytes | None, body: dict[str, Any], parts: tuple[Any, ...], kept: V) -> None:
-        """Keep the answer to a request (`body`, parsed from `raw`): by its bytes when they can be
-        cut, and the cut is where its members are (else not at all: an odd request, evaluated every
-        time); by its decoded members when they cannot be cut."""
-        cut = self.cut(raw, *parts) if raw is not None else None
+    def keep(
+        self, raw: bytes | None, cut: Cut | None, body: dict[str, Any], parts: tuple[Any, ...], kept: V
+    ) -> None:
+        """Keep the answer to a request (`body`, parsed from `raw`, `cut` from them): by its bytes
+        when they can be cut and the cut is where its members are (else not at all: an odd request,
+        evaluated every time); by its decoded members when they cannot be cut."""
         if cut is None:
             key = self.decoded_key(body, *parts)
             if key is not None:
                 self._kept.put(key, kept)
-        elif _cut_is_the_members(raw, body, cut):  # type: ignore[arg-type]
+        elif raw is not None and _cut_is_the_members(raw, body, cut):
             self._kept.put(cut.key, kept)
 
     def get_decoded(self, key: bytes) -> V | None:

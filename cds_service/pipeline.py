@@ -22,6 +22,7 @@ from cds_service.fetch.prefetch import ChartSource, resolve_chart
 from cds_service.hooks.catalogue import Service
 from cds_service.hooks.models import HookRequest, parse_hook_request, valid_call_values
 from cds_service.kept_answers import Answers as KeptAnswers
+from cds_service.kept_answers import Cut
 from cds_service.render.cards import DEFAULT_BASE_URL, CardDraft, Minted, draft_answer, mint
 from cds_service.render.cards import preload as preload_cards
 from cds_service.settings import Settings
@@ -147,14 +148,16 @@ def kept_answer(
     *,
     issuer: str | None = None,
     base_url: str | None = None,
-) -> Outcome | None:
+) -> tuple[Outcome | None, Cut | None]:
     """The answer to a request sent before but for its hookInstance and access token, from its
-    bytes alone (nothing parsed but those two values, validated as `answer` would), or None."""
+    bytes alone (nothing parsed but those two values, validated as `answer` would), or None; and
+    the request's bytes cut for its key (None when they cannot be), for `answer` to keep it by."""
     started = time.perf_counter()
-    hit = answers.find(raw, *_key_parts(service, today, issuer, base_url))
+    cut = answers.cut(raw, *_key_parts(service, today, issuer, base_url))
+    hit = answers.find(raw, cut) if cut is not None else None
     if hit is None or not valid_call_values(hit.hook_instance, hit.fhir_authorization):
-        return None  # a bad value: `answer` says what is wrong with it
-    return hit.kept.outcome(hit.hook_instance, started)
+        return None, cut  # a bad value: `answer` says what is wrong with it
+    return hit.kept.outcome(hit.hook_instance, started), cut
 
 
 def answer(
@@ -167,25 +170,30 @@ def answer(
     base_url: str | None = None,
     answers: Answers | None = None,
     raw: bytes | None = None,
+    looked_up: tuple[Outcome | None, Cut | None] | None = None,
 ) -> Outcome:
     """Validate a decoded request body for `service` and evaluate it (`issuer`: the client JWT's
     `iss`, which chooses the fhirServer allowlist when it is set per issuer); `answers`: kept answers
-    to reuse for an identical request, and to keep this one in; `raw`: the body as sent."""
+    to reuse for an identical request, and to keep this one in; `raw`: the body as sent;
+    `looked_up`: what `kept_answer` said of `raw`, when the caller asked it already."""
     request = parse_hook_request(body, service.hook)
     if answers is None:
         return evaluate(request, service, settings, today, issuer=issuer, base_url=base_url)
-    if raw is not None and (
-        outcome := kept_answer(raw, service, today, answers, issuer=issuer, base_url=base_url)
-    ):
-        return outcome
+    cut = None
+    if raw is not None:
+        if looked_up is None:
+            looked_up = kept_answer(raw, service, today, answers, issuer=issuer, base_url=base_url)
+        outcome, cut = looked_up
+        if outcome is not None:
+            return outcome
     started = time.perf_counter()
     parts = _key_parts(service, today, issuer, base_url)
     drafted = None
-    if raw is None or answers.cut(raw, *parts) is None:  # not found by its bytes: by its members
+    if cut is None:  # not found by its bytes: by its members
         key = answers.decoded_key(body, *parts)
         drafted = answers.get_decoded(key) if key is not None else None
     if drafted is None:
         drafted = _draft(request, service, settings, today, issuer=issuer, base_url=base_url)
         if drafted.reusable:
-            answers.keep(raw, body, parts, drafted)
+            answers.keep(raw, cut, body, parts, drafted)
     return drafted.outcome(request.hookInstance, started)

@@ -161,9 +161,9 @@ def test_kept_answers_are_bounded_least_recently_used_out_first():
     assert all(k is not None for k in keys)
     k0, k1, _ = keys
     for body in bodies[:2]:
-        answers.keep(None, body, ("s",), drafted)
+        answers.keep(None, None, body, ("s",), drafted)
     assert answers.get_decoded(k0) is drafted  # k0 used last: k1 goes first
-    answers.keep(None, bodies[2], ("s",), drafted)
+    answers.keep(None, None, bodies[2], ("s",), drafted)
     assert answers.get_decoded(k1) is None and answers.get_decoded(k0) is drafted and len(answers) == 2
     # The hookInstance is not part of the key; a request too large, or with a NaN, gets none.
     assert answers.decoded_key({"hookInstance": "y", "hookInstance ": 1, "n": 0}, "s") == k0
@@ -204,8 +204,9 @@ def test_requests_that_differ_anywhere_but_the_hook_instance_get_different_keys(
 
     def keep_and_find(raw: bytes, again: bytes) -> Any:
         answers.clear()
-        answers.keep(raw, json.loads(raw), ("s",), kept)
-        return answers.find(again, "s")
+        answers.keep(raw, answers.cut(raw, "s"), json.loads(raw), ("s",), kept)
+        cut = answers.cut(again, "s")
+        return None if cut is None else answers.find(again, cut)
 
     base = b'{"hookInstance": "a", "prefetch": {"n": 1}}'
     hit = keep_and_find(base, b'{"hookInstance": "b\\u0041", "prefetch": {"n": 1}}')
@@ -269,3 +270,16 @@ def test_a_request_sent_again_in_other_bytes_gets_the_same_answer(signed_app):
     spaced = client.post(SERVICE_URL, data=json.dumps(body, indent=2), content_type="application/json")
     assert compact.status_code == spaced.status_code == 200
     assert compact.data == spaced.data == _fresh(signed_app, body)
+
+
+def test_a_call_cuts_its_bytes_once_whether_or_not_its_answer_was_kept(signed_app, monkeypatch):
+    from cds_service import kept_answers
+
+    cuts: list[int] = []
+    real = kept_answers._cut
+    monkeypatch.setattr(kept_answers, "_cut", lambda *a: (cuts.append(1), real(*a))[1])
+    client = signed_app.test_client()
+    body = hook_body(load(demo_files()[0]), "d1e0a3c4-0000-4000-8000-000000000021")
+    for hook_instance in ("d1e0a3c4-0000-4000-8000-000000000021", "d1e0a3c4-0000-4000-8000-000000000022"):
+        assert client.post(SERVICE_URL, json={**body, "hookInstance": hook_instance}).status_code == 200
+    assert len(cuts) == 2  # the first call evaluated and kept, the second found: one cut each

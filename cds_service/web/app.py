@@ -135,7 +135,8 @@ def hook(service_id: str) -> Response:
     base_url = None if settings.public_base_url else _host_url()
     answers = current_app.extensions["cds.answers"]
     # A chart sent again is answered from its bytes: not parsed (most of what such a call costs).
-    outcome = kept_answer(raw, service, today, answers, issuer=issuer, base_url=base_url)
+    looked_up = kept_answer(raw, service, today, answers, issuer=issuer, base_url=base_url)
+    outcome = looked_up[0]
     held: list[Any] = [raw]
     if outcome is None:
         body = _parsed(raw)
@@ -145,7 +146,15 @@ def hook(service_id: str) -> Response:
             fhir_bound(body, service)
         ):  # 503 when this worker's FHIR-bound calls are at their limit
             outcome = answer(
-                body, service, settings, today, issuer=issuer, base_url=base_url, answers=answers, raw=raw
+                body,
+                service,
+                settings,
+                today,
+                issuer=issuer,
+                base_url=base_url,
+                answers=answers,
+                raw=raw,
+                looked_up=looked_up,
             )
         del body
     # Said on the call's one access line (ops.py), not on a line of its own: a log line costs about as
