@@ -223,6 +223,13 @@ def test_demo_serves_discovery_and_prints_example_calls(tmp_path):
     assert "DEMO MODE" in out and "curl -s -X POST" in out
 
 
+def _in_child(script: str, stdin: bytes = b"") -> bytes:
+    """What `script` prints, run in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-c", script], input=stdin, capture_output=True, check=True, timeout=60
+    ).stdout
+
+
 @pytest.mark.slow
 def test_serving_heap_is_frozen_and_young_collections_spaced_out():
     # In a child interpreter: freezing the heap of the test process would outlive this test.
@@ -233,10 +240,7 @@ def test_serving_heap_is_frozen_and_young_collections_spaced_out():
         "prepare_heap_for_serving()\n"
         "print(json.dumps([gc.get_freeze_count(), gc.get_threshold(), before, YOUNG_GC_THRESHOLD]))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
-    )
-    frozen, after, before, young = json.loads(out.stdout)
+    frozen, after, before, young = json.loads(_in_child(script))
     assert frozen > 10_000  # the imported service's modules and models
     assert after == [young, before[1], before[2]] and young > before[0]
     # Every thread of a worker holding a parsed 500-resource chart starts no young collection
@@ -252,10 +256,7 @@ def test_serving_heap_is_frozen_and_young_collections_spaced_out():
         "chart = loads(raw)\n"
         "print(gc.get_count()[0] - before)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], input=raw, capture_output=True, check=True, timeout=60
-    )
-    containers = int(out.stdout)
+    containers = int(_in_child(script, stdin=raw))
     assert containers > 4_000  # what a parsed chart of that size holds
     from cds_service.settings import Settings
 
